@@ -1,0 +1,2 @@
+"""latprune: latency-budgeted pruning of neural networks."""
+__version__ = "0.1.0"

@@ -1,0 +1,185 @@
+"""The `latprune` command line (typer + rich). Contract: ../ARCHITECTURE.md.
+
+Bad input exits with code 2 and one line on stderr; nothing is half-written.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from latprune.types import LatpruneError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Latency-budgeted pruning of ONNX CNNs, measured on the device.")
+err = Console(stderr=True)
+
+
+def _fail(exc: Exception) -> None:
+    msg = " ".join(str(exc).split())
+    err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+class _RichProgress:
+    """pipeline.Progress rendered on stderr with rich (stages, a bar with an ETA)."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.bar: RichProgress | None = None
+        self.task = None
+
+    def stage(self, name: str) -> None:
+        self._close()
+        if not self.quiet:
+            err.print(f"[cyan]•[/] {name}")
+
+    def advance(self, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            self.bar = RichProgress(TextColumn("  cells"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                    TimeRemainingColumn(), console=err, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("", total=total)
+        self.bar.update(self.task, completed=done)
+        if done >= total:
+            self._close()
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            err.print(f"  [yellow]{message}[/]")
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+@app.command()
+def optimize(
+    model: Path = typer.Argument(..., help="ONNX model to prune"),
+    out: Path = typer.Option(..., "--out", help="output folder: pruned.onnx, plan.json, report.json"),
+    budget_ms: Optional[float] = typer.Option(None, "--budget-ms", help="latency budget in ms"),
+    speedup: Optional[float] = typer.Option(None, "--speedup", help="budget = dense latency / SPEEDUP"),
+    device: str = typer.Option("cpu", "--device", help="target device (cpu: ONNX Runtime here)"),
+    threads: int = typer.Option(1, "--threads", help="intra-op threads for every timing"),
+    lut: Optional[Path] = typer.Option(None, "--lut", help="latency table (SQLite); default ~/.cache/latprune/lut.sqlite"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="calibration inputs .npz (not used by the default magnitude importance)"),
+    method: str = typer.Option("milp", "--method", help="milp (exact, HiGHS) | uniform | brute"),
+    step: int = typer.Option(8, "--step", help="channel widths are multiples of STEP"),
+    max_candidates: int = typer.Option(16, "--max-candidates", help="candidate widths per group"),
+    no_block_removal: bool = typer.Option(False, "--no-block-removal", help="never remove residual blocks"),
+    rounds: int = typer.Option(4, "--rounds", help="re-solve rounds when the measurement misses"),
+    time_limit: float = typer.Option(60.0, "--time-limit", help="solver time limit, s"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Prune MODEL to meet a latency budget measured on this device."""
+    from latprune.pipeline import OptimizeOptions, optimize as run
+
+    try:
+        if device != "cpu":
+            raise LatpruneError(f"--device {device}: only 'cpu' (ONNX Runtime on this machine) is available")
+        if calib is not None and not calib.is_file():
+            raise LatpruneError(f"--calib {calib}: no such file")
+        opts = OptimizeOptions(budget_ms=budget_ms, speedup=speedup, threads=threads, lut_path=lut,
+                               method=method, step=step, max_candidates=max_candidates,
+                               remove_blocks=not no_block_removal, rounds=rounds,
+                               time_limit_s=time_limit)
+        report = run(model, out, opts, _RichProgress(quiet))
+    except LatpruneError as exc:
+        _fail(exc)
+        return
+    if not quiet:
+        t = Table(title=f"latprune: {model.name}")
+        for col in ("dense ms", "budget ms", "predicted ms", "measured ms", "speedup", "solver", "solve s"):
+            t.add_column(col, justify="right")
+        t.add_row(f"{report['dense_ms']:.3f}", f"{report['budget_ms']:.3f}", f"{report['predicted_ms']:.3f}",
+                  f"{report['measured_ms']:.3f}", f"{report['speedup']:.2f}×", report["solver"]["method"],
+                  f"{report['solver']['seconds']:.2f}")
+        err.print(t)
+        for w in report["warnings"]:
+            err.print(f"[yellow]warning:[/] {w}")
+        err.print(f"wrote {out}/pruned.onnx, plan.json, report.json")
+    if not report["meets_budget"]:
+        raise typer.Exit(3)
+
+
+@app.command()
+def measure(
+    model: Path = typer.Argument(...),
+    threads: int = typer.Option(1, "--threads"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Median and p90 end-to-end latency of MODEL with ONNX Runtime on this CPU."""
+    from latprune.profiler.onnxrt import measure_model
+    from latprune.pruner.model_io import load_model
+
+    try:
+        if threads < 1:
+            raise LatpruneError(f"--threads must be at least 1, not {threads}")
+        load_model(model)
+        stats = measure_model(model.read_bytes(), threads)
+    except LatpruneError as exc:
+        _fail(exc)
+        return
+    except Exception as exc:  # ORT refusing a checked model (unsupported op, ...)
+        _fail(LatpruneError(f"{model}: ONNX Runtime cannot run it: {str(exc).splitlines()[0]}"))
+        return
+    out = {"median_ms": stats.median_ms, "p90_ms": stats.p90_ms, "runs": stats.runs}
+    print(json.dumps(out) if as_json else f"median {stats.median_ms:.3f} ms, p90 {stats.p90_ms:.3f} ms over {stats.runs} runs")
+
+
+@app.command()
+def predict(
+    model: Path = typer.Argument(...),
+    lut: Optional[Path] = typer.Option(None, "--lut"),
+    threads: int = typer.Option(1, "--threads"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Predicted latency of MODEL from the latency table (any model the table covers)."""
+    from latprune.pipeline import predict_model
+
+    try:
+        out = predict_model(model, lut, threads)
+    except LatpruneError as exc:
+        _fail(exc)
+        return
+    print(json.dumps(out) if as_json else f"predicted {out['predicted_ms']:.3f} ms"
+          + ("" if out["calibrated"] else " (uncalibrated: sum of layers; run latprune profile)"))
+
+
+@app.command()
+def profile(
+    model: Path = typer.Argument(...),
+    lut: Optional[Path] = typer.Option(None, "--lut"),
+    device: str = typer.Option("cpu", "--device"),
+    threads: int = typer.Option(1, "--threads"),
+    points: int = typer.Option(5, "--points", help="measured widths per axis of each layer"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Measure the table cells MODEL needs (only those missing) and calibrate."""
+    from latprune.pipeline import profile_model
+
+    try:
+        if device != "cpu":
+            raise LatpruneError(f"--device {device}: only 'cpu' is available")
+        out = profile_model(model, lut, threads, points, _RichProgress(quiet))
+    except LatpruneError as exc:
+        _fail(exc)
+        return
+    print(json.dumps(out))
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,323 @@
+"""The optimize pipeline: analyse -> profile -> importance -> solve -> apply -> measure.
+
+Each step lives in its own package; this module only wires them together and writes the
+outputs (pruned.onnx, plan.json, report.json) atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import onnx
+
+from latprune.types import InputError, Plan, Problem
+from latprune.lut.predict import calibrated, layer_costs, layer_ms, missing_cells, predict_raw
+from latprune.lut.store import LatencyTable, fit_calibration
+from latprune.profiler.fingerprint import cpu_fingerprint
+from latprune.profiler.onnxrt import measure_model
+from latprune.profiler.profile import profile_cells
+from latprune.pruner.analysis import Analysis, analyse, weight_slices
+from latprune.pruner.model_io import load_model, save_model_atomic
+from latprune.pruner.surgery import apply_plan
+from latprune.solver.importance import magnitude_importance
+from latprune.solver.problem_costs import SolveInput
+from latprune.solver.uniform import uniform_widths
+
+METHODS = ("milp", "uniform", "brute")
+FAMILY_KEY = "latprune.family"
+
+
+def default_lut_path() -> Path:
+    home = Path(os.environ.get("LATPRUNE_HOME", Path.home() / ".cache" / "latprune"))
+    home.mkdir(parents=True, exist_ok=True)
+    return home / "lut.sqlite"
+
+
+class Progress:
+    """Callbacks for long steps; the CLI renders them with rich, the service stores them."""
+
+    def stage(self, name: str) -> None:  # noqa: D401 - a hook
+        pass
+
+    def advance(self, done: int, total: int) -> None:
+        pass
+
+    def info(self, message: str) -> None:
+        pass
+
+
+@dataclass
+class OptimizeOptions:
+    budget_ms: float | None = None
+    speedup: float | None = None
+    threads: int = 1
+    lut_path: Path | None = None
+    method: str = "milp"
+    step: int = 8
+    max_candidates: int = 16
+    grid_points: int = 5
+    remove_blocks: bool = True
+    rounds: int = 4
+    time_limit_s: float = 60.0
+    importance: str = "l1"
+
+
+def model_family(model: onnx.ModelProto, data: bytes) -> str:
+    """Calibration key: the source model's hash (kept in a pruned model's metadata)."""
+    for prop in model.metadata_props:
+        if prop.key == FAMILY_KEY:
+            return prop.value
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def check_options(opts: OptimizeOptions) -> None:
+    if (opts.budget_ms is None) == (opts.speedup is None):
+        raise InputError("give exactly one of --budget-ms and --speedup")
+    if opts.budget_ms is not None and not opts.budget_ms > 0:
+        raise InputError(f"--budget-ms must be positive, not {opts.budget_ms}")
+    if opts.speedup is not None and not opts.speedup > 0:
+        raise InputError(f"--speedup must be positive, not {opts.speedup}")
+    if opts.threads < 1:
+        raise InputError(f"--threads must be at least 1, not {opts.threads}")
+    if opts.method not in METHODS:
+        raise InputError(f"--method must be one of {', '.join(METHODS)}, not {opts.method!r}")
+    if opts.step < 1:
+        raise InputError(f"--step must be at least 1, not {opts.step}")
+
+
+def prepare(model_path: Path, step: int = 8, max_candidates: int = 16,
+            importance: str = "l1") -> tuple[onnx.ModelProto, bytes, Analysis]:
+    """Load, validate and analyse a model; fill importance. Raises InputError on bad input."""
+    model = load_model(model_path)
+    data = Path(model_path).read_bytes()
+    analysis = analyse(model, step=step, max_candidates=max_candidates, model_name=Path(model_path).stem)
+    prob = analysis.problem
+    if not any(layer.spec.op in ("Conv", "ConvTranspose") for layer in prob.layers):
+        raise InputError(f"{model_path}: the model has no convolution layers to prune")
+    magnitude_importance(prob, weight_slices(analysis), norm=importance)
+    return model, data, analysis
+
+
+def open_table(lut_path: Path | None, threads: int) -> LatencyTable:
+    return LatencyTable(lut_path or default_lut_path(), cpu_fingerprint(threads=threads))
+
+
+def ensure_profiled(problem: Problem, table: LatencyTable, threads: int, points: int,
+                    progress: Progress) -> int:
+    todo = missing_cells(problem, table, points)
+    if todo:
+        progress.stage(f"profiling {len(todo)} layer cells")
+    return profile_cells(table, todo, threads, progress.advance)
+
+
+def solve(inp: SolveInput, method: str) -> Plan:
+    if method == "milp":
+        from latprune.solver.milp import solve_milp
+        return solve_milp(inp)
+    if method == "uniform":
+        from latprune.solver.uniform import solve_uniform
+        return solve_uniform(inp)
+    from latprune.solver.brute import solve_brute
+    return solve_brute(inp)
+
+
+def _tag(model: onnx.ModelProto, family: str) -> onnx.ModelProto:
+    props = {p.key: p for p in model.metadata_props}
+    if FAMILY_KEY in props:
+        props[FAMILY_KEY].value = family
+    else:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = FAMILY_KEY, family
+    return model
+
+
+def optimize(model_path: Path, out_dir: Path, opts: OptimizeOptions,
+             progress: Progress | None = None) -> dict:
+    """Run the whole pipeline; write pruned.onnx, plan.json, report.json into out_dir.
+    Returns the report. Nothing is written to out_dir unless the run succeeds."""
+    progress = progress or Progress()
+    wall0 = time.perf_counter()
+    check_options(opts)
+    progress.stage("analysing the model")
+    model, data, analysis = prepare(model_path, opts.step, opts.max_candidates, opts.importance)
+    prob = analysis.problem
+    if not any(g.prunable for g in prob.groups):
+        raise InputError(f"{model_path}: no prunable channel groups (see the analysis notes)")
+    family = model_family(model, data)
+    table = open_table(opts.lut_path, opts.threads)
+    try:
+        n_measured = ensure_profiled(prob, table, opts.threads, opts.grid_points, progress)
+        progress.stage("measuring the dense model")
+        dense = measure_model(data, opts.threads)
+        budget = opts.budget_ms if opts.budget_ms is not None else dense.median_ms / opts.speedup
+        costs = layer_costs(prob, table)
+        raw_dense = predict_raw(prob, table)
+        # Calibrate scale·raw + offset from the dense model and a uniformly halved one.
+        progress.stage("calibrating the latency model")
+        half = uniform_widths(prob, 0.5)
+        half_model = apply_plan(analysis, _uniform_plan(prob, half), check=False)
+        half_ms = measure_model(half_model, opts.threads).median_ms
+        raw_half = predict_raw(prob, table, half)
+        points_raw, points_ms = [raw_dense, raw_half], [dense.median_ms, half_ms]
+        for r, m in zip(points_raw, points_ms):
+            table.add_calibration(family, r, m)
+        scale, offset = fit_calibration(points_raw, points_ms)
+        rounds = []
+        target = budget
+        best: tuple[Plan, onnx.ModelProto, float, float] | None = None
+        for rnd in range(1, opts.rounds + 1):
+            progress.stage(f"solving ({opts.method}), round {rnd}, target {target:.3f} ms")
+            inp = SolveInput(prob, costs, target, scale, offset, opts.remove_blocks,
+                             opts.time_limit_s)
+            try:
+                plan = solve(inp, opts.method)
+            except InputError:
+                if rnd == 1 or best is not None:
+                    raise
+                break
+            progress.stage(f"applying the plan and measuring (round {rnd})")
+            pruned = _tag(apply_plan(analysis, plan), family)
+            measured = measure_model(pruned, opts.threads)
+            raw = predict_raw(prob, table, plan.widths, plan.removed_blocks)
+            rounds.append({"round": rnd, "target_ms": target, "predicted_ms": plan.predicted_ms,
+                           "measured_ms": measured.median_ms, "p90_ms": measured.p90_ms,
+                           "solve_seconds": plan.solve_seconds, "status": plan.status})
+            table.add_calibration(family, raw, measured.median_ms)
+            if measured.median_ms <= budget:
+                if best is None or plan.objective > best[0].objective:
+                    best = (plan, pruned, measured.median_ms, measured.p90_ms)
+                break
+            if best is None or measured.median_ms < best[2]:
+                best = (plan, pruned, measured.median_ms, measured.p90_ms)
+            progress.info(f"measured {measured.median_ms:.3f} ms > budget {budget:.3f} ms; "
+                          "tightening and re-solving")
+            points_raw.append(raw)
+            points_ms.append(measured.median_ms)
+            scale, offset = fit_calibration(points_raw, points_ms)
+            target = target * budget / measured.median_ms * 0.99
+        assert best is not None
+        plan, pruned, measured_ms, p90_ms = best
+        report = _report(model_path, prob, table, plan, dense, budget, measured_ms, p90_ms,
+                         scale, offset, rounds, opts, n_measured, analysis, wall0)
+        _write_outputs(out_dir, pruned, plan, report)
+        return report
+    finally:
+        table.close()
+
+
+def _uniform_plan(prob: Problem, widths: dict[int, int]) -> Plan:
+    from latprune.solver.problem_costs import make_plan
+    return make_plan(prob, widths, set(), "uniform")
+
+
+def _report(model_path, prob, table, plan, dense, budget, measured_ms, p90_ms, scale, offset,
+            rounds, opts, n_measured, analysis, wall0) -> dict:
+    full = {g.id: g.size for g in prob.groups}
+    full.update(plan.widths)
+    dense_w = {g.id: g.size for g in prob.groups}
+    layers = []
+    for layer in prob.layers:
+        removed = layer.block is not None and layer.block in plan.removed_blocks
+        ci, co = layer.c_in.width(full), layer.c_out.width(full)
+        layers.append({
+            "name": layer.name, "op": layer.spec.op, "block": layer.block, "removed": removed,
+            "dense_c_in": layer.dense_c_in, "dense_c_out": layer.dense_c_out,
+            "c_in": 0 if removed else ci, "c_out": 0 if removed else co,
+            "dense_ms": layer_ms(table, layer, layer.c_in.width(dense_w), layer.c_out.width(dense_w)),
+            "predicted_ms": 0.0 if removed else layer_ms(table, layer, ci, co),
+        })
+    meets = measured_ms <= budget
+    return {
+        "model": str(model_path),
+        "device": table.fingerprint,
+        "dense_ms": dense.median_ms,
+        "dense_p90_ms": dense.p90_ms,
+        "budget_ms": budget,
+        "predicted_ms": plan.predicted_ms,
+        "measured_ms": measured_ms,
+        "measured_p90_ms": p90_ms,
+        "meets_budget": meets,
+        "speedup": dense.median_ms / measured_ms,
+        "prediction_error": (plan.predicted_ms - measured_ms) / measured_ms,
+        "solver": {"method": plan.method, "seconds": plan.solve_seconds, "status": plan.status,
+                   "gap": plan.gap, "objective": plan.objective},
+        "rounds": rounds,
+        "calibration": {"scale": scale, "offset_ms": offset},
+        "threads": opts.threads,
+        "groups": {"total": len(prob.groups), "prunable": sum(g.prunable for g in prob.groups),
+                   "pruned": sum(1 for g in prob.groups if g.prunable and plan.widths.get(g.id, g.size) < g.size)},
+        "blocks": {"removable": len(prob.blocks), "removed": plan.removed_blocks},
+        "lut": {"path": str(table.path), "cells_measured_now": n_measured},
+        "layers": layers,
+        "notes": analysis.notes,
+        "wall_seconds": time.perf_counter() - wall0,
+        "warnings": [] if meets else [
+            f"measured {measured_ms:.3f} ms misses the budget {budget:.3f} ms after "
+            f"{len(rounds)} rounds; this is the fastest plan found"],
+    }
+
+
+def _write_outputs(out_dir: Path, pruned: onnx.ModelProto, plan: Plan, report: dict) -> None:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".partial-"))
+    try:
+        save_model_atomic(pruned, tmp / "pruned.onnx")
+        (tmp / "plan.json").write_text(plan.to_json())
+        (tmp / "report.json").write_text(json.dumps(report, indent=1))
+        for name in ("pruned.onnx", "plan.json", "report.json"):
+            os.replace(tmp / name, out_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def predict_model(model_path: Path, lut_path: Path | None, threads: int = 1) -> dict:
+    """Predicted latency (ms) of any model whose layer signatures the table covers."""
+    model = load_model(model_path)
+    data = Path(model_path).read_bytes()
+    analysis = analyse(model, model_name=Path(model_path).stem)
+    prob = analysis.problem
+    table = open_table(lut_path, threads)
+    try:
+        missing = [layer.name for layer in prob.layers if not table.cells(layer.spec.signature())]
+        if missing:
+            raise InputError(
+                f"the table lacks {len(missing)} of {len(prob.layers)} layers (e.g. {missing[0]}); "
+                f"run: latprune profile {model_path} --lut {table.path}")
+        dense = {g.id: g.size for g in prob.groups}
+        raw = sum(layer_ms(table, layer, layer.c_in.width(dense), layer.c_out.width(dense))
+                  for layer in prob.layers)
+        calib = table.calibration(model_family(model, data))
+        return {"predicted_ms": calibrated(raw, calib), "layer_sum_ms": raw,
+                "calibrated": calib is not None, "layers": len(prob.layers)}
+    finally:
+        table.close()
+
+
+def profile_model(model_path: Path, lut_path: Path | None, threads: int = 1, points: int = 5,
+                  progress: Progress | None = None) -> dict:
+    """Fill the table with the cells this model needs, and record its calibration points."""
+    progress = progress or Progress()
+    model, data, analysis = prepare(model_path)
+    prob = analysis.problem
+    table = open_table(lut_path, threads)
+    try:
+        n = ensure_profiled(prob, table, threads, points, progress)
+        progress.stage("measuring end to end for calibration")
+        family = model_family(model, data)
+        table.add_calibration(family, predict_raw(prob, table), measure_model(data, threads).median_ms)
+        if any(g.prunable for g in prob.groups):
+            half = uniform_widths(prob, 0.5)
+            half_model = apply_plan(analysis, _uniform_plan(prob, half), check=False)
+            table.add_calibration(family, predict_raw(prob, table, half),
+                                  measure_model(half_model, threads).median_ms)
+        return {"cells_measured": n, "cells_total": table.count(), "lut": str(table.path)}
+    finally:
+        table.close()

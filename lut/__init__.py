@@ -1,0 +1,1 @@
+"""lut step of the latprune pipeline (see ARCHITECTURE.md)."""

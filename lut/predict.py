@@ -1,0 +1,98 @@
+"""What a Problem needs from the table, and predictions from it.
+
+A layer's latency is table.lookup(signature, c_in, c_out) with c_in/c_out the widths of its
+input and output spaces. A whole model's *raw* prediction is the sum over its layers; the
+*calibrated* prediction is scale·raw + offset, fitted from end-to-end measurements of the
+same model family (what runs outside the conv/gemm layers: pooling, adds, copies).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from latprune.types import Layer, LayerSpec, Problem, Space
+from latprune.lut.store import LatencyTable
+
+
+def space_values(problem: Problem, space: Space) -> list[int]:
+    """Every width the space can take under the groups' candidate widths (ascending)."""
+    values = {space.fixed}
+    for gid, mult in space.terms:
+        cands = problem.groups[gid].candidate_widths
+        values = {v + mult * w for v in values for w in cands}
+    return sorted(values)
+
+
+def _sample(values: list[int], points: int) -> list[int]:
+    if len(values) <= points:
+        return list(values)
+    idx = np.unique(np.round(np.linspace(0, len(values) - 1, points)).astype(int))
+    return [values[i] for i in idx]
+
+
+def required_cells(problem: Problem, points: int = 5) -> list[tuple[LayerSpec, int, int]]:
+    """The (spec, c_in, c_out) grid the table must hold for this problem: up to `points`
+    widths per axis (always the smallest and the dense width), a diagonal for depthwise."""
+    cells: dict[tuple[str, int, int], tuple[LayerSpec, int, int]] = {}
+    for layer in problem.layers:
+        ins = _sample(space_values(problem, layer.c_in), points)
+        outs = _sample(space_values(problem, layer.c_out), points)
+        pairs = [(c, c) for c in ins] if layer.spec.depthwise else [(i, o) for i in ins for o in outs]
+        for ci, co in pairs:
+            cells[(layer.spec.signature(), ci, co)] = (layer.spec, ci, co)
+    return list(cells.values())
+
+
+def missing_cells(problem: Problem, table: LatencyTable, points: int = 5):
+    return [c for c in required_cells(problem, points) if not table.has(c[0].signature(), c[1], c[2])]
+
+
+@dataclass
+class LayerCost:
+    """Latency (ms) of one layer over its input widths × output widths."""
+
+    in_values: list[int]
+    out_values: list[int]
+    ms: np.ndarray  # shape (len(in_values), len(out_values)); depthwise: diagonal meaningful
+
+
+def layer_costs(problem: Problem, table: LatencyTable) -> list[LayerCost]:
+    costs = []
+    for layer in problem.layers:
+        sig = layer.spec.signature()
+        ins = space_values(problem, layer.c_in)
+        outs = space_values(problem, layer.c_out)
+        if layer.spec.depthwise:
+            outs = ins
+            ms = np.diag([table.lookup(sig, c, c) for c in ins])
+        else:
+            ms = np.array([[table.lookup(sig, i, o) for o in outs] for i in ins])
+        costs.append(LayerCost(ins, outs, ms))
+    return costs
+
+
+def layer_ms(table: LatencyTable, layer: Layer, c_in: int, c_out: int) -> float:
+    if layer.spec.depthwise:
+        return table.lookup(layer.spec.signature(), c_in, c_in)
+    return table.lookup(layer.spec.signature(), c_in, c_out)
+
+
+def predict_raw(problem: Problem, table: LatencyTable, widths: dict[int, int] | None = None,
+                removed_blocks: list[int] | tuple = ()) -> float:
+    """Sum of layer latencies (ms) at the given group widths (dense when omitted)."""
+    widths = widths or {}
+    full = {g.id: widths.get(g.id, g.size) for g in problem.groups}
+    total = 0.0
+    for layer in problem.layers:
+        if layer.block is not None and layer.block in removed_blocks:
+            continue
+        total += layer_ms(table, layer, layer.c_in.width(full), layer.c_out.width(full))
+    return total
+
+
+def calibrated(raw_ms: float, calibration: tuple[float, float] | None) -> float:
+    if calibration is None:
+        return raw_ms
+    scale, offset = calibration
+    return scale * raw_ms + offset

@@ -1,0 +1,151 @@
+"""The latency lookup table: one SQLite file, keyed by device fingerprint.
+
+Schema (one row per measured cell; tables never mix fingerprints):
+  cells(fingerprint, signature, c_in, c_out, ms, runs, measured_at)   -- layer latency, ms
+  calibration(fingerprint, family, raw_ms, measured_ms, measured_at)  -- whole-model points
+  fingerprints(id, json)
+
+`signature` is LayerSpec.signature(); c_in/c_out are channel counts (features for Gemm).
+Lookups interpolate between measured cells (see `lookup`). WAL mode lets several writers
+(e.g. a profiler and the service) share one file.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import sqlite3
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from latprune.types import InputError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS fingerprints (id TEXT PRIMARY KEY, json TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS cells (
+    fingerprint TEXT NOT NULL, signature TEXT NOT NULL, c_in INTEGER NOT NULL,
+    c_out INTEGER NOT NULL, ms REAL NOT NULL, runs INTEGER NOT NULL, measured_at REAL NOT NULL,
+    PRIMARY KEY (fingerprint, signature, c_in, c_out));
+CREATE TABLE IF NOT EXISTS calibration (
+    fingerprint TEXT NOT NULL, family TEXT NOT NULL, raw_ms REAL NOT NULL,
+    measured_ms REAL NOT NULL, measured_at REAL NOT NULL);
+"""
+
+
+class LatencyTable:
+    """Layer latencies (ms) for one device fingerprint, stored in a SQLite file."""
+
+    def __init__(self, path: str | Path, fingerprint: dict):
+        from latprune.profiler.fingerprint import fingerprint_id
+
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+        self.fp_id = fingerprint_id(fingerprint)
+        try:
+            self.db = sqlite3.connect(str(self.path), timeout=30)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.executescript(SCHEMA)
+            self.db.execute("INSERT OR IGNORE INTO fingerprints VALUES (?, ?)",
+                            (self.fp_id, json.dumps(fingerprint, sort_keys=True)))
+            self.db.commit()
+        except sqlite3.DatabaseError as exc:
+            raise InputError(f"{self.path}: not a latency table ({exc})") from None
+        self._grid_cache: dict[str, dict[int, list[tuple[int, float]]]] = {}
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ---- cells ---------------------------------------------------------------------------
+    def has(self, signature: str, c_in: int, c_out: int) -> bool:
+        row = self.db.execute(
+            "SELECT 1 FROM cells WHERE fingerprint=? AND signature=? AND c_in=? AND c_out=?",
+            (self.fp_id, signature, c_in, c_out)).fetchone()
+        return row is not None
+
+    def put(self, signature: str, c_in: int, c_out: int, ms: float, runs: int) -> None:
+        self.db.execute("INSERT OR REPLACE INTO cells VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (self.fp_id, signature, c_in, c_out, ms, runs, time.time()))
+        self.db.commit()  # one commit per cell: an interrupted profile loses nothing finished
+        self._grid_cache.pop(signature, None)
+
+    def cells(self, signature: str) -> dict[int, list[tuple[int, float]]]:
+        """c_in -> sorted [(c_out, ms)] for one signature."""
+        if signature not in self._grid_cache:
+            rows = self.db.execute(
+                "SELECT c_in, c_out, ms FROM cells WHERE fingerprint=? AND signature=?",
+                (self.fp_id, signature)).fetchall()
+            grid: dict[int, list[tuple[int, float]]] = defaultdict(list)
+            for ci, co, ms in rows:
+                grid[ci].append((co, ms))
+            for v in grid.values():
+                v.sort()
+            self._grid_cache[signature] = dict(grid)
+        return self._grid_cache[signature]
+
+    def count(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM cells WHERE fingerprint=?", (self.fp_id,)).fetchone()[0]
+
+    def lookup(self, signature: str, c_in: int, c_out: int) -> float:
+        """Latency (ms) at (c_in, c_out), interpolated between measured cells.
+
+        Linear in c_out within each measured c_in row, then linear in c_in between the two
+        bracketing rows (bilinear on a rectangular grid, which is exact when latency is
+        bilinear in the widths). Outside the measured range the nearest cell is scaled in
+        proportion to the width. Zero width costs nothing (the layer is gone).
+        """
+        if c_in <= 0 or c_out <= 0:
+            return 0.0
+        grid = self.cells(signature)
+        if not grid:
+            raise KeyError(signature)
+        rows = sorted(grid)
+        return _interp(rows, [_row_value(grid[r], c_out) for r in rows], c_in)
+
+    # ---- whole-model calibration ---------------------------------------------------------
+    def add_calibration(self, family: str, raw_ms: float, measured_ms: float) -> None:
+        self.db.execute("INSERT INTO calibration VALUES (?, ?, ?, ?, ?)",
+                        (self.fp_id, family, raw_ms, measured_ms, time.time()))
+        self.db.commit()
+
+    def calibration(self, family: str) -> tuple[float, float] | None:
+        """(scale, offset_ms) with measured ≈ scale·raw + offset, fitted by least squares on the
+        family's points (a pure offset when only one point exists), or None."""
+        rows = self.db.execute(
+            "SELECT raw_ms, measured_ms FROM calibration WHERE fingerprint=? AND family=?",
+            (self.fp_id, family)).fetchall()
+        if not rows:
+            return None
+        return fit_calibration([r[0] for r in rows], [r[1] for r in rows])
+
+
+def fit_calibration(raw: list[float], measured: list[float]) -> tuple[float, float]:
+    """Least-squares (scale, offset) of measured vs raw layer sums; scale kept positive."""
+    import numpy as np
+
+    raw_a, meas_a = np.asarray(raw, float), np.asarray(measured, float)
+    if len(set(np.round(raw_a, 6))) < 2:
+        return 1.0, float(np.mean(meas_a - raw_a))
+    scale, offset = np.polyfit(raw_a, meas_a, 1)
+    if scale <= 0.2:
+        return 1.0, float(np.mean(meas_a - raw_a))
+    return float(scale), float(offset)
+
+
+def _row_value(row: list[tuple[int, float]], c_out: int) -> float:
+    xs = [c for c, _ in row]
+    ys = [m for _, m in row]
+    return _interp(xs, ys, c_out)
+
+
+def _interp(xs: list[int], ys: list[float], x: int) -> float:
+    """Piecewise-linear interpolation; proportional scaling of the end point outside."""
+    if len(xs) == 1 or x <= xs[0]:
+        return ys[0] * x / xs[0]
+    if x >= xs[-1]:
+        if len(xs) >= 2 and x > xs[-1]:
+            slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+            return max(ys[-1] + slope * (x - xs[-1]), ys[-1] * x / xs[-1])
+        return ys[-1]
+    i = bisect.bisect_right(xs, x)
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)

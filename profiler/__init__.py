@@ -1,0 +1,1 @@
+"""profiler step of the latprune pipeline (see ARCHITECTURE.md)."""

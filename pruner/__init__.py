@@ -1,0 +1,1 @@
+"""pruner step of the latprune pipeline (see ARCHITECTURE.md)."""

@@ -1,0 +1,153 @@
+"""Load, validate and normalise ONNX models; save them atomically.
+
+Every failure on user input raises `InputError` with one clear sentence, so the CLI can print
+it and exit 2 and the service can answer 4xx.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper, shape_inference
+
+from latprune.types import InputError
+
+MAX_MODEL_BYTES = 2 * 1024**3 - 1  # protobuf's hard limit; larger models need external data
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read and validate an ONNX file; raise InputError on anything unusable."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: no such file")
+    size = p.stat().st_size
+    if size == 0:
+        raise InputError(f"{p}: file is empty, not an ONNX model")
+    if size > MAX_MODEL_BYTES:
+        raise InputError(f"{p}: {size} bytes is over the 2 GiB protobuf limit")
+    data = p.read_bytes()
+    return model_from_bytes(data, name=str(p))
+
+
+def model_from_bytes(data: bytes, name: str = "model") -> onnx.ModelProto:
+    """Parse bytes as an ONNX model and validate it (see load_model)."""
+    try:
+        model = onnx.ModelProto()
+        model.ParseFromString(data)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise InputError(f"{name}: not an ONNX model (protobuf parse failed: {exc})") from None
+    if not model.HasField("graph") or len(model.graph.node) == 0:
+        raise InputError(f"{name}: not an ONNX model (no graph or an empty graph)")
+    for init in model.graph.initializer:
+        if init.data_location == TensorProto.EXTERNAL or init.external_data:
+            raise InputError(
+                f"{name}: initializer '{init.name}' uses external data; external data is "
+                "refused (save the model as a single file)"
+            )
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.t.data_location == TensorProto.EXTERNAL:
+                    raise InputError(f"{name}: Constant '{node.name}' uses external data; refused")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{name}: invalid ONNX model: {first}") from None
+    return model
+
+
+def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return a copy with Constant nodes turned into initializers, unique node names and
+    initializers removed from the graph inputs (old exporters list them there)."""
+    model = copy.deepcopy(model)
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    keep_nodes = []
+    for idx, node in enumerate(graph.node):
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            tensor = copy.deepcopy(node.attribute[0].t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+            inits.add(tensor.name)
+            continue
+        keep_nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(keep_nodes)
+    seen: set[str] = set()
+    for idx, node in enumerate(graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{idx}"
+        seen.add(node.name)
+    real_inputs = [i for i in graph.input if i.name not in inits]
+    del graph.input[:]
+    graph.input.extend(real_inputs)
+    return model
+
+
+def with_static_shapes(model: onnx.ModelProto, batch: int = 1) -> onnx.ModelProto:
+    """Copy of `model` with symbolic input dims set to `batch` and shapes inferred."""
+    model = copy.deepcopy(model)
+    for inp in model.graph.input:
+        for dim in inp.type.tensor_type.shape.dim:
+            if not dim.HasField("dim_value"):
+                dim.dim_value = batch
+    del model.graph.value_info[:]
+    try:
+        return shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:
+        raise InputError(f"shape inference failed: {str(exc).splitlines()[0]}") from None
+
+
+def tensor_shapes(model: onnx.ModelProto) -> dict[str, list[int] | None]:
+    """Static shape of every tensor in a shape-inferred model (None when unknown)."""
+    shapes: dict[str, list[int] | None] = {}
+    for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            shapes[vi.name] = None
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+        shapes[vi.name] = None if any(d <= 0 for d in dims) else dims
+    for init in model.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    return shapes
+
+
+def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Initializers as numpy arrays, keyed by name."""
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write `model` so that a reader never sees a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".onnx")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(model.SerializeToString())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def make_tensor(name: str, array: np.ndarray) -> TensorProto:
+    return numpy_helper.from_array(np.ascontiguousarray(array), name=name)
+
+
+__all__ = [
+    "load_model",
+    "model_from_bytes",
+    "normalise",
+    "with_static_shapes",
+    "tensor_shapes",
+    "initializer_arrays",
+    "save_model_atomic",
+    "make_tensor",
+    "helper",
+]

@@ -1,0 +1,1 @@
+"""service step of the latprune pipeline (see ARCHITECTURE.md)."""

@@ -1,0 +1,1 @@
+"""solver step of the latprune pipeline (see ARCHITECTURE.md)."""

@@ -1,0 +1,99 @@
+"""The solver's view of a problem: per-group choices, per-layer cost matrices, budget."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from latprune.types import Plan, Problem
+from latprune.solver.importance import cumulative_importance, top_channels
+
+
+@dataclass
+class SolveInput:
+    """Everything a solver needs, as plain arrays.
+
+    costs[l] is layer l's latency matrix (ms) over in_values × out_values (see
+    lut.predict.LayerCost). The constraint is scale·Σ layer ms + offset ≤ budget_ms.
+    """
+
+    problem: Problem
+    costs: list  # list[LayerCost]
+    budget_ms: float
+    scale: float = 1.0
+    offset_ms: float = 0.0
+    allow_block_removal: bool = True
+    time_limit_s: float = 60.0
+    removable_blocks: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.allow_block_removal and not self.removable_blocks:
+            self.removable_blocks = [b.id for b in self.problem.blocks]
+        if not self.allow_block_removal:
+            self.removable_blocks = []
+
+    @property
+    def raw_budget(self) -> float:
+        """Budget on the raw sum of layer latencies."""
+        return (self.budget_ms - self.offset_ms) / self.scale
+
+
+def evaluate(inp: SolveInput, widths: dict[int, int], removed: set[int]) -> tuple[float, float]:
+    """(objective, raw latency ms) of a width assignment, straight from the cost matrices."""
+    prob = inp.problem
+    full = {g.id: widths.get(g.id, g.size) for g in prob.groups}
+    for g in prob.groups:
+        if g.inner_of_block is not None and g.inner_of_block in removed:
+            full[g.id] = 0
+    raw = 0.0
+    for layer, cost in zip(prob.layers, inp.costs):
+        if layer.block is not None and layer.block in removed:
+            continue
+        ci, co = layer.c_in.width(full), layer.c_out.width(full)
+        i = cost.in_values.index(ci)
+        j = i if layer.spec.depthwise else cost.out_values.index(co)
+        raw += float(cost.ms[i, j])
+    obj = sum(cumulative_importance(g.importance, full[g.id]) for g in prob.groups if g.prunable)
+    return obj, raw
+
+
+def make_plan(problem: Problem, widths: dict[int, int], removed: set[int], method: str) -> Plan:
+    """Keep the most important `widths[g]` channels of every prunable group."""
+    kept: dict[int, list[int]] = {}
+    out_widths: dict[int, int] = {}
+    for g in problem.groups:
+        if not g.prunable:
+            continue
+        w = widths.get(g.id, g.size)
+        if g.inner_of_block is not None and g.inner_of_block in removed:
+            w = 0
+        out_widths[g.id] = w
+        if w != g.size:
+            kept[g.id] = top_channels(g.importance, w)
+    return Plan(kept=kept, removed_blocks=sorted(removed), widths=out_widths, method=method)
+
+
+def min_raw_latency(inp: SolveInput) -> float:
+    """Raw latency with every group at its smallest width and every removable block removed
+    (the smallest reachable latency when latency grows with width)."""
+    widths = {g.id: g.candidate_widths[0] for g in inp.problem.groups if g.prunable}
+    return evaluate(inp, widths, set(inp.removable_blocks))[1]
+
+
+def dense_raw_latency(inp: SolveInput) -> float:
+    return evaluate(inp, {}, set())[1]
+
+
+def assert_feasible_budget(inp: SolveInput) -> None:
+    from latprune.types import InputError
+
+    smallest = inp.scale * min_raw_latency(inp) + inp.offset_ms
+    if inp.budget_ms < smallest:
+        raise InputError(
+            f"budget {inp.budget_ms:.3f} ms is below the smallest reachable latency "
+            f"{smallest:.3f} ms (every group at its minimum width"
+            f"{', every removable block removed' if inp.removable_blocks else ''})")
+
+
+def widths_array(values) -> np.ndarray:
+    return np.asarray(values, dtype=float)
