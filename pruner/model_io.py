@@ -68,6 +68,7 @@ def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = model.graph
     inits = {i.name for i in graph.initializer}
     keep_nodes = []
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
     for idx, node in enumerate(graph.node):
         if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
             tensor = copy.deepcopy(node.attribute[0].t)
@@ -75,6 +76,13 @@ def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
             graph.initializer.append(tensor)
             inits.add(tensor.name)
             continue
+        if node.op_type in FOLDABLE and node.domain in ("", "ai.onnx") and all(
+                (not i or i in inits) for i in node.input):
+            folded = _fold(node, graph, opset)
+            if folded is not None:
+                graph.initializer.extend(folded)
+                inits.update(t.name for t in folded)
+                continue
         keep_nodes.append(node)
     del graph.node[:]
     graph.node.extend(keep_nodes)
@@ -87,6 +95,48 @@ def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.input[:]
     graph.input.extend(real_inputs)
     return model
+
+
+# Small shape/index computations that exporters emit around Pad, Reshape and Slice.
+FOLDABLE = {
+    "Constant", "ConstantOfShape", "Concat", "Reshape", "Transpose", "Cast", "Slice", "Squeeze",
+    "Unsqueeze", "Gather", "Range", "Add", "Sub", "Mul", "Div", "Neg", "Shape", "Identity",
+    "Expand", "Tile", "Flatten", "Equal", "Where", "Not", "ReduceProd", "Abs",
+}
+_FOLD_MAX_ELEMENTS = 1 << 16
+
+
+def _fold(node: onnx.NodeProto, graph: onnx.GraphProto, opset: int) -> list[TensorProto] | None:
+    """Evaluate a node whose inputs are all initializers (small ones only); None if not worth
+    it or if evaluation fails. Identity of a weight is kept: it marks shared weights."""
+    from onnx.reference import ReferenceEvaluator
+
+    inits = {i.name: i for i in graph.initializer}
+    arrays = {}
+    for name in node.input:
+        if name:
+            t = inits[name]
+            if int(np.prod(t.dims)) > _FOLD_MAX_ELEMENTS:
+                return None
+            arrays[name] = numpy_helper.to_array(t)
+    if node.op_type == "Identity":
+        return None
+    try:
+        g = helper.make_graph(
+            [node], "fold",
+            [helper.make_tensor_value_info(n, inits[n].data_type, list(inits[n].dims)) for n in arrays],
+            [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in node.output])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+        outs = ReferenceEvaluator(m).run(None, arrays)
+    except Exception:
+        return None
+    result = []
+    for name, value in zip(node.output, outs):
+        value = np.asarray(value)
+        if value.size > _FOLD_MAX_ELEMENTS:
+            return None
+        result.append(numpy_helper.from_array(value, name=name))
+    return result
 
 
 def with_static_shapes(model: onnx.ModelProto, batch: int = 1) -> onnx.ModelProto:
