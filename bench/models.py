@@ -326,7 +326,7 @@ def cifar_test_arrays(limit: int | None = None) -> tuple[np.ndarray, np.ndarray]
     """The CIFAR-10 test set from ``<data>/cifar10-test.npz`` (lossy JPEG-decoded copy).
 
     Args:
-        limit: keep only the first ``limit`` images (all 10,000 when None).
+        limit: keep ``limit`` images spread evenly over the (class-ordered) file (all 10,000 when None).
 
     Returns:
         ``(x, y)``: ``x`` float32 ``(N, 3, 32, 32)`` RGB, pixels scaled to [0, 1] then
@@ -334,8 +334,11 @@ def cifar_test_arrays(limit: int | None = None) -> tuple[np.ndarray, np.ndarray]
         class labels 0..9.
     """
     with np.load(data_dir() / "cifar10-test.npz") as data:
-        x_u8 = data["x"][:limit]  # uint8 (N, 32, 32, 3)
-        y = data["y"][:limit].astype(np.int64)
+        # The file is ordered by class: a limited subset takes every k-th image so that it
+        # keeps all classes in their proportions.
+        stride = 1 if limit is None else max(1, len(data["y"]) // limit)
+        x_u8 = data["x"][::stride][:limit]  # uint8 (N, 32, 32, 3)
+        y = data["y"][::stride][:limit].astype(np.int64)
     mean = np.asarray(CIFAR_MEAN, dtype=np.float32)
     std = np.asarray(CIFAR_STD, dtype=np.float32)
     x = (x_u8.astype(np.float32) / 255.0 - mean) / std

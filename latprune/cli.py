@@ -75,7 +75,8 @@ def optimize(
     method: str = typer.Option("milp", "--method", help="milp (exact, HiGHS) | uniform | brute"),
     step: int = typer.Option(8, "--step", help="channel widths are multiples of STEP"),
     max_candidates: int = typer.Option(16, "--max-candidates", help="candidate widths per group"),
-    no_block_removal: bool = typer.Option(False, "--no-block-removal", help="never remove residual blocks"),
+    remove_blocks: str = typer.Option("auto", "--remove-blocks",
+                                      help="remove whole residual blocks: auto (only when the budget needs it) | yes | no"),
     rounds: int = typer.Option(4, "--rounds", help="re-solve rounds when the measurement misses"),
     time_limit: float = typer.Option(60.0, "--time-limit", help="solver time limit, s"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -90,7 +91,7 @@ def optimize(
             raise LatpruneError(f"--calib {calib}: no such file")
         opts = OptimizeOptions(budget_ms=budget_ms, speedup=speedup, threads=threads, lut_path=lut,
                                method=method, step=step, max_candidates=max_candidates,
-                               remove_blocks=not no_block_removal, rounds=rounds,
+                               remove_blocks=remove_blocks, rounds=rounds,
                                time_limit_s=time_limit)
         report = run(model, out, opts, _RichProgress(quiet))
     except LatpruneError as exc:

@@ -113,6 +113,7 @@ class Block:
     add_node: str
     skip: str
     branch_nodes: list[str]
+    importance: float = 0.0  # what the block writes into the channels outside it (see importance)
 
 
 @dataclass

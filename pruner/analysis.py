@@ -75,7 +75,8 @@ class Analysis:
     group_of_class: dict[int, tuple[int, int]]  # class root -> (group id, position)
     shapes: dict[str, list[int] | None]
     source_rows: dict[int, list[tuple[str, str, int]]] = field(default_factory=dict)
-    # group id -> [(weight initializer, "out"/"in" axis kind, channel index)] (see importance)
+    # group id -> [(layer node, weight name, weight axis, channel index in the layer output,
+    #              channel position in the group)]
     notes: list[str] = field(default_factory=list)
 
     def kept_positions(self, tensor: str, kept_classes: set[int]) -> np.ndarray:
@@ -577,7 +578,7 @@ def _branch(tensor, skip, producer, inits):
 def _source_rows(graph, inits, atoms, uf, group_of_class, layer_nodes):
     """For each group: (weight name, axis, index) of the weight slices that produce each
     channel, so importance can be computed from numpy arrays alone."""
-    rows: dict[int, list[tuple[str, str, int, int]]] = defaultdict(list)
+    rows: dict[int, list[tuple[str, str, int, int, int]]] = defaultdict(list)
     for node in layer_nodes:
         out = node.output[0]
         if out not in atoms:
@@ -586,19 +587,13 @@ def _source_rows(graph, inits, atoms, uf, group_of_class, layer_nodes):
         op = node.op_type
         for p, a in enumerate(atoms[out]):
             g, pos = group_of_class[uf.find(int(a))]
-            if op == "Conv":
-                rows[g].append((w_name, 0, p, pos))
-            elif op == "ConvTranspose":
-                rows[g].append((w_name, 1, p, pos))
-            elif op == "Gemm" and int(_attr(node, "transB", 0)):
-                rows[g].append((w_name, 0, p, pos))
-            else:
-                rows[g].append((w_name, 1, p, pos))
+            axis = 1 if op == "ConvTranspose" or (op != "Conv" and not int(_attr(node, "transB", 0))) else 0
+            rows[g].append((node.name, w_name, axis, p, pos))
     return dict(rows)
 
 
 def weight_slices(analysis: Analysis) -> dict[int, list[tuple[str, int, np.ndarray]]]:
-    """Per group: (layer weight name, channel position, weight slice) for every layer output
+    """Per group: (layer node name, channel position, weight slice) for every layer output
     channel that produces a channel of the group: the numpy input of solver.importance."""
     inits = initializer_arrays(analysis.model)
     for node in analysis.model.graph.node:
@@ -606,7 +601,6 @@ def weight_slices(analysis: Analysis) -> dict[int, list[tuple[str, int, np.ndarr
             inits[node.output[0]] = inits[node.input[0]]
     out: dict[int, list[tuple[str, int, np.ndarray]]] = defaultdict(list)
     for gid, rows in analysis.source_rows.items():
-        for w_name, axis, p, pos in rows:
-            w = inits[w_name]
-            out[gid].append((w_name, pos, np.take(w, p, axis=axis)))
+        for node_name, w_name, axis, p, pos in rows:
+            out[gid].append((node_name, pos, np.take(inits[w_name], p, axis=axis)))
     return dict(out)

@@ -86,6 +86,10 @@ def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
         keep_nodes.append(node)
     del graph.node[:]
     graph.node.extend(keep_nodes)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    kept_inits = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept_inits)
     seen: set[str] = set()
     for idx, node in enumerate(graph.node):
         if not node.name or node.name in seen:

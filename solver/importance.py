@@ -1,9 +1,12 @@
 """Channel importance from weight magnitudes (data-free; the default).
 
 Each channel of a group is produced by one or more layers (a conv's output channel, tied by
-residual adds to other convs' output channels). Its score is the mean, over those producing
-layers, of the channel's weight-slice norm divided by the mean norm of that layer's channels,
-so layers with different weight scales compare fairly and a group's scores average about 1.
+residual adds to other convs' output channels). Its score is the *sum*, over those producing
+layers, of the channel's weight-slice norm divided by the sum of that layer's channel norms.
+So every producing layer is worth 1 in total (a data-free prior: cutting half of a layer's
+channels costs 0.5 wherever the layer is; within a layer the smaller-norm channels go first),
+and a residual channel written by nine blocks counts nine times a channel private to one
+block (HALP's group importance is a sum too).
 The solver maximises the sum of kept scores (MDP/HALP style retained importance).
 """
 from __future__ import annotations
@@ -21,6 +24,9 @@ def magnitude_importance(problem: Problem, slices: dict[int, list[tuple[str, int
     position in the group, that channel's weight slice) for every producing layer."""
     if norm not in ("l1", "l2"):
         raise ValueError(f"norm must be l1 or l2, not {norm!r}")
+    block_of = {layer.name: layer.block for layer in problem.layers if layer.block is not None}
+    for b in problem.blocks:
+        b.importance = 0.0
     for g in problem.groups:
         rows = slices.get(g.id, [])
         if not rows:
@@ -34,12 +40,18 @@ def magnitude_importance(problem: Problem, slices: dict[int, list[tuple[str, int
         total = np.zeros(g.size)
         count = np.zeros(g.size)
         for entries in by_layer.values():
-            mean = np.mean([v for _, v in entries]) or 1.0
+            layer_sum = sum(v for _, v in entries) or 1.0
             for pos, v in entries:
-                total[pos] += v / mean
+                total[pos] += v / layer_sum
                 count[pos] += 1
-        score = np.where(count > 0, total / np.maximum(count, 1), 1.0)
+        score = np.where(count > 0, total, 1.0)
         g.importance = [float(s) for s in score]
+        # A removable block's value: the scores its layers add to groups outside the block
+        # (e.g. its last conv writing the residual channels). Removing the block loses them.
+        for key, entries in by_layer.items():
+            b = block_of.get(key)
+            if b is not None and g.inner_of_block != b:
+                problem.blocks[b].importance += 1.0  # the layer's whole share of the group
 
 
 def cumulative_importance(importance: list[float], width: int) -> float:

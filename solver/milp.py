@@ -14,7 +14,7 @@ by the "transportation" constraints Σ_j z_ij = a_i, Σ_i z_ij = b_j, which forc
 whenever a and b are binary, and whose LP relaxation is much tighter than McCormick's.
 Layers of removable blocks use Σ_j z_ij ≤ a_i, Σ_i z_ij ≤ b_j, Σ z = 1 − r[b].
 
-maximise  Σ_g Σ_k I_g(w_k)·x[g,k] − ε·latency
+maximise  Σ_g Σ_k I_g(w_k)·x[g,k] − Σ_b V_b·r[b] − ε·latency   (V_b: block importance)
 s.t.      Σ_l Σ_ij C_l[i,j]·z[l,i,j] + constant layers ≤ (budget − offset) / scale
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ def solve_milp(inp: SolveInput, epsilon: float = 1e-6, mip_rel_gap: float = 1e-4
     m = _Model()
     inf = highspy.kHighsInf
 
-    r = {b: m.var() for b in sorted(removable)}
+    r = {b: m.var(cost=-prob.blocks[b].importance) for b in sorted(removable)}
     x: dict[int, list[int]] = {}
     for g in prob.groups:
         if not g.prunable:

@@ -54,6 +54,7 @@ def evaluate(inp: SolveInput, widths: dict[int, int], removed: set[int]) -> tupl
         j = i if layer.spec.depthwise else cost.out_values.index(co)
         raw += float(cost.ms[i, j])
     obj = sum(cumulative_importance(g.importance, full[g.id]) for g in prob.groups if g.prunable)
+    obj += sum(b.importance for b in prob.blocks if b.id not in removed)
     return obj, raw
 
 

@@ -1,0 +1,63 @@
+"""Shared fixtures: the ONNX builders, an ORT runner and a session-wide latency table."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
+
+from onnx_builders import ALL_BUILDERS  # noqa: E402
+
+INPUT_SHAPE = (1, 3, 16, 16)
+
+
+def ort_session(model: onnx.ModelProto):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), sess_options=opts,
+                                providers=["CPUExecutionProvider"])
+
+
+def run_model(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """Run `model` on input `x` (name "input") with ONNX Runtime; return the first output."""
+    return ort_session(model).run(None, {"input": x})[0]
+
+
+def random_inputs(n: int = 3, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(INPUT_SHAPE).astype(np.float32) for _ in range(n)]
+
+
+@pytest.fixture(params=sorted(ALL_BUILDERS))
+def builder_name(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def cli_workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="session")
+def shared_lut(cli_workdir) -> Path:
+    """One latency table for the whole session: layer cells are profiled once."""
+    return cli_workdir / "lut.sqlite"
+
+
+@pytest.fixture(scope="session")
+def residual_path(cli_workdir) -> Path:
+    from onnx_builders import residual_cnn
+
+    p = cli_workdir / "residual.onnx"
+    onnx.save(residual_cnn(), str(p))
+    return p
