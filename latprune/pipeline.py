@@ -198,7 +198,8 @@ def optimize(model_path: Path, out_dir: Path, opts: OptimizeOptions,
             raw = predict_raw(prob, table, plan.widths, plan.removed_blocks)
             rounds.append({"round": rnd, "target_ms": target, "predicted_ms": plan.predicted_ms,
                            "measured_ms": measured.median_ms, "p90_ms": measured.p90_ms,
-                           "solve_seconds": plan.solve_seconds, "status": plan.status})
+                           "solve_seconds": plan.solve_seconds, "status": plan.status,
+                           "blocks_allowed": allow_blocks})
             table.add_calibration(family, raw, measured.median_ms)
             if measured.median_ms <= budget:  # the first plan that meets the budget wins
                 best = (plan, pruned, measured.median_ms, measured.p90_ms)
@@ -263,8 +264,7 @@ def _report(model_path, prob, table, plan, dense, budget, measured_ms, p90_ms, s
         "groups": {"total": len(prob.groups), "prunable": sum(g.prunable for g in prob.groups),
                    "pruned": sum(1 for g in prob.groups if g.prunable and plan.widths.get(g.id, g.size) < g.size)},
         "blocks": {"removable": len(prob.blocks), "removed": plan.removed_blocks,
-                   "removal_allowed": bool(rounds) and opts.remove_blocks != "no" and (
-                       opts.remove_blocks == "yes" or bool(plan.removed_blocks) or False)},
+                   "removal_allowed": any(r["blocks_allowed"] for r in rounds)},
         "lut": {"path": str(table.path), "cells_measured_now": n_measured},
         "layers": layers,
         "notes": analysis.notes,
