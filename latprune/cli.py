@@ -178,6 +178,14 @@ def profile(
     print(json.dumps(out))
 
 
+@app.command("demo-model")
+def demo_model(out: Path = typer.Argument(Path("runs/demo.onnx"), help="where to write the ONNX file")) -> None:
+    """Write a small ResNet-style demo CNN (3×64×64 input) to try the pipeline on."""
+    from latprune.demo import build_demo_model
+
+    print(build_demo_model(out))
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -44,7 +44,12 @@ class _Model:
         return len(self.cost) - 1
 
     def row(self, lower: float, upper: float, idx: list[int], val: list[float]) -> None:
-        self.rows.append((lower, upper, list(idx), list(val)))
+        """Add lower ≤ Σ val·x[idx] ≤ upper. Repeated indices are summed: HiGHS requires each
+        column at most once per row (duplicates corrupted its memory in 1.15)."""
+        merged: dict[int, float] = {}
+        for i, v in zip(idx, val):
+            merged[i] = merged.get(i, 0.0) + v
+        self.rows.append((lower, upper, list(merged), list(merged.values())))
 
 
 def solve_milp(inp: SolveInput, epsilon: float = 1e-6, mip_rel_gap: float = 1e-4,
