@@ -28,10 +28,13 @@ def _fail(exc: Exception) -> None:
 
 
 class _RichProgress:
-    """pipeline.Progress rendered on stderr with rich (stages, a bar with an ETA)."""
+    """pipeline.Progress rendered on stderr with rich (stages, a bar with an ETA).
 
-    def __init__(self, quiet: bool = False) -> None:
-        self.quiet = quiet
+    Shown when stderr is a terminal (or with --progress), so that scripts reading stderr see
+    exactly one line on bad input."""
+
+    def __init__(self, quiet: bool = False, force: bool | None = None) -> None:
+        self.quiet = quiet or (force is False) or (force is None and not err.is_terminal)
         self.bar: RichProgress | None = None
         self.task = None
 
@@ -79,7 +82,9 @@ def optimize(
                                       help="remove whole residual blocks: auto (only when the budget needs it) | yes | no"),
     rounds: int = typer.Option(4, "--rounds", help="re-solve rounds when the measurement misses"),
     time_limit: float = typer.Option(60.0, "--time-limit", help="solver time limit, s"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress and no summary table"),
+    show_progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
+                                                 help="progress on stderr (default: when it is a terminal)"),
 ) -> None:
     """Prune MODEL to meet a latency budget measured on this device."""
     from latprune.pipeline import OptimizeOptions, optimize as run
@@ -93,7 +98,7 @@ def optimize(
                                method=method, step=step, max_candidates=max_candidates,
                                remove_blocks=remove_blocks, rounds=rounds,
                                time_limit_s=time_limit)
-        report = run(model, out, opts, _RichProgress(quiet))
+        report = run(model, out, opts, _RichProgress(quiet, show_progress))
     except LatpruneError as exc:
         _fail(exc)
         return
@@ -164,6 +169,7 @@ def profile(
     threads: int = typer.Option(1, "--threads"),
     points: int = typer.Option(5, "--points", help="measured widths per axis of each layer"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    show_progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
 ) -> None:
     """Measure the table cells MODEL needs (only those missing) and calibrate."""
     from latprune.pipeline import profile_model
@@ -171,7 +177,7 @@ def profile(
     try:
         if device != "cpu":
             raise LatpruneError(f"--device {device}: only 'cpu' is available")
-        out = profile_model(model, lut, threads, points, _RichProgress(quiet))
+        out = profile_model(model, lut, threads, points, _RichProgress(quiet, show_progress))
     except LatpruneError as exc:
         _fail(exc)
         return

@@ -176,20 +176,31 @@ def apply_plan(analysis: Analysis, plan: Plan, check: bool = True) -> onnx.Model
 
 
 def _remove_blocks(graph, analysis: Analysis, removed: list[int]) -> None:
+    """Bypass each removed block: consumers of its Add read the skip tensor instead. A skip
+    that is itself the output of an Add removed earlier (chained blocks, as in MobileNetV2)
+    is resolved through it."""
+    bypass: dict[str, str] = {}
+
+    def resolve(name: str) -> str:
+        while name in bypass:
+            name = bypass[name]
+        return name
+
+    graph_outputs = {o.name for o in graph.output}
     for bid in removed:
         block = analysis.problem.blocks[bid]
         add = next(n for n in graph.node if n.name == block.add_node)
-        out = add.output[0]
-        graph_outputs = {o.name for o in graph.output}
+        out, skip = add.output[0], resolve(block.skip)
         if out in graph_outputs:
             add.op_type = "Identity"
             del add.input[:]
-            add.input.append(block.skip)
+            add.input.append(skip)
             continue
+        bypass[out] = skip
         for n in graph.node:
             for i, name in enumerate(n.input):
                 if name == out:
-                    n.input[i] = block.skip
+                    n.input[i] = skip
         graph.node.remove(add)
 
 

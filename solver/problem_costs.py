@@ -25,6 +25,7 @@ class SolveInput:
     allow_block_removal: bool = True
     time_limit_s: float = 60.0
     removable_blocks: list[int] = field(default_factory=list)
+    mip_rel_gap: float = 1e-3  # exact solvers stop within this relative gap of the optimum
 
     def __post_init__(self) -> None:
         if self.allow_block_removal and not self.removable_blocks:

@@ -129,10 +129,6 @@ def test_minimal_plan_shrinks_every_prunable_layer(name):
     assert run_model(pruned, random_inputs(1)[0]).shape == (1, 10)
 
 
-@pytest.mark.xfail(reason="BUG: removing two chained blocks (block 1's skip is block 0's Add "
-                   "output, as in MobileNetV2 without a ReLU after the Add) rewires block 1's "
-                   "consumers to the deleted Add's output: apply_plan raises InferenceError",
-                   strict=True)
 def test_removing_chained_blocks():
     model = depthwise_cnn()
     an = analyse(model)

@@ -1,0 +1,138 @@
+"""The SQLite latency table: cells, interpolation, fingerprints, calibration, resume."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from latprune.lut.store import LatencyTable, fit_calibration
+from latprune.types import InputError
+
+FP_A = {"device": "cpu", "cpu": "test-a", "threads": 1}
+FP_B = {"device": "cpu", "cpu": "test-b", "threads": 1}
+SIG = '{"op":"Conv","test":1}'
+
+
+@pytest.fixture
+def table(tmp_path):
+    t = LatencyTable(tmp_path / "lut.sqlite", FP_A)
+    yield t
+    t.close()
+
+
+def test_put_has_lookup(table):
+    assert not table.has(SIG, 8, 16)
+    assert table.count() == 0
+    table.put(SIG, 8, 16, 0.25, 15)
+    assert table.has(SIG, 8, 16)
+    assert not table.has(SIG, 16, 8)
+    assert not table.has(SIG + "x", 8, 16)
+    assert table.lookup(SIG, 8, 16) == pytest.approx(0.25)
+    assert table.count() == 1
+    table.put(SIG, 8, 16, 0.5, 15)  # replace, not duplicate
+    assert table.count() == 1
+    assert table.lookup(SIG, 8, 16) == pytest.approx(0.5)
+    assert table.cells(SIG) == {8: [(16, 0.5)]}
+
+
+def test_lookup_unknown_signature_raises_key_error(table):
+    with pytest.raises(KeyError):
+        table.lookup("never-profiled", 8, 8)
+
+
+def _bilinear(ci, co):
+    return 0.03 + 0.002 * ci + 0.005 * co + 0.0007 * ci * co
+
+
+def test_interpolation_is_exact_for_bilinear_latency(table):
+    grid_in, grid_out = [8, 16, 40, 64], [8, 24, 32, 96]
+    for ci in grid_in:
+        for co in grid_out:
+            table.put(SIG, ci, co, _bilinear(ci, co), 10)
+    for ci in range(8, 65, 3):
+        for co in range(8, 97, 5):
+            assert table.lookup(SIG, ci, co) == pytest.approx(_bilinear(ci, co), rel=1e-12)
+
+
+def test_interpolation_is_monotone_between_and_beyond_cells(table):
+    for ci in (8, 32):
+        for co in (8, 32):
+            table.put(SIG, ci, co, _bilinear(ci, co), 10)
+    vals = [table.lookup(SIG, w, w) for w in range(1, 80)]
+    assert all(b >= a for a, b in zip(vals, vals[1:]))
+    # below the smallest cell: proportional to the width
+    assert table.lookup(SIG, 4, 8) == pytest.approx(_bilinear(8, 8) / 2)
+    assert table.lookup(SIG, 64, 32) > table.lookup(SIG, 32, 32)
+
+
+def test_zero_width_costs_nothing(table):
+    table.put(SIG, 8, 8, 1.0, 10)
+    assert table.lookup(SIG, 0, 8) == 0.0
+    assert table.lookup(SIG, 8, 0) == 0.0
+    assert table.lookup("not-even-profiled", 0, 0) == 0.0
+
+
+def test_fingerprints_do_not_share_cells(tmp_path):
+    path = tmp_path / "shared.sqlite"
+    a = LatencyTable(path, FP_A)
+    b = LatencyTable(path, FP_B)
+    try:
+        assert a.fp_id != b.fp_id
+        a.put(SIG, 8, 8, 1.0, 10)
+        b.put(SIG, 16, 16, 2.0, 10)
+        assert a.has(SIG, 8, 8) and not a.has(SIG, 16, 16)
+        assert b.has(SIG, 16, 16) and not b.has(SIG, 8, 8)
+        assert a.count() == 1 and b.count() == 1
+        assert a.lookup(SIG, 8, 8) == pytest.approx(1.0)
+        assert b.lookup(SIG, 8, 8) == pytest.approx(0.5)  # b scales its own 16x16 cell in both axes
+        a.add_calibration("fam", 1.0, 2.0)
+        assert b.calibration("fam") is None
+    finally:
+        a.close()
+        b.close()
+
+
+def test_reopening_keeps_cells_and_calibration(tmp_path):
+    path = tmp_path / "resume.sqlite"
+    t = LatencyTable(path, FP_A)
+    t.put(SIG, 8, 8, 0.1, 10)
+    t.put(SIG, 16, 8, 0.2, 10)
+    t.add_calibration("fam", 1.0, 1.5)
+    t.close()
+    again = LatencyTable(path, dict(FP_A))
+    try:
+        assert again.count() == 2
+        assert again.has(SIG, 8, 8) and again.has(SIG, 16, 8)
+        assert again.lookup(SIG, 12, 8) == pytest.approx(0.15)
+        assert again.calibration("fam") == pytest.approx((1.0, 0.5))
+    finally:
+        again.close()
+
+
+def test_calibration_fit_recovers_scale_and_offset():
+    rng = np.random.default_rng(0)
+    raw = list(rng.uniform(0.1, 5.0, 12))
+    measured = [1.7 * r + 0.35 for r in raw]
+    scale, offset = fit_calibration(raw, measured)
+    assert scale == pytest.approx(1.7, rel=1e-9)
+    assert offset == pytest.approx(0.35, rel=1e-9)
+
+
+def test_calibration_single_point_is_pure_offset():
+    assert fit_calibration([2.0], [2.5]) == pytest.approx((1.0, 0.5))
+    assert fit_calibration([2.0, 2.0], [2.5, 3.5]) == pytest.approx((1.0, 1.0))
+
+
+def test_table_calibration_uses_family_points(table):
+    assert table.calibration("fam") is None
+    for raw in (1.0, 2.0, 4.0):
+        table.add_calibration("fam", raw, 3.0 * raw + 0.25)
+    table.add_calibration("other", 1.0, 100.0)
+    scale, offset = table.calibration("fam")
+    assert scale == pytest.approx(3.0) and offset == pytest.approx(0.25)
+
+
+def test_not_a_table_is_input_error(tmp_path):
+    bad = tmp_path / "bad.sqlite"
+    bad.write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(InputError):
+        LatencyTable(bad, FP_A)
