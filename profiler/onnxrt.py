@@ -71,3 +71,30 @@ def measure_model(model: onnx.ModelProto | bytes, threads: int = 1, warmup: int 
     """Median/p90 end-to-end latency (ms) of a whole model on the CPU."""
     session = make_session(model, threads)
     return time_session(session, random_feed(session), warmup, min_runs, min_seconds)
+
+
+def measure_interleaved(models: dict[str, onnx.ModelProto | bytes | object], threads: int = 1,
+                        bursts: int = 5, min_runs: int = 10, min_seconds: float = 0.2) -> dict[str, TimingStats]:
+    """Time several models in alternating bursts within this process, so that slow drifts of
+    the machine (other load, frequency changes) hit them alike; ratios of the returned medians
+    are far steadier than ratios of separate measurements. Values may be ModelProto, bytes or
+    an existing session. Each burst is warmed up; the median is over all timed runs."""
+    sessions = {k: v if hasattr(v, "run") else make_session(v, threads) for k, v in models.items()}
+    feeds = {k: random_feed(s) for k, s in sessions.items()}
+    samples: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(bursts):
+        for k, s in sessions.items():
+            for _ in range(2):
+                s.run(None, feeds[k])
+            start = time.perf_counter()
+            n = 0
+            while n < min_runs or time.perf_counter() - start < min_seconds:
+                t0 = time.perf_counter()
+                s.run(None, feeds[k])
+                samples[k].append((time.perf_counter() - t0) * 1e3)
+                n += 1
+    out = {}
+    for k, v in samples.items():
+        arr = np.asarray(v)
+        out[k] = TimingStats(float(np.median(arr)), float(np.percentile(arr, 90)), float(arr.min()), len(arr))
+    return out
