@@ -5,8 +5,9 @@ and the trained CIFAR ResNet-56 of ../shared/data) and each budget (0.7× and 0.
 measured dense latency), run the real CLI `latprune optimize --speedup S` (its wall time is
 the user's wait), then check the result independently: the pruned model is valid
 (onnx.checker full check, ONNX Runtime runs it) and its latency ratio to the dense model,
-measured interleaved in this one process (cross-process medians differ by 10-15%), is within
-the budget ratio with a 3% allowance for timing noise.
+measured again, is within
+the budget ratio with a 3% allowance for timing noise. The recheck times both models side by
+side in three fresh processes.
 
     python bench/e2e.py [--models resnet18,...] [--budgets 0.7,0.5] [--threads 1]
 
@@ -41,21 +42,14 @@ def ensure_model(name: str) -> Path:
     return path
 
 
-def interleaved_ratio(dense: Path, pruned: Path, threads: int, rounds: int = 5) -> dict:
-    """Median latency of both models, alternating short timing bursts in one process."""
-    from latprune.profiler.onnxrt import make_session, random_feed, time_session
+def interleaved_ratio(dense: Path, pruned: Path, threads: int, processes: int = 3) -> dict:
+    """Latency of both models timed side by side in `processes` fresh processes (alternating
+    bursts; see latprune.profiler.compare): independent of the optimize run's own check."""
+    from latprune.profiler.compare import compare_in_subprocesses
 
-    sessions = {k: make_session(p.read_bytes(), threads) for k, p in (("dense", dense), ("pruned", pruned))}
-    feeds = {k: random_feed(s) for k, s in sessions.items()}
-    samples: dict[str, list[float]] = {"dense": [], "pruned": []}
-    for _ in range(rounds):
-        for k in ("dense", "pruned"):
-            st = time_session(sessions[k], feeds[k], warmup=2, min_runs=10, min_seconds=0.3)
-            samples[k].append(st.median_ms)
-    med = {k: float(np.median(v)) for k, v in samples.items()}
-    return {"dense_ms": med["dense"], "pruned_ms": med["pruned"], "ratio": med["pruned"] / med["dense"],
-            "spread_dense": float(np.ptp(samples["dense"]) / med["dense"]),
-            "spread_pruned": float(np.ptp(samples["pruned"]) / med["pruned"])}
+    st = compare_in_subprocesses({"dense": dense, "pruned": pruned}, threads, processes=processes)
+    return {"dense_ms": st["dense"].median_ms, "pruned_ms": st["pruned"].median_ms,
+            "ratio": st["pruned"].median_ms / st["dense"].median_ms}
 
 
 def valid(path: Path) -> bool:

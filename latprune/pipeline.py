@@ -21,7 +21,8 @@ from latprune.types import InputError, Plan, Problem
 from latprune.lut.predict import calibrated, layer_costs, layer_ms, missing_cells, predict_raw
 from latprune.lut.store import LatencyTable, fit_calibration
 from latprune.profiler.fingerprint import cpu_fingerprint
-from latprune.profiler.onnxrt import make_session, measure_interleaved, measure_model
+from latprune.profiler.compare import compare_in_subprocesses
+from latprune.profiler.onnxrt import measure_model
 from latprune.profiler.profile import profile_cells
 from latprune.pruner.analysis import Analysis, analyse, weight_slices
 from latprune.pruner.model_io import load_model, save_model_atomic
@@ -69,6 +70,7 @@ class OptimizeOptions:
     rounds: int = 4
     time_limit_s: float = 60.0
     importance: str = "l1"
+    measure_processes: int = 2  # fresh processes per end-to-end check (see profiler.compare)
 
 
 def model_family(model: onnx.ModelProto, data: bytes) -> str:
@@ -156,11 +158,11 @@ def optimize(model_path: Path, out_dir: Path, opts: OptimizeOptions,
         raise InputError(f"{model_path}: no prunable channel groups (see the analysis notes)")
     family = model_family(model, data)
     table = open_table(opts.lut_path, opts.threads)
+    work = Path(tempfile.mkdtemp(prefix="latprune-"))
     try:
         n_measured = ensure_profiled(prob, table, opts.threads, opts.grid_points, progress)
         progress.stage("measuring the dense model")
-        dense_session = make_session(data, opts.threads)
-        dense = measure_interleaved({"dense": dense_session}, opts.threads)["dense"]
+        dense = compare_in_subprocesses({"dense": Path(model_path)}, opts.threads, processes=1)["dense"]
         budget = opts.budget_ms if opts.budget_ms is not None else dense.median_ms / opts.speedup
         costs = layer_costs(prob, table)
         raw_dense = predict_raw(prob, table)
@@ -195,10 +197,11 @@ def optimize(model_path: Path, out_dir: Path, opts: OptimizeOptions,
                 break
             progress.stage(f"applying the plan and measuring (round {rnd})")
             pruned = _tag(apply_plan(analysis, plan), family)
-            # Pruned and dense alternate in one process: a --speedup budget is checked as a
-            # ratio to the dense latency measured alongside (separate measurements of one
-            # model differ by several % when the machine's load drifts).
-            timed = measure_interleaved({"dense": dense_session, "pruned": pruned}, opts.threads)
+            # Pruned and dense are timed side by side in fresh processes: a --speedup budget is
+            # checked as a ratio to the dense latency measured alongside (see profiler.compare).
+            save_model_atomic(pruned, work / "pruned.onnx")
+            timed = compare_in_subprocesses({"dense": Path(model_path), "pruned": work / "pruned.onnx"},
+                                            opts.threads, processes=opts.measure_processes)
             measured, dense = timed["pruned"], timed["dense"]
             if opts.speedup is not None:
                 budget = dense.median_ms / opts.speedup
@@ -228,6 +231,7 @@ def optimize(model_path: Path, out_dir: Path, opts: OptimizeOptions,
         return report
     finally:
         table.close()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _uniform_plan(prob: Problem, widths: dict[int, int]) -> Plan:

@@ -165,3 +165,27 @@ ALL_BUILDERS = {
     "aliased": aliased_weights_cnn,
     "unsupported": unsupported_op_cnn,
 }
+
+
+def misc_ops_cnn(seed: int = 0) -> onnx.ModelProto:
+    """MaxPool, a grouped conv (group=2), a squeeze-excitation Mul broadcast over (N,C,1,1),
+    ConvTranspose, Resize by scales, then Reshape to (N, C·H·W) into MatMul + Add."""
+    g = GraphBuilder(seed=seed)
+    x = g.relu(g.bn(g.conv("input", 3, 16), 16))
+    x = g.node("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])  # 8x8
+    x = g.relu(g.conv(x, 16, 16, group=2))  # grouped: not prunable
+    x = g.relu(g.conv(x, 16, 24))
+    s = g.node("GlobalAveragePool", [x])
+    s = g.node("Sigmoid", [g.conv(g.relu(g.conv(s, 24, 8, k=1)), 8, 24, k=1)])
+    x = g.node("Mul", [x, s])
+    w = g.init(g.rng.normal(0, 0.3, (24, 16, 2, 2)).astype(np.float32))  # (C_in, C_out, k, k)
+    x = g.relu(g.node("ConvTranspose", [x, w, g.init(np.zeros(16, np.float32), "b")],
+                      kernel_shape=[2, 2], strides=[2, 2]))  # 16x16
+    x = g.node("Resize", [x, "", g.init(np.array([1, 1, 0.5, 0.5], np.float32), "sc")], mode="nearest")  # 8x8
+    x = g.relu(g.conv(x, 16, 8, stride=2))  # 4x4
+    x = g.node("Reshape", [x, g.init(np.array([1, -1], np.int64), "shape")])  # (1, 128)
+    w2 = g.init(g.rng.normal(0, 0.3, (128, 10)).astype(np.float32))
+    y = g.node("Add", [g.node("MatMul", [x, w2]), g.init(np.zeros(10, np.float32), "b")])
+    return g.build(y, "misc_ops")
+
+
