@@ -184,6 +184,98 @@ def profile(
     print(json.dumps(out))
 
 
+lut_app = typer.Typer(no_args_is_help=True, help="Inspect and exchange latency tables.")
+app.add_typer(lut_app, name="lut")
+
+
+@lut_app.command("show")
+def lut_show(lut: Path = typer.Argument(..., help="SQLite latency table"),
+             as_json: bool = typer.Option(False, "--json")) -> None:
+    """Fingerprints in the table with their signature, cell and calibration counts."""
+    from latprune.lut.exchange import summary
+
+    try:
+        rows = summary(lut)
+    except LatpruneError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        print(json.dumps(rows))
+        return
+    t = Table(title=str(lut))
+    for col in ("device", "runtime", "threads", "layer signatures", "cells", "calibration points"):
+        t.add_column(col)
+    for r in rows:
+        fp = r["fingerprint"]
+        t.add_row(str(fp.get("cpu", fp.get("gpu", fp.get("device")))), str(fp.get("runtime")), str(fp.get("threads")),
+                  str(r["signatures"]), str(r["cells"]), str(r["calibration_points"]))
+    Console().print(t)
+
+
+@lut_app.command("export")
+def lut_export(lut: Path = typer.Argument(...), out: Path = typer.Option(..., "--out", help="JSON file")) -> None:
+    """Write the table in the documented JSON exchange format (lut/exchange.py)."""
+    from latprune.lut.exchange import export_tables
+
+    try:
+        data = export_tables(lut)
+    except LatpruneError as exc:
+        _fail(exc)
+        return
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(out)
+    print(json.dumps({"tables": len(data["tables"]), "cells": sum(len(t["cells"]) for t in data["tables"])}))
+
+
+@lut_app.command("import")
+def lut_import(lut: Path = typer.Argument(..., help="SQLite table to merge into (created if missing)"),
+               src: Path = typer.Argument(..., help="JSON file from `latprune lut export`")) -> None:
+    """Merge a JSON export into the table (same fingerprint: samples combined)."""
+    from latprune.lut.exchange import import_tables
+
+    try:
+        try:
+            data = json.loads(src.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise LatpruneError(f"{src}: not a JSON table export ({exc})") from None
+        print(json.dumps(import_tables(lut, data)))
+    except LatpruneError as exc:
+        _fail(exc)
+
+
+@lut_app.command("merge")
+def lut_merge(lut: Path = typer.Argument(..., help="destination SQLite table"),
+              sources: list[Path] = typer.Argument(..., help="SQLite tables from other machines")) -> None:
+    """Merge tables: same fingerprint combines samples, different fingerprints stay apart."""
+    from latprune.lut.exchange import merge_files
+
+    try:
+        print(json.dumps(merge_files(lut, sources)))
+    except LatpruneError as exc:
+        _fail(exc)
+
+
+@lut_app.command("validate")
+def lut_validate(lut: Path = typer.Argument(...)) -> None:
+    """Check every cell (exit 1 on errors); warn about latencies that fall as widths grow."""
+    from latprune.lut.exchange import validate_file
+
+    try:
+        res = validate_file(lut)
+    except LatpruneError as exc:
+        _fail(exc)
+        return
+    print(json.dumps({"fingerprints": res["fingerprints"], "cells": res["cells"],
+                      "errors": len(res["errors"]), "warnings": len(res["warnings"])}))
+    for e in res["errors"][:20]:
+        err.print(f"[red]error:[/] {e}", highlight=False)
+    for w in res["warnings"][:20]:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+    if res["errors"]:
+        raise typer.Exit(1)
+
+
 @app.command("demo-model")
 def demo_model(out: Path = typer.Argument(Path("runs/demo.onnx"), help="where to write the ONNX file")) -> None:
     """Write a small ResNet-style demo CNN (3×64×64 input) to try the pipeline on."""

@@ -36,3 +36,22 @@ def cpu_fingerprint(threads: int = 1, batch: int = 1, precision: str = "float32"
 def fingerprint_id(fp: dict) -> str:
     """Short stable id of a fingerprint (first 16 hex digits of its JSON's SHA-256)."""
     return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def gpu_fingerprint(batch: int = 1, precision: str = "float32") -> dict:
+    """Fingerprint of the first CUDA device, read with nvidia-smi (driver, name, memory)."""
+    import shutil
+    import subprocess
+
+    fp = {"device": "cuda", "gpu": "unknown", "driver": "unknown", "cuda": "unknown",
+          "batch": batch, "precision": precision, "threads": 1}
+    if shutil.which("nvidia-smi"):
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                              "--format=csv,noheader"], capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.strip():
+            name, driver, mem = [p.strip() for p in out.stdout.strip().splitlines()[0].split(",")]
+            fp.update({"gpu": name, "driver": driver, "memory": mem})
+        ver = subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout
+        if "CUDA Version:" in ver:
+            fp["cuda"] = ver.split("CUDA Version:")[1].split()[0]
+    return fp

@@ -1,0 +1,178 @@
+"""Export, import, merge and validate latency tables (many fingerprints per SQLite file).
+
+JSON exchange format (version 1), one object:
+
+    {"format": "latprune-lut", "version": 1,
+     "tables": [{"fingerprint": {...device fingerprint...},
+                 "cells": [{"signature": {...LayerSpec fields...}, "c_in": 64, "c_out": 128,
+                            "ms": 0.412, "runs": 40, "measured_at": 1795000000.0}, ...],
+                 "calibration": [{"family": "ab12...", "raw_ms": 3.1, "measured_ms": 3.4,
+                                  "measured_at": 1795000000.0}, ...]}]}
+
+`ms` is the median latency of one layer in milliseconds, `runs` the number of timed runs
+behind it. Merging combines cells of the same fingerprint (median weighted by runs, runs
+added) and keeps different fingerprints apart.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from pathlib import Path
+
+from latprune.types import InputError, LayerSpec
+from latprune.lut.store import SCHEMA
+
+FORMAT = "latprune-lut"
+VERSION = 1
+
+
+def _connect(path: str | Path, create: bool = False) -> sqlite3.Connection:
+    path = Path(path)
+    if not create and not path.is_file():
+        raise InputError(f"{path}: no such latency table")
+    try:
+        db = sqlite3.connect(str(path), timeout=30)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(SCHEMA)
+    except sqlite3.DatabaseError as exc:
+        raise InputError(f"{path}: not a latency table ({exc})") from None
+    return db
+
+
+def export_tables(db_path: str | Path) -> dict:
+    """Every fingerprint's cells and calibration points as the JSON exchange object."""
+    db = _connect(db_path)
+    try:
+        tables = []
+        for fp_id, fp_json in db.execute("SELECT id, json FROM fingerprints ORDER BY id"):
+            cells = [
+                {"signature": json.loads(sig), "c_in": ci, "c_out": co, "ms": ms, "runs": runs, "measured_at": t}
+                for sig, ci, co, ms, runs, t in db.execute(
+                    "SELECT signature, c_in, c_out, ms, runs, measured_at FROM cells WHERE fingerprint=? "
+                    "ORDER BY signature, c_in, c_out", (fp_id,))
+            ]
+            calib = [
+                {"family": f, "raw_ms": r, "measured_ms": m, "measured_at": t}
+                for f, r, m, t in db.execute(
+                    "SELECT family, raw_ms, measured_ms, measured_at FROM calibration WHERE fingerprint=?", (fp_id,))
+            ]
+            tables.append({"fingerprint": json.loads(fp_json), "cells": cells, "calibration": calib})
+        return {"format": FORMAT, "version": VERSION, "tables": tables}
+    finally:
+        db.close()
+
+
+def import_tables(db_path: str | Path, data: dict) -> dict:
+    """Merge an exchange object into the SQLite file (created if missing). Returns counts."""
+    from latprune.profiler.fingerprint import fingerprint_id
+
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise InputError(f"not a {FORMAT} JSON object")
+    if data.get("version") != VERSION:
+        raise InputError(f"unsupported {FORMAT} version {data.get('version')!r} (this tool reads {VERSION})")
+    problems = validate_object(data)
+    if problems:
+        raise InputError(f"invalid table: {problems[0]} ({len(problems)} problem(s) in all)")
+    db = _connect(db_path, create=True)
+    added = combined = calib = 0
+    try:
+        with db:
+            for table in data["tables"]:
+                fp = table["fingerprint"]
+                fp_id = fingerprint_id(fp)
+                db.execute("INSERT OR IGNORE INTO fingerprints VALUES (?, ?)", (fp_id, json.dumps(fp, sort_keys=True)))
+                for cell in table["cells"]:
+                    sig = LayerSpec(**cell["signature"]).signature()
+                    row = db.execute("SELECT ms, runs, measured_at FROM cells WHERE fingerprint=? AND signature=? "
+                                     "AND c_in=? AND c_out=?", (fp_id, sig, cell["c_in"], cell["c_out"])).fetchone()
+                    ms, runs, t = float(cell["ms"]), int(cell["runs"]), float(cell.get("measured_at", 0.0))
+                    if row is not None:
+                        ms = (row[0] * row[1] + ms * runs) / max(row[1] + runs, 1)
+                        runs, t = row[1] + runs, max(row[2], t)
+                        combined += 1
+                    else:
+                        added += 1
+                    db.execute("INSERT OR REPLACE INTO cells VALUES (?, ?, ?, ?, ?, ?, ?)",
+                               (fp_id, sig, cell["c_in"], cell["c_out"], ms, runs, t))
+                for c in table.get("calibration", []):
+                    db.execute("INSERT INTO calibration VALUES (?, ?, ?, ?, ?)",
+                               (fp_id, c["family"], float(c["raw_ms"]), float(c["measured_ms"]),
+                                float(c.get("measured_at", 0.0))))
+                    calib += 1
+    finally:
+        db.close()
+    return {"cells_added": added, "cells_combined": combined, "calibration_points": calib}
+
+
+def merge_files(dst: str | Path, sources: list[str | Path]) -> dict:
+    """Merge several SQLite tables into `dst` (see import_tables for the rule)."""
+    totals = {"cells_added": 0, "cells_combined": 0, "calibration_points": 0}
+    for src in sources:
+        for k, v in import_tables(dst, export_tables(src)).items():
+            totals[k] += v
+    return totals
+
+
+def validate_object(data: dict) -> list[str]:
+    """Problems in an exchange object: bad signatures, non-positive or non-finite latencies,
+    widths below 1, duplicate cells."""
+    problems: list[str] = []
+    for ti, table in enumerate(data.get("tables", [])):
+        if not isinstance(table.get("fingerprint"), dict):
+            problems.append(f"table {ti}: fingerprint is not an object")
+            continue
+        seen = set()
+        for ci, cell in enumerate(table.get("cells", [])):
+            where = f"table {ti} cell {ci}"
+            try:
+                sig = LayerSpec(**cell["signature"]).signature()
+            except Exception as exc:
+                problems.append(f"{where}: bad signature ({type(exc).__name__})")
+                continue
+            try:
+                c_in, c_out, ms, runs = int(cell["c_in"]), int(cell["c_out"]), float(cell["ms"]), int(cell["runs"])
+            except (KeyError, TypeError, ValueError):
+                problems.append(f"{where}: c_in, c_out, ms and runs must be numbers")
+                continue
+            if c_in < 1 or c_out < 1:
+                problems.append(f"{where}: widths must be at least 1")
+            if not math.isfinite(ms) or ms <= 0:
+                problems.append(f"{where}: latency {ms} ms is not a positive number")
+            if runs < 1:
+                problems.append(f"{where}: runs must be at least 1")
+            key = (sig, c_in, c_out)
+            if key in seen:
+                problems.append(f"{where}: duplicate cell {c_in}x{c_out}")
+            seen.add(key)
+    return problems
+
+
+def validate_file(db_path: str | Path) -> dict:
+    """Errors (invalid cells) and warnings (latency falling as a width grows by over 20%,
+    which suggests a noisy measurement) of a SQLite table."""
+    data = export_tables(db_path)
+    errors = validate_object(data)
+    warnings = []
+    for table in data["tables"]:
+        by_sig: dict[str, dict[tuple[int, int], float]] = {}
+        for cell in table["cells"]:
+            by_sig.setdefault(json.dumps(cell["signature"], sort_keys=True), {})[(cell["c_in"], cell["c_out"])] = cell["ms"]
+        for sig, grid in by_sig.items():
+            for (ci, co), ms in grid.items():
+                for (ci2, co2), ms2 in grid.items():
+                    if ci2 >= ci and co2 >= co and (ci2, co2) != (ci, co) and ms2 < 0.8 * ms:
+                        warnings.append(f"{json.loads(sig)['op']} {ci}x{co}: {ms:.4f} ms but {ci2}x{co2}: {ms2:.4f} ms")
+    return {"errors": errors, "warnings": warnings,
+            "fingerprints": len(data["tables"]), "cells": sum(len(t["cells"]) for t in data["tables"])}
+
+
+def summary(db_path: str | Path) -> list[dict]:
+    """Per fingerprint: the device, the number of layer signatures, cells and calibration points."""
+    data = export_tables(db_path)
+    out = []
+    for table in data["tables"]:
+        sigs = {json.dumps(c["signature"], sort_keys=True) for c in table["cells"]}
+        out.append({"fingerprint": table["fingerprint"], "signatures": len(sigs),
+                    "cells": len(table["cells"]), "calibration_points": len(table["calibration"])})
+    return out
