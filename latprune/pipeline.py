@@ -18,7 +18,8 @@ from typing import Callable
 import onnx
 
 from latprune.types import InputError, Plan, Problem
-from latprune.lut.predict import calibrated, layer_costs, layer_ms, missing_cells, predict_raw
+from latprune.lut.predict import (calibrated, layer_costs, layer_ms, missing_cells, overhead_elements,
+                                  predict_raw)
 from latprune.lut.store import LatencyTable, fit_calibration
 from latprune.profiler.fingerprint import cpu_fingerprint
 from latprune.profiler.compare import compare_in_subprocesses
@@ -165,30 +166,24 @@ def optimize(model_path: Path, out_dir: Path, opts: OptimizeOptions,
         dense = compare_in_subprocesses({"dense": Path(model_path)}, opts.threads, processes=1)["dense"]
         budget = opts.budget_ms if opts.budget_ms is not None else dense.median_ms / opts.speedup
         costs = layer_costs(prob, table)
-        raw_dense = predict_raw(prob, table)
-        # Calibrate scale·raw + offset from the dense model and a uniformly halved one.
-        progress.stage("calibrating the latency model")
-        half = uniform_widths(prob, 0.5)
-        half_model = apply_plan(analysis, _uniform_plan(prob, half), check=False)
-        half_ms = measure_model(half_model, opts.threads).median_ms
-        raw_half = predict_raw(prob, table, half)
-        points_raw, points_ms = [raw_dense, raw_half], [dense.median_ms, half_ms]
-        for r, m in zip(points_raw, points_ms):
-            table.add_calibration(family, r, m)
-        scale, offset = fit_calibration(points_raw, points_ms)
+        progress.stage("calibrating the latency model (uniform 1.0, 0.75, 0.5 side by side)")
+        points = _calibration_points(model_path, analysis, table, opts.threads, work)
+        for raw, mel, ms in points:
+            table.add_calibration(family, raw, ms, mel)
+        cal = fit_calibration(*_columns(points))
         rounds = []
         target = budget
         allow_blocks = opts.remove_blocks == "yes"
         if opts.remove_blocks == "auto" and prob.blocks:
-            probe = SolveInput(prob, costs, budget, scale, offset, False)
-            if scale * min_raw_latency(probe) + offset > budget:
+            probe = _solve_input(prob, costs, budget, cal, False, opts)
+            if cal.scale * min_raw_latency(probe) + cal.offset_ms > budget:
                 allow_blocks = True
                 progress.info("the budget cannot be met by narrowing channels alone; "
                               "removing whole residual blocks is allowed")
         best: tuple[Plan, onnx.ModelProto, float, float] | None = None
         for rnd in range(1, opts.rounds + 1):
             progress.stage(f"solving ({opts.method}), round {rnd}, target {target:.3f} ms")
-            inp = SolveInput(prob, costs, target, scale, offset, allow_blocks, opts.time_limit_s)
+            inp = _solve_input(prob, costs, target, cal, allow_blocks, opts)
             try:
                 plan = solve(inp, opts.method)
             except InputError:
@@ -206,12 +201,13 @@ def optimize(model_path: Path, out_dir: Path, opts: OptimizeOptions,
             if opts.speedup is not None:
                 budget = dense.median_ms / opts.speedup
             raw = predict_raw(prob, table, plan.widths, plan.removed_blocks)
+            mel = overhead_elements(prob, plan.widths, plan.removed_blocks)
             rounds.append({"round": rnd, "target_ms": target, "predicted_ms": plan.predicted_ms,
                            "dense_ms": dense.median_ms, "budget_ms": budget,
                            "measured_ms": measured.median_ms, "p90_ms": measured.p90_ms,
                            "solve_seconds": plan.solve_seconds, "status": plan.status,
                            "blocks_allowed": allow_blocks})
-            table.add_calibration(family, raw, measured.median_ms)
+            table.add_calibration(family, raw, measured.median_ms, mel)
             if measured.median_ms <= budget:  # the first plan that meets the budget wins
                 best = (plan, pruned, measured.median_ms, measured.p90_ms, dense, budget)
                 break
@@ -219,14 +215,13 @@ def optimize(model_path: Path, out_dir: Path, opts: OptimizeOptions,
                 best = (plan, pruned, measured.median_ms, measured.p90_ms, dense, budget)
             progress.info(f"measured {measured.median_ms:.3f} ms > budget {budget:.3f} ms; "
                           "tightening and re-solving")
-            points_raw.append(raw)
-            points_ms.append(measured.median_ms)
-            scale, offset = fit_calibration(points_raw, points_ms)
+            points.append((raw, mel, measured.median_ms))
+            cal = fit_calibration(*_columns(points))
             target = target * budget / measured.median_ms * 0.99
         assert best is not None
         plan, pruned, measured_ms, p90_ms, dense, budget = best
         report = _report(model_path, prob, table, plan, dense, budget, measured_ms, p90_ms,
-                         scale, offset, rounds, opts, n_measured, analysis, wall0)
+                         cal, rounds, opts, n_measured, analysis, wall0)
         _write_outputs(out_dir, pruned, plan, report)
         return report
     finally:
@@ -234,12 +229,45 @@ def optimize(model_path: Path, out_dir: Path, opts: OptimizeOptions,
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _solve_input(prob, costs, target, cal, allow_blocks, opts) -> SolveInput:
+    return SolveInput(prob, costs, target, cal.scale, cal.offset_ms, allow_blocks, opts.time_limit_s,
+                      ms_per_melement=cal.ms_per_melement)
+
+
+def _columns(points: list[tuple[float, float, float]]) -> tuple[list, list, list]:
+    """(raw, melements, measured) triples -> fit_calibration's (raw, measured, melements)."""
+    return [p[0] for p in points], [p[2] for p in points], [p[1] for p in points]
+
+
+CALIBRATION_RATIOS = (1.0, 0.75, 0.5)
+
+
+def _calibration_points(model_path: Path, analysis: Analysis, table: LatencyTable, threads: int,
+                        work: Path) -> list[tuple[float, float, float]]:
+    """(layer sum ms, overhead Melements, measured ms) of the model at uniform keep-ratios
+    1.0, 0.75 and 0.5, timed side by side in a fresh process."""
+    prob = analysis.problem
+    paths, widths_of = {}, {}
+    for ratio in CALIBRATION_RATIOS:
+        name = f"r{ratio}"
+        if ratio == 1.0:
+            paths[name], widths_of[name] = Path(model_path), {}
+            continue
+        widths_of[name] = uniform_widths(prob, ratio)
+        save_model_atomic(apply_plan(analysis, _uniform_plan(prob, widths_of[name]), check=False),
+                          work / f"{name}.onnx")
+        paths[name] = work / f"{name}.onnx"
+    timed = compare_in_subprocesses(paths, threads, processes=1)
+    return [(predict_raw(prob, table, widths_of[k]), overhead_elements(prob, widths_of[k]), timed[k].median_ms)
+            for k in paths]
+
+
 def _uniform_plan(prob: Problem, widths: dict[int, int]) -> Plan:
     from latprune.solver.problem_costs import make_plan
     return make_plan(prob, widths, set(), "uniform")
 
 
-def _report(model_path, prob, table, plan, dense, budget, measured_ms, p90_ms, scale, offset,
+def _report(model_path, prob, table, plan, dense, budget, measured_ms, p90_ms, cal,
             rounds, opts, n_measured, analysis, wall0) -> dict:
     full = {g.id: g.size for g in prob.groups}
     full.update(plan.widths)
@@ -271,7 +299,8 @@ def _report(model_path, prob, table, plan, dense, budget, measured_ms, p90_ms, s
         "solver": {"method": plan.method, "seconds": plan.solve_seconds, "status": plan.status,
                    "gap": plan.gap, "objective": plan.objective},
         "rounds": rounds,
-        "calibration": {"scale": scale, "offset_ms": offset},
+        "calibration": {"scale": cal.scale, "ms_per_melement": cal.ms_per_melement,
+                        "offset_ms": cal.offset_ms, "points": cal.points},
         "threads": opts.threads,
         "groups": {"total": len(prob.groups), "prunable": sum(g.prunable for g in prob.groups),
                    "pruned": sum(1 for g in prob.groups if g.prunable and plan.widths.get(g.id, g.size) < g.size)},
@@ -318,7 +347,8 @@ def predict_model(model_path: Path, lut_path: Path | None, threads: int = 1) -> 
         raw = sum(layer_ms(table, layer, layer.c_in.width(dense), layer.c_out.width(dense))
                   for layer in prob.layers)
         calib = table.calibration(model_family(model, data))
-        return {"predicted_ms": calibrated(raw, calib), "layer_sum_ms": raw,
+        mel = overhead_elements(prob)
+        return {"predicted_ms": calibrated(raw, calib, mel), "layer_sum_ms": raw, "overhead_melements": mel,
                 "calibrated": calib is not None, "layers": len(prob.layers)}
     finally:
         table.close()
@@ -335,12 +365,16 @@ def profile_model(model_path: Path, lut_path: Path | None, threads: int = 1, poi
         n = ensure_profiled(prob, table, threads, points, progress)
         progress.stage("measuring end to end for calibration")
         family = model_family(model, data)
-        table.add_calibration(family, predict_raw(prob, table), measure_model(data, threads).median_ms)
         if any(g.prunable for g in prob.groups):
-            half = uniform_widths(prob, 0.5)
-            half_model = apply_plan(analysis, _uniform_plan(prob, half), check=False)
-            table.add_calibration(family, predict_raw(prob, table, half),
-                                  measure_model(half_model, threads).median_ms)
+            work = Path(tempfile.mkdtemp(prefix="latprune-"))
+            try:
+                points = _calibration_points(model_path, analysis, table, threads, work)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        else:
+            points = [(predict_raw(prob, table), overhead_elements(prob), measure_model(data, threads).median_ms)]
+        for raw, mel, ms in points:
+            table.add_calibration(family, raw, ms, mel)
         return {"cells_measured": n, "cells_total": table.count(), "lut": str(table.path)}
     finally:
         table.close()

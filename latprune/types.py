@@ -117,14 +117,26 @@ class Block:
 
 
 @dataclass
+class Overhead:
+    """Elements written by operators outside the conv/gemm layers (residual adds, unfused
+    activations, pooling, pads, concats), as a Space: fixed + Σ mult·width(group), summed over
+    the tensors of one block (`block`) or of the rest of the model (None). Memory-bound work
+    that scales with channel widths; see lut.predict.overhead_elements."""
+
+    block: int | None
+    space: Space
+
+
+@dataclass
 class Problem:
-    """Everything the solver needs: groups, layers (bilayer latency), blocks."""
+    """Everything the solver needs: groups, layers (bilayer latency), blocks, overheads."""
 
     model_name: str
     groups: list[ChannelGroup]
     layers: list[Layer]
     blocks: list[Block]
     step: int = 8
+    overheads: list[Overhead] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(_asdict(self), indent=1)
@@ -141,7 +153,9 @@ class Problem:
                 layer[k] = Space(layer[k]["fixed"], [tuple(t) for t in layer[k]["terms"]])
             layers.append(Layer(**layer))
         blocks = [Block(**b) for b in raw["blocks"]]
-        return Problem(raw["model_name"], groups, layers, blocks, raw.get("step", 8))
+        overheads = [Overhead(o["block"], Space(o["space"]["fixed"], [tuple(t) for t in o["space"]["terms"]]))
+                     for o in raw.get("overheads", [])]
+        return Problem(raw["model_name"], groups, layers, blocks, raw.get("step", 8), overheads)
 
     def group(self, gid: int) -> ChannelGroup:
         return self.groups[gid]

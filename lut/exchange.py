@@ -6,11 +6,13 @@ JSON exchange format (version 1), one object:
      "tables": [{"fingerprint": {...device fingerprint...},
                  "cells": [{"signature": {...LayerSpec fields...}, "c_in": 64, "c_out": 128,
                             "ms": 0.412, "runs": 40, "measured_at": 1795000000.0}, ...],
-                 "calibration": [{"family": "ab12...", "raw_ms": 3.1, "measured_ms": 3.4,
-                                  "measured_at": 1795000000.0}, ...]}]}
+                 "calibration": [{"family": "ab12...", "raw_ms": 3.1, "melements": 2.4,
+                                  "measured_ms": 3.4, "measured_at": 1795000000.0}, ...]}]}
 
 `ms` is the median latency of one layer in milliseconds, `runs` the number of timed runs
-behind it. Merging combines cells of the same fingerprint (median weighted by runs, runs
+behind it. A calibration point is one end-to-end measurement of a model of the `family`:
+its layer sum `raw_ms`, the millions of elements its non-layer operators write `melements`,
+and the measured median `measured_ms`. Merging combines cells of the same fingerprint (median weighted by runs, runs
 added) and keeps different fingerprints apart.
 """
 from __future__ import annotations
@@ -53,9 +55,10 @@ def export_tables(db_path: str | Path) -> dict:
                     "ORDER BY signature, c_in, c_out", (fp_id,))
             ]
             calib = [
-                {"family": f, "raw_ms": r, "measured_ms": m, "measured_at": t}
-                for f, r, m, t in db.execute(
-                    "SELECT family, raw_ms, measured_ms, measured_at FROM calibration WHERE fingerprint=?", (fp_id,))
+                {"family": f, "raw_ms": r, "measured_ms": m, "measured_at": t, "melements": mel}
+                for f, r, m, t, mel in db.execute(
+                    "SELECT family, raw_ms, measured_ms, measured_at, melements FROM calibration WHERE fingerprint=?",
+                    (fp_id,))
             ]
             tables.append({"fingerprint": json.loads(fp_json), "cells": cells, "calibration": calib})
         return {"format": FORMAT, "version": VERSION, "tables": tables}
@@ -96,9 +99,10 @@ def import_tables(db_path: str | Path, data: dict) -> dict:
                     db.execute("INSERT OR REPLACE INTO cells VALUES (?, ?, ?, ?, ?, ?, ?)",
                                (fp_id, sig, cell["c_in"], cell["c_out"], ms, runs, t))
                 for c in table.get("calibration", []):
-                    db.execute("INSERT INTO calibration VALUES (?, ?, ?, ?, ?)",
+                    db.execute("INSERT INTO calibration (fingerprint, family, raw_ms, measured_ms, measured_at, "
+                               "melements) VALUES (?, ?, ?, ?, ?, ?)",
                                (fp_id, c["family"], float(c["raw_ms"]), float(c["measured_ms"]),
-                                float(c.get("measured_at", 0.0))))
+                                float(c.get("measured_at", 0.0)), float(c.get("melements", 0.0))))
                     calib += 1
     finally:
         db.close()

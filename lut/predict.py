@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from latprune.types import Layer, LayerSpec, Problem, Space
-from latprune.lut.store import LatencyTable
+from latprune.lut.store import Calibration, LatencyTable
 
 
 def space_values(problem: Problem, space: Space) -> list[int]:
@@ -91,8 +91,18 @@ def predict_raw(problem: Problem, table: LatencyTable, widths: dict[int, int] | 
     return total
 
 
-def calibrated(raw_ms: float, calibration: tuple[float, float] | None) -> float:
+def overhead_elements(problem: Problem, widths: dict[int, int] | None = None,
+                      removed_blocks: list[int] | tuple = ()) -> float:
+    """Millions of elements written outside conv/gemm layers at the given group widths."""
+    widths = widths or {}
+    full = {g.id: widths.get(g.id, g.size) for g in problem.groups}
+    total = sum(o.space.width(full) for o in problem.overheads
+                if o.block is None or o.block not in removed_blocks)
+    return total / 1e6
+
+
+def calibrated(raw_ms: float, calibration: "Calibration | None", melements: float = 0.0) -> float:
+    """Whole-model prediction (ms) from the layer sum and the overhead elements (millions)."""
     if calibration is None:
         return raw_ms
-    scale, offset = calibration
-    return scale * raw_ms + offset
+    return calibration.predict(raw_ms, melements)

@@ -16,6 +16,7 @@ import json
 import sqlite3
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from latprune.types import InputError
@@ -28,8 +29,22 @@ CREATE TABLE IF NOT EXISTS cells (
     PRIMARY KEY (fingerprint, signature, c_in, c_out));
 CREATE TABLE IF NOT EXISTS calibration (
     fingerprint TEXT NOT NULL, family TEXT NOT NULL, raw_ms REAL NOT NULL,
-    measured_ms REAL NOT NULL, measured_at REAL NOT NULL);
+    measured_ms REAL NOT NULL, measured_at REAL NOT NULL, melements REAL NOT NULL DEFAULT 0);
 """
+
+
+@dataclass
+class Calibration:
+    """Whole-model latency ≈ scale·(Σ layer ms) + ms_per_melement·(overhead elements / 1e6)
+    + offset_ms. Fitted per model family from end-to-end measurements."""
+
+    scale: float = 1.0
+    ms_per_melement: float = 0.0
+    offset_ms: float = 0.0
+    points: int = 0
+
+    def predict(self, raw_ms: float, melements: float = 0.0) -> float:
+        return self.scale * raw_ms + self.ms_per_melement * melements + self.offset_ms
 
 
 class LatencyTable:
@@ -45,6 +60,9 @@ class LatencyTable:
             self.db = sqlite3.connect(str(self.path), timeout=30)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.executescript(SCHEMA)
+            cols = [r[1] for r in self.db.execute("PRAGMA table_info(calibration)")]
+            if "melements" not in cols:  # tables written before the overhead term existed
+                self.db.execute("ALTER TABLE calibration ADD COLUMN melements REAL NOT NULL DEFAULT 0")
             self.db.execute("INSERT OR IGNORE INTO fingerprints VALUES (?, ?)",
                             (self.fp_id, json.dumps(fingerprint, sort_keys=True)))
             self.db.commit()
@@ -102,33 +120,46 @@ class LatencyTable:
         return _interp(rows, [_row_value(grid[r], c_out) for r in rows], c_in)
 
     # ---- whole-model calibration ---------------------------------------------------------
-    def add_calibration(self, family: str, raw_ms: float, measured_ms: float) -> None:
-        self.db.execute("INSERT INTO calibration VALUES (?, ?, ?, ?, ?)",
-                        (self.fp_id, family, raw_ms, measured_ms, time.time()))
+    def add_calibration(self, family: str, raw_ms: float, measured_ms: float, melements: float = 0.0) -> None:
+        self.db.execute("INSERT INTO calibration (fingerprint, family, raw_ms, measured_ms, measured_at, melements) "
+                        "VALUES (?, ?, ?, ?, ?, ?)", (self.fp_id, family, raw_ms, measured_ms, time.time(), melements))
         self.db.commit()
 
-    def calibration(self, family: str) -> tuple[float, float] | None:
-        """(scale, offset_ms) with measured ≈ scale·raw + offset, fitted by least squares on the
-        family's points (a pure offset when only one point exists), or None."""
+    def calibration(self, family: str) -> Calibration | None:
+        """The family's fit (see fit_calibration), or None without measurements."""
         rows = self.db.execute(
-            "SELECT raw_ms, measured_ms FROM calibration WHERE fingerprint=? AND family=?",
+            "SELECT raw_ms, melements, measured_ms FROM calibration WHERE fingerprint=? AND family=?",
             (self.fp_id, family)).fetchall()
+        if any(r[1] > 0 for r in rows):  # points recorded before the overhead term: skip
+            rows = [r for r in rows if r[1] > 0]
         if not rows:
             return None
-        return fit_calibration([r[0] for r in rows], [r[1] for r in rows])
+        return fit_calibration([r[0] for r in rows], [r[2] for r in rows], [r[1] for r in rows])
 
 
-def fit_calibration(raw: list[float], measured: list[float]) -> tuple[float, float]:
-    """Least-squares (scale, offset) of measured vs raw layer sums; scale kept positive."""
+def fit_calibration(raw: list[float], measured: list[float], melements: list[float] | None = None) -> Calibration:
+    """Least-squares fit of measured ≈ scale·raw + ms_per_melement·melements + offset.
+
+    The three-term model needs three points that are not collinear and must come out
+    physical (scale ≥ 0.2, cost per element ≥ 0); otherwise scale·raw + offset is fitted,
+    and with a single distinct point only the offset."""
     import numpy as np
 
     raw_a, meas_a = np.asarray(raw, float), np.asarray(measured, float)
+    mel_a = np.asarray(melements if melements is not None else [0.0] * len(raw), float)
+    n = len(raw_a)
+    if n >= 3 and np.ptp(mel_a) > 0:
+        design = np.column_stack([raw_a, mel_a, np.ones(n)])
+        if np.linalg.matrix_rank(design) == 3:
+            (scale, per_mel, offset), *_ = np.linalg.lstsq(design, meas_a, rcond=None)
+            if scale >= 0.2 and per_mel >= 0:
+                return Calibration(float(scale), float(per_mel), float(offset), n)
     if len(set(np.round(raw_a, 6))) < 2:
-        return 1.0, float(np.mean(meas_a - raw_a))
+        return Calibration(1.0, 0.0, float(np.mean(meas_a - raw_a)), n)
     scale, offset = np.polyfit(raw_a, meas_a, 1)
     if scale <= 0.2:
-        return 1.0, float(np.mean(meas_a - raw_a))
-    return float(scale), float(offset)
+        return Calibration(1.0, 0.0, float(np.mean(meas_a - raw_a)), n)
+    return Calibration(float(scale), 0.0, float(offset), n)
 
 
 def _row_value(row: list[tuple[int, float]], c_out: int) -> float:

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from latprune.types import Block, ChannelGroup, Layer, LayerSpec, Problem, Space
+from latprune.types import Block, ChannelGroup, Layer, LayerSpec, Overhead, Problem, Space
 from latprune.pruner.model_io import initializer_arrays, normalise, tensor_shapes, with_static_shapes
 
 UNARY_PASSTHROUGH = {
@@ -267,10 +267,60 @@ def analyse(model: onnx.ModelProto, step: int = 8, max_candidates: int = 16,
             if origins <= set(b.branch_nodes):
                 g.inner_of_block = b.id
 
+    # A removed block takes its Add with it, so the Add's output counts towards the block.
+    overhead_block = dict(node_block, **{b.add_node: b.id for b in blocks})
+    overheads = _overheads(graph, shapes, atoms, layer_nodes, overhead_block, space)
     source_rows = _source_rows(graph, inits, atoms, uf, group_of_class, layer_nodes)
-    problem = Problem(model_name, groups, layers, blocks, step)
+    problem = Problem(model_name, groups, layers, blocks, step, overheads)
     return Analysis(model, problem, atoms, uf, dict(class_of_group), group_of_class, shapes,
                     source_rows, notes)
+
+
+# Operators that move no data in ONNX Runtime (views, shape arithmetic).
+FREE_OPS = {"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Shape", "Size", "Dropout"}
+
+
+def _overheads(graph, shapes, atoms, layer_nodes, node_block, space) -> list[Overhead]:
+    """Elements written by non-layer operators, per block, as linear functions of widths.
+    BatchNorm right after a conv and the activation after it are fused by ONNX Runtime, so
+    they are not counted."""
+    layer_names = {n.name for n in layer_nodes}
+    consumers: dict[str, list] = defaultdict(list)
+    for n in graph.node:
+        for i in n.input:
+            consumers[i].append(n)
+    fused: set[str] = set()
+    for node in layer_nodes:
+        chain = consumers.get(node.output[0], [])
+        if len(chain) == 1 and chain[0].op_type == "BatchNormalization":
+            fused.add(chain[0].name)
+            chain = consumers.get(chain[0].output[0], [])
+        if node.op_type == "Conv" and len(chain) == 1 and chain[0].op_type in FUSABLE_ACTIVATIONS:
+            fused.add(chain[0].name)
+    per_block: dict[int | None, Space] = {}
+    for node in graph.node:
+        if node.name in layer_names or node.name in fused or node.op_type in FREE_OPS:
+            continue
+        for t in node.output:
+            shp = shapes.get(t)
+            if not t or not shp:
+                continue
+            per_channel = int(np.prod(shp)) // max(shp[1], 1) if len(shp) >= 2 else int(np.prod(shp))
+            total = per_block.setdefault(node_block.get(node.name), Space())
+            if t in atoms and len(shp) >= 2:
+                sp, _ = space(t)
+                total.fixed += sp.fixed * per_channel
+                for g, m in sp.terms:
+                    total.terms.append((g, m * per_channel))
+            else:
+                total.fixed += int(np.prod(shp))
+    out = []
+    for b, sp in per_block.items():
+        merged: dict[int, int] = defaultdict(int)
+        for g, m in sp.terms:
+            merged[g] += m
+        out.append(Overhead(b, Space(sp.fixed, sorted(merged.items()))))
+    return out
 
 
 def _candidates(size: int, step: int, max_candidates: int) -> list[int]:

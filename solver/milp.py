@@ -15,7 +15,8 @@ whenever a and b are binary, and whose LP relaxation is much tighter than McCorm
 Layers of removable blocks use Σ_j z_ij ≤ a_i, Σ_i z_ij ≤ b_j, Σ z = 1 − r[b].
 
 maximise  Σ_g Σ_k I_g(w_k)·x[g,k] − Σ_b V_b·r[b] − ε·latency   (V_b: block importance)
-s.t.      Σ_l Σ_ij C_l[i,j]·z[l,i,j] + constant layers ≤ (budget − offset) / scale
+s.t.      Σ_l Σ_ij C_l[i,j]·z[l,i,j] + constant layers + k·overhead elements ≤ (budget − offset) / scale
+          (overhead elements: fixed + Σ mult·w[g,k]·x[g,k], lut.predict; k from the calibration)
 """
 from __future__ import annotations
 
@@ -151,6 +152,19 @@ def solve_milp(inp: SolveInput, epsilon: float = 1e-6, verbose: bool = False) ->
         elif A is not B:
             pass  # equality marginals already force Σ z = 1
 
+    coef = inp.overhead_coef
+    if coef:
+        for o in prob.overheads:  # memory-bound work outside the layers, linear in widths
+            if o.block in removable:
+                constant_ms += coef * o.space.fixed
+                lat_idx.append(r[o.block])
+                lat_val.append(-coef * o.space.fixed)
+            else:
+                constant_ms += coef * o.space.fixed
+            for gid, mult in o.space.terms:
+                for var, w in zip(x[gid], prob.groups[gid].candidate_widths):
+                    lat_idx.append(var)
+                    lat_val.append(coef * mult * w)
     limit = inp.raw_budget - constant_ms
     m.row(-inf, limit, lat_idx, lat_val)
     for i, v in zip(lat_idx, lat_val):  # tie-break towards lower latency

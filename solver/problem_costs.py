@@ -14,7 +14,9 @@ class SolveInput:
     """Everything a solver needs, as plain arrays.
 
     costs[l] is layer l's latency matrix (ms) over in_values × out_values (see
-    lut.predict.LayerCost). The constraint is scale·Σ layer ms + offset ≤ budget_ms.
+    lut.predict.LayerCost). The constraint is
+        scale·Σ layer ms + ms_per_melement·(overhead elements / 1e6) + offset ≤ budget_ms,
+    handled as "raw" ≤ raw_budget where raw = Σ layer ms + overhead_coef·elements.
     """
 
     problem: Problem
@@ -26,12 +28,18 @@ class SolveInput:
     time_limit_s: float = 60.0
     removable_blocks: list[int] = field(default_factory=list)
     mip_rel_gap: float = 1e-3  # exact solvers stop within this relative gap of the optimum
+    ms_per_melement: float = 0.0  # calibrated cost of overhead elements (lut.store.Calibration)
 
     def __post_init__(self) -> None:
         if self.allow_block_removal and not self.removable_blocks:
             self.removable_blocks = [b.id for b in self.problem.blocks]
         if not self.allow_block_removal:
             self.removable_blocks = []
+
+    @property
+    def overhead_coef(self) -> float:
+        """Raw ms per overhead element (ms_per_melement / scale / 1e6)."""
+        return self.ms_per_melement / self.scale / 1e6
 
     @property
     def raw_budget(self) -> float:
@@ -54,6 +62,12 @@ def evaluate(inp: SolveInput, widths: dict[int, int], removed: set[int]) -> tupl
         i = cost.in_values.index(ci)
         j = i if layer.spec.depthwise else cost.out_values.index(co)
         raw += float(cost.ms[i, j])
+    if inp.ms_per_melement:
+        # Mirrors the MILP: group terms count at the group's width (0 for a removed block's
+        # inner groups), fixed elements only while their block is kept.
+        elements = sum((o.space.fixed if o.block is None or o.block not in removed else 0)
+                       + sum(m * full[g] for g, m in o.space.terms) for o in prob.overheads)
+        raw += inp.overhead_coef * elements
     obj = sum(cumulative_importance(g.importance, full[g.id]) for g in prob.groups if g.prunable)
     obj += sum(b.importance for b in prob.blocks if b.id not in removed)
     return obj, raw

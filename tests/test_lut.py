@@ -103,7 +103,8 @@ def test_reopening_keeps_cells_and_calibration(tmp_path):
         assert again.count() == 2
         assert again.has(SIG, 8, 8) and again.has(SIG, 16, 8)
         assert again.lookup(SIG, 12, 8) == pytest.approx(0.15)
-        assert again.calibration("fam") == pytest.approx((1.0, 0.5))
+        c = again.calibration("fam")
+        assert (c.scale, c.offset_ms) == pytest.approx((1.0, 0.5))
     finally:
         again.close()
 
@@ -112,14 +113,28 @@ def test_calibration_fit_recovers_scale_and_offset():
     rng = np.random.default_rng(0)
     raw = list(rng.uniform(0.1, 5.0, 12))
     measured = [1.7 * r + 0.35 for r in raw]
-    scale, offset = fit_calibration(raw, measured)
+    c = fit_calibration(raw, measured)
+    scale, offset = c.scale, c.offset_ms
     assert scale == pytest.approx(1.7, rel=1e-9)
     assert offset == pytest.approx(0.35, rel=1e-9)
 
 
 def test_calibration_single_point_is_pure_offset():
-    assert fit_calibration([2.0], [2.5]) == pytest.approx((1.0, 0.5))
-    assert fit_calibration([2.0, 2.0], [2.5, 3.5]) == pytest.approx((1.0, 1.0))
+    for raw, meas, expected in (([2.0], [2.5], (1.0, 0.5)), ([2.0, 2.0], [2.5, 3.5], (1.0, 1.0))):
+        c = fit_calibration(raw, meas)
+        assert (c.scale, c.offset_ms) == pytest.approx(expected)
+
+
+def test_calibration_three_terms_recover_overhead_cost():
+    raw = [10.0, 6.0, 3.0, 8.0]
+    mel = [2.0, 1.5, 1.0, 1.2]
+    meas = [0.9 * r + 0.4 * m + 0.2 for r, m in zip(raw, mel)]
+    c = fit_calibration(raw, meas, mel)
+    assert (c.scale, c.ms_per_melement, c.offset_ms) == pytest.approx((0.9, 0.4, 0.2))
+    assert c.predict(5.0, 1.0) == pytest.approx(0.9 * 5 + 0.4 + 0.2)
+    # an unphysical (negative) cost per element falls back to scale·raw + offset
+    meas_neg = [0.9 * r - 0.4 * m + 0.2 for r, m in zip(raw, mel)]
+    assert fit_calibration(raw, meas_neg, mel).ms_per_melement == 0.0
 
 
 def test_table_calibration_uses_family_points(table):
@@ -127,7 +142,8 @@ def test_table_calibration_uses_family_points(table):
     for raw in (1.0, 2.0, 4.0):
         table.add_calibration("fam", raw, 3.0 * raw + 0.25)
     table.add_calibration("other", 1.0, 100.0)
-    scale, offset = table.calibration("fam")
+    c = table.calibration("fam")
+    scale, offset = c.scale, c.offset_ms
     assert scale == pytest.approx(3.0) and offset == pytest.approx(0.25)
 
 

@@ -29,7 +29,8 @@ def test_export_import_round_trip(tmp_path):
     assert counts == {"cells_added": 2, "cells_combined": 0, "calibration_points": 1}
     t = LatencyTable(dst, FP_A)
     assert t.lookup(SPEC.signature(), 8, 16) == pytest.approx(0.2)
-    assert t.calibration("fam") == pytest.approx((1.0, 0.2))
+    c = t.calibration("fam")
+    assert (c.scale, c.offset_ms) == pytest.approx((1.0, 0.2))
 
 
 def test_merge_combines_same_fingerprint_and_keeps_others_apart(tmp_path):
