@@ -174,21 +174,22 @@ def optimize(model_path: Path, out_dir: Path, opts: OptimizeOptions,
         rounds = []
         target = budget
         allow_blocks = opts.remove_blocks == "yes"
-        if opts.remove_blocks == "auto" and prob.blocks:
-            probe = _solve_input(prob, costs, budget, cal, False, opts)
-            if cal.scale * min_raw_latency(probe) + cal.offset_ms > budget:
-                allow_blocks = True
-                progress.info("the budget cannot be met by narrowing channels alone; "
-                              "removing whole residual blocks is allowed")
-        best: tuple[Plan, onnx.ModelProto, float, float] | None = None
+        best: tuple | None = None
         for rnd in range(1, opts.rounds + 1):
+            if opts.remove_blocks == "auto" and prob.blocks and not allow_blocks:
+                probe = _solve_input(prob, costs, target, cal, False, opts)
+                if cal.scale * min_raw_latency(probe) + cal.offset_ms > target:
+                    allow_blocks = True
+                    progress.info("the target cannot be met by narrowing channels alone; "
+                                  "removing whole residual blocks is allowed")
             progress.stage(f"solving ({opts.method}), round {rnd}, target {target:.3f} ms")
             inp = _solve_input(prob, costs, target, cal, allow_blocks, opts)
             try:
                 plan = solve(inp, opts.method)
-            except InputError:
-                if rnd == 1 or best is not None:
+            except InputError as exc:
+                if rnd == 1:
                     raise
+                progress.info(f"stopping: {exc}")  # keep the best plan of the earlier rounds
                 break
             progress.stage(f"applying the plan and measuring (round {rnd})")
             pruned = _tag(apply_plan(analysis, plan), family)
