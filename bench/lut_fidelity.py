@@ -1,8 +1,9 @@
 """How well the latency table predicts measured latency (issue 3's acceptance figures).
 
 Part 1, whole models: for N random channel configurations of each model (every prunable group
-gets a random width between 25% and 100% of its channels, any integer, so most widths are off
-the profiled grid), build the pruned ONNX, measure it end to end (ONNX Runtime, 1 thread), and
+gets a random width between 25% and 100% of its channels; "step8": rounded to a multiple of 8,
+as the solver chooses, mostly off the profiled grid; "any": any integer, off the hardware block
+size too), build the pruned ONNX, measure it end to end (ONNX Runtime, 1 thread), and
 compare with (a) the calibrated prediction latprune uses and (b) the naive sum of isolated
 layer latencies. Reports median and 95th-percentile absolute error and the share within ±10%
 (nn-Meter's measure).
@@ -41,7 +42,10 @@ def model_path(name: str) -> Path:
     return path
 
 
-def whole_model_errors(name: str, n_configs: int, lut: Path, seed: int = 0) -> dict:
+_PROFILED: set[str] = set()
+
+
+def whole_model_errors(name: str, n_configs: int, lut: Path, widths_mode: str, seed: int = 0) -> dict:
     from latprune.lut.predict import calibrated, predict_raw
     from latprune.pipeline import open_table, prepare, profile_model, model_family
     from latprune.profiler.onnxrt import measure_model
@@ -49,7 +53,9 @@ def whole_model_errors(name: str, n_configs: int, lut: Path, seed: int = 0) -> d
     from latprune.solver.problem_costs import make_plan
 
     path = model_path(name)
-    profile_model(path, lut, threads=1)
+    if name not in _PROFILED:  # cells and calibration points once per model
+        profile_model(path, lut, threads=1)
+        _PROFILED.add(name)
     model, data, analysis = prepare(path)
     prob = analysis.problem
     table = open_table(lut, 1)
@@ -57,16 +63,23 @@ def whole_model_errors(name: str, n_configs: int, lut: Path, seed: int = 0) -> d
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n_configs):
-        widths = {g.id: int(rng.integers(max(1, g.size // 4), g.size + 1)) for g in prob.groups if g.prunable}
+        widths = {}
+        for g in prob.groups:
+            if not g.prunable:
+                continue
+            w = int(rng.integers(max(1, g.size // 4), g.size + 1))
+            if widths_mode == "step8":  # what the solver chooses: multiples of 8
+                w = min(g.size, max(8, 8 * round(w / 8)))
+            widths[g.id] = w
         pruned = apply_plan(analysis, make_plan(prob, widths, set(), "random"), check=False)
         measured = measure_model(pruned, threads=1).median_ms
         raw = predict_raw(prob, table, widths)
         rows.append({"measured_ms": measured, "predicted_ms": calibrated(raw, calib), "naive_ms": raw,
                      "off_grid": sum(w % 8 != 0 for w in widths.values()), "groups": len(widths)})
-        print(f"  {name} config {i + 1}/{n_configs}: measured {measured:.2f} predicted {rows[-1]['predicted_ms']:.2f} "
+        print(f"  {name} [{widths_mode}] config {i + 1}/{n_configs}: measured {measured:.2f} predicted {rows[-1]['predicted_ms']:.2f} "
               f"naive {raw:.2f}", flush=True)
     table.close()
-    return {"model": name, "configs": rows, **summarise(rows)}
+    return {"model": name, "widths": widths_mode, "configs": rows, **summarise(rows)}
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -128,18 +141,21 @@ def main() -> int:
     ap.add_argument("--heldout", type=int, default=200)
     ap.add_argument("--lut", default=str(OUT / "lut.sqlite"))
     ap.add_argument("--skip-build", action="store_true")
+    ap.add_argument("--widths", default="step8,any", help="step8: multiples of 8 (the solver's "
+                    "choices); any: arbitrary integers (off the hardware block size)")
     args = ap.parse_args()
     result = {"whole_model": [], "table_build": None}
-    for name in args.models.split(","):
-        result["whole_model"].append(whole_model_errors(name, args.configs, Path(args.lut)))
+    for mode in args.widths.split(","):
+        for name in args.models.split(","):
+            result["whole_model"].append(whole_model_errors(name, args.configs, Path(args.lut), mode))
     if not args.skip_build:
         result["table_build"] = table_build(args.heldout)
     (OUT / "lut_fidelity.json").write_text(json.dumps(result, indent=1))
-    print("\nmodel | predictor | median |err| | p95 |err| | within ±10%")
+    print("\nmodel | widths | predictor | median |err| | p95 |err| | within ±10%")
     for r in result["whole_model"]:
         for key in ("predicted", "naive"):
             s = r[key]
-            print(f"{r['model']} | {key} | {100 * s['median_abs_err']:.1f}% | {100 * s['p95_abs_err']:.1f}% | "
+            print(f"{r['model']} | {r['widths']} | {key} | {100 * s['median_abs_err']:.1f}% | {100 * s['p95_abs_err']:.1f}% | "
                   f"{100 * s['within_10pct']:.0f}%")
     if result["table_build"]:
         b = result["table_build"]

@@ -137,18 +137,22 @@ class LatencyTable:
         return fit_calibration([r[0] for r in rows], [r[2] for r in rows], [r[1] for r in rows])
 
 
+MIN_POINTS_3TERM = 5
+
+
 def fit_calibration(raw: list[float], measured: list[float], melements: list[float] | None = None) -> Calibration:
     """Least-squares fit of measured ≈ scale·raw + ms_per_melement·melements + offset.
 
-    The three-term model needs three points that are not collinear and must come out
-    physical (scale ≥ 0.2, cost per element ≥ 0); otherwise scale·raw + offset is fitted,
-    and with a single distinct point only the offset."""
+    The three-term model is fitted only when it is over-determined (at least MIN_POINTS_3TERM
+    points, not collinear) and comes out physical (scale ≥ 0.2, cost per element ≥ 0): an
+    exact fit through three uniform-width points extrapolated wildly to other widths (see
+    bench/lut_fidelity.py). Otherwise scale·raw + offset; with one distinct point, the offset."""
     import numpy as np
 
     raw_a, meas_a = np.asarray(raw, float), np.asarray(measured, float)
     mel_a = np.asarray(melements if melements is not None else [0.0] * len(raw), float)
     n = len(raw_a)
-    if n >= 3 and np.ptp(mel_a) > 0:
+    if n >= MIN_POINTS_3TERM and np.ptp(mel_a) > 0:
         design = np.column_stack([raw_a, mel_a, np.ones(n)])
         if np.linalg.matrix_rank(design) == 3:
             (scale, per_mel, offset), *_ = np.linalg.lstsq(design, meas_a, rcond=None)

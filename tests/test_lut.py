@@ -126,8 +126,8 @@ def test_calibration_single_point_is_pure_offset():
 
 
 def test_calibration_three_terms_recover_overhead_cost():
-    raw = [10.0, 6.0, 3.0, 8.0]
-    mel = [2.0, 1.5, 1.0, 1.2]
+    raw = [10.0, 6.0, 3.0, 8.0, 5.0]
+    mel = [2.0, 1.5, 1.0, 1.2, 1.9]
     meas = [0.9 * r + 0.4 * m + 0.2 for r, m in zip(raw, mel)]
     c = fit_calibration(raw, meas, mel)
     assert (c.scale, c.ms_per_melement, c.offset_ms) == pytest.approx((0.9, 0.4, 0.2))
@@ -135,6 +135,8 @@ def test_calibration_three_terms_recover_overhead_cost():
     # an unphysical (negative) cost per element falls back to scale·raw + offset
     meas_neg = [0.9 * r - 0.4 * m + 0.2 for r, m in zip(raw, mel)]
     assert fit_calibration(raw, meas_neg, mel).ms_per_melement == 0.0
+    # three points are not enough for three terms: scale·raw + offset only
+    assert fit_calibration(raw[:3], meas[:3], mel[:3]).ms_per_melement == 0.0
 
 
 def test_table_calibration_uses_family_points(table):
