@@ -2,15 +2,15 @@
 
 Part 1, whole models: for N random channel configurations of each model (every prunable group
 gets a random width between 25% and 100% of its channels; "step8": rounded to a multiple of 8,
-as the solver chooses, mostly off the profiled grid; "any": any integer, off the hardware block
-size too), build the pruned ONNX, measure it end to end (ONNX Runtime, 1 thread), and
+as the solver chooses, mostly off the profiled grid; "step16": multiples of 16, the solver's
+default on AVX-512; "any": any integer, off the hardware block size too), build the pruned ONNX, measure it end to end (ONNX Runtime, 1 thread), and
 compare with (a) the calibrated prediction latprune uses and (b) the naive sum of isolated
 layer latencies. Reports median and 95th-percentile absolute error and the share within ±10%
 (nn-Meter's measure).
 
 Part 2, the table for ResNet-50: wall time to profile every layer into a fresh table, cells
-measured vs the full grid of candidate widths (multiples of 8), and interpolation error on
-held-out cells measured afterwards.
+measured vs the full grid of candidate widths (multiples of the preferred step: 16 with
+AVX-512), and interpolation error on held-out cells of that grid measured afterwards.
 
     python bench/lut_fidelity.py [--models resnet18,resnet50,mobilenet_v2] [--configs 30] [--heldout 200]
 
@@ -68,8 +68,9 @@ def whole_model_errors(name: str, n_configs: int, lut: Path, widths_mode: str, s
             if not g.prunable:
                 continue
             w = int(rng.integers(max(1, g.size // 4), g.size + 1))
-            if widths_mode == "step8":  # what the solver chooses: multiples of 8
-                w = min(g.size, max(8, 8 * round(w / 8)))
+            if widths_mode.startswith("step"):  # what the solver chooses: multiples of the step
+                k = int(widths_mode[4:])
+                w = min(g.size, max(k, k * round(w / k)))
             widths[g.id] = w
         pruned = apply_plan(analysis, make_plan(prob, widths, set(), "random"), check=False)
         measured = measure_model(pruned, threads=1).median_ms
@@ -96,6 +97,7 @@ def table_build(heldout: int, seed: int = 0) -> dict:
     """Profile ResNet-50 into a fresh table; interpolation error on held-out cells."""
     from latprune.lut.predict import required_cells, space_values
     from latprune.pipeline import open_table, prepare
+    from latprune.profiler.fingerprint import preferred_channel_step
     from latprune.profiler.layers import measure_layer
     from latprune.profiler.profile import profile_cells
 
@@ -110,8 +112,9 @@ def table_build(heldout: int, seed: int = 0) -> dict:
         full = 0
         candidates = []
         for layer in prob.layers:
+            step = preferred_channel_step()
             step_values = lambda sp: sorted({v for v in range(1, max(space_values(prob, sp)) + 1)  # noqa: E731
-                                             if v % 8 == 0} | set(space_values(prob, sp)))
+                                             if v % step == 0} | set(space_values(prob, sp)))
             ins, outs = step_values(layer.c_in), step_values(layer.c_out)
             full += len(ins) if layer.spec.depthwise else len(ins) * len(outs)
             candidates.append((layer, ins, outs))
@@ -141,8 +144,8 @@ def main() -> int:
     ap.add_argument("--heldout", type=int, default=200)
     ap.add_argument("--lut", default=str(OUT / "lut.sqlite"))
     ap.add_argument("--skip-build", action="store_true")
-    ap.add_argument("--widths", default="step8,any", help="step8: multiples of 8 (the solver's "
-                    "choices); any: arbitrary integers (off the hardware block size)")
+    ap.add_argument("--widths", default="step16,step8,any", help="stepK: multiples of K (the "
+                    "solver's choices; 16 by default on AVX-512); any: arbitrary integers")
     args = ap.parse_args()
     result = {"whole_model": [], "table_build": None}
     for mode in args.widths.split(","):

@@ -76,7 +76,8 @@ def optimize(
     lut: Optional[Path] = typer.Option(None, "--lut", help="latency table (SQLite); default ~/.cache/latprune/lut.sqlite"),
     calib: Optional[Path] = typer.Option(None, "--calib", help="calibration inputs .npz (not used by the default magnitude importance)"),
     method: str = typer.Option("milp", "--method", help="milp (exact, HiGHS) | uniform | brute"),
-    step: int = typer.Option(8, "--step", help="channel widths are multiples of STEP"),
+    step: Optional[int] = typer.Option(None, "--step", help="channel widths are multiples of STEP "
+                                       "(default: 16 on AVX-512 CPUs, else 8)"),
     max_candidates: int = typer.Option(16, "--max-candidates", help="candidate widths per group"),
     remove_blocks: str = typer.Option("auto", "--remove-blocks",
                                       help="remove whole residual blocks: auto (only when the budget needs it) | yes | no"),

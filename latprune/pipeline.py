@@ -62,7 +62,7 @@ class OptimizeOptions:
     threads: int = 1
     lut_path: Path | None = None
     method: str = "milp"
-    step: int = 8
+    step: int | None = None  # None: the backend's preferred multiple (profiler.fingerprint)
     max_candidates: int = 16
     grid_points: int = 5
     # 'auto': widths only unless the budget needs block removal; 'yes' / 'no' force it.
@@ -95,13 +95,20 @@ def check_options(opts: OptimizeOptions) -> None:
         raise InputError(f"--method must be one of {', '.join(METHODS)}, not {opts.method!r}")
     if opts.remove_blocks not in ("auto", "yes", "no"):
         raise InputError(f"--remove-blocks must be auto, yes or no, not {opts.remove_blocks!r}")
+    if opts.step is None:
+        from latprune.profiler.fingerprint import preferred_channel_step
+        opts.step = preferred_channel_step()
     if opts.step < 1:
         raise InputError(f"--step must be at least 1, not {opts.step}")
 
 
-def prepare(model_path: Path, step: int = 8, max_candidates: int = 16,
+def prepare(model_path: Path, step: int | None = None, max_candidates: int = 16,
             importance: str = "l1") -> tuple[onnx.ModelProto, bytes, Analysis]:
-    """Load, validate and analyse a model; fill importance. Raises InputError on bad input."""
+    """Load, validate and analyse a model; fill importance. Raises InputError on bad input.
+    `step` None: the backend's preferred channel multiple."""
+    if step is None:
+        from latprune.profiler.fingerprint import preferred_channel_step
+        step = preferred_channel_step()
     model = load_model(model_path)
     data = Path(model_path).read_bytes()
     analysis = analyse(model, step=step, max_candidates=max_candidates, model_name=Path(model_path).stem)
@@ -303,6 +310,7 @@ def _report(model_path, prob, table, plan, dense, budget, measured_ms, p90_ms, c
         "calibration": {"scale": cal.scale, "ms_per_melement": cal.ms_per_melement,
                         "offset_ms": cal.offset_ms, "points": cal.points},
         "threads": opts.threads,
+        "step": opts.step,
         "groups": {"total": len(prob.groups), "prunable": sum(g.prunable for g in prob.groups),
                    "pruned": sum(1 for g in prob.groups if g.prunable and plan.widths.get(g.id, g.size) < g.size)},
         "blocks": {"removable": len(prob.blocks), "removed": plan.removed_blocks,
