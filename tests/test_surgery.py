@@ -314,3 +314,19 @@ def test_emptying_inner_group_of_removed_block_is_allowed(residual_analysis):
     pruned = apply_plan(residual_analysis, Plan(kept={inner.id: []},
                                                 removed_blocks=[inner.inner_of_block]))
     assert run_model(pruned, random_inputs(1)[0]).shape == (1, 10)
+
+
+def test_symbolic_batch_survives_analysis_and_surgery():
+    """A model exported with a dynamic batch keeps it: the pruned model runs at any batch."""
+    model = residual_cnn()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    del model.graph.value_info[:]
+    out = model.graph.output[0].type.tensor_type
+    if out.HasField("shape") and len(out.shape.dim):
+        out.shape.dim[0].dim_param = "N"
+    an = analyse(model)
+    kept = {g.id: list(range(max(1, g.size // 2))) for g in an.problem.groups if g.prunable}
+    pruned = apply_plan(an, Plan(kept=kept))
+    assert pruned.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    x = np.random.default_rng(0).normal(size=(4, 3, 16, 16)).astype(np.float32)
+    assert run_model(pruned, x).shape == (4, 10)
