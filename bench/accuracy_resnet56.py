@@ -18,7 +18,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 HERE = Path(__file__).resolve().parent
@@ -29,7 +28,7 @@ OUT = HERE / "out"
 def main() -> int:
     import models as bench_models
     from latprune.pipeline import prepare
-    from latprune.profiler.onnxrt import make_session, random_feed, time_session
+    from latprune.profiler.onnxrt import measure_interleaved
     from latprune.pruner.surgery import apply_plan
     from latprune.solver.problem_costs import make_plan
 
@@ -39,10 +38,7 @@ def main() -> int:
     ap.add_argument("--lut", default=str(OUT / "lut.sqlite"))
     args = ap.parse_args()
 
-    dense_path = OUT / "models" / "cifar_resnet56.onnx"
-    if not dense_path.exists():
-        dense_path.parent.mkdir(parents=True, exist_ok=True)
-        bench_models.export_model("cifar_resnet56", dense_path)
+    dense_path = bench_models.exported("cifar_resnet56")
     x, y = bench_models.cifar_test_arrays(args.limit)
     _, _, analysis = prepare(dense_path)
     prob = analysis.problem
@@ -52,15 +48,10 @@ def main() -> int:
         return apply_plan(analysis, make_plan(prob, widths, set(), "uniform"))
 
     def latency(model_bytes: bytes, ref: bytes) -> float:
-        """Latency of `model_bytes` relative to `ref`, interleaved, median of 5 bursts."""
-        s1, s2 = make_session(model_bytes, 1), make_session(ref, 1)
-        f1, f2 = random_feed(s1), random_feed(s2)
-        ratios = []
-        for _ in range(5):
-            a = time_session(s1, f1, warmup=2, min_runs=20, min_seconds=0.3).median_ms
-            b = time_session(s2, f2, warmup=2, min_runs=20, min_seconds=0.3).median_ms
-            ratios.append(a / b)
-        return float(np.median(ratios))
+        """Latency of `model_bytes` relative to `ref`, timed in alternating bursts."""
+        st = measure_interleaved({"model": model_bytes, "ref": ref}, threads=1, bursts=5,
+                                 min_runs=20, min_seconds=0.3)
+        return st["model"].median_ms / st["ref"].median_ms
 
     dense_bytes = dense_path.read_bytes()
     rows = [{"model": "dense", "top1": bench_models.onnx_top1(dense_path, x, y), "latency_ratio": 1.0}]
@@ -87,7 +78,7 @@ def main() -> int:
         onnx.save(uni, uni_path)
         rows.append({"model": f"latprune milp {budget}×", "top1": bench_models.onnx_top1(out / "pruned.onnx", x, y),
                      "latency_ratio": target, "blocks_removed": len(report["blocks"]["removed"]),
-                     "widths": report["layers"] and {str(k): v for k, v in json.loads((out / "plan.json").read_text())["widths"].items()}})
+                     "widths": json.loads((out / "plan.json").read_text())["widths"]})
         rows.append({"model": f"uniform ratio {lo:.3f}", "top1": bench_models.onnx_top1(uni_path, x, y),
                      "latency_ratio": latency(uni.SerializeToString(), dense_bytes)})
         print(json.dumps(rows[-2:]), flush=True)

@@ -22,24 +22,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from models import exported  # noqa: E402  (bench/models.py)
 OUT = HERE / "out"
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "vgg11_bn", "cifar_resnet56")
 ALLOWANCE = 1.03
-
-
-def ensure_model(name: str) -> Path:
-    path = OUT / "models" / f"{name}.onnx"
-    if not path.exists():
-        import models as bench_models
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        bench_models.export_model(name, path)
-    return path
 
 
 def interleaved_ratio(dense: Path, pruned: Path, threads: int, processes: int = 3) -> dict:
@@ -61,7 +51,7 @@ def valid(path: Path) -> bool:
 
 
 def run_one(name: str, ratio: float, threads: int, lut: Path, extra: list[str]) -> dict:
-    model = ensure_model(name)
+    model = exported(name)
     out = OUT / "e2e" / f"{name}_{ratio:.2f}"
     cmd = [sys.executable, "-m", "latprune.cli", "optimize", str(model), "--speedup", f"{1 / ratio:.6f}",
            "--out", str(out), "--lut", str(lut), "--threads", str(threads), "--quiet"] + extra

@@ -29,17 +29,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from models import exported  # noqa: E402  (bench/models.py)
 OUT = HERE / "out"
-
-
-def model_path(name: str) -> Path:
-    path = OUT / "models" / f"{name}.onnx"
-    if not path.exists():
-        import models as bench_models
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        bench_models.export_model(name, path)
-    return path
 
 
 _PROFILED: set[str] = set()
@@ -52,7 +43,7 @@ def whole_model_errors(name: str, n_configs: int, lut: Path, widths_mode: str, s
     from latprune.pruner.surgery import apply_plan
     from latprune.solver.problem_costs import make_plan
 
-    path = model_path(name)
+    path = exported(name)
     if name not in _PROFILED:  # cells and calibration points once per model
         profile_model(path, lut, threads=1)
         _PROFILED.add(name)
@@ -101,7 +92,7 @@ def table_build(heldout: int, seed: int = 0) -> dict:
     from latprune.profiler.layers import measure_layer
     from latprune.profiler.profile import profile_cells
 
-    _, _, analysis = prepare(model_path("resnet50"))
+    _, _, analysis = prepare(exported("resnet50"))
     prob = analysis.problem
     with tempfile.TemporaryDirectory() as tmp:
         table = open_table(Path(tmp) / "lut.sqlite", 1)

@@ -439,6 +439,16 @@ def export_model(name: str, path: str | Path) -> Path:
     raise ValueError(f"unknown model {name!r}; expected one of {BENCH_MODELS}")
 
 
+def exported(name: str, out_dir: str | Path | None = None) -> Path:
+    """Path of ``<out_dir>/<name>.onnx`` (default bench/out/models), exported on first use."""
+    folder = Path(out_dir) if out_dir is not None else Path(__file__).resolve().parent / "out" / "models"
+    path = folder / f"{name}.onnx"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        export_model(name, path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("outdir", type=Path, help="folder for <name>.onnx files")

@@ -5,15 +5,15 @@ outputs (pruned.onnx, plan.json, report.json) atomically.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import onnx
 
@@ -95,20 +95,23 @@ def check_options(opts: OptimizeOptions) -> None:
         raise InputError(f"--method must be one of {', '.join(METHODS)}, not {opts.method!r}")
     if opts.remove_blocks not in ("auto", "yes", "no"):
         raise InputError(f"--remove-blocks must be auto, yes or no, not {opts.remove_blocks!r}")
-    if opts.step is None:
-        from latprune.profiler.fingerprint import preferred_channel_step
-        opts.step = preferred_channel_step()
-    if opts.step < 1:
+    if opts.step is not None and opts.step < 1:
         raise InputError(f"--step must be at least 1, not {opts.step}")
+
+
+def resolve_step(step: int | None) -> int:
+    """`step`, or the CPU backend's preferred channel multiple when None."""
+    if step is not None:
+        return step
+    from latprune.profiler.fingerprint import preferred_channel_step
+    return preferred_channel_step()
 
 
 def prepare(model_path: Path, step: int | None = None, max_candidates: int = 16,
             importance: str = "l1") -> tuple[onnx.ModelProto, bytes, Analysis]:
     """Load, validate and analyse a model; fill importance. Raises InputError on bad input.
     `step` None: the backend's preferred channel multiple."""
-    if step is None:
-        from latprune.profiler.fingerprint import preferred_channel_step
-        step = preferred_channel_step()
+    step = resolve_step(step)
     model = load_model(model_path)
     data = Path(model_path).read_bytes()
     analysis = analyse(model, step=step, max_candidates=max_candidates, model_name=Path(model_path).stem)
@@ -159,6 +162,7 @@ def optimize(model_path: Path, out_dir: Path, opts: OptimizeOptions,
     progress = progress or Progress()
     wall0 = time.perf_counter()
     check_options(opts)
+    opts = dataclasses.replace(opts, step=resolve_step(opts.step))
     progress.stage("analysing the model")
     model, data, analysis = prepare(model_path, opts.step, opts.max_candidates, opts.importance)
     prob = analysis.problem
@@ -175,9 +179,9 @@ def optimize(model_path: Path, out_dir: Path, opts: OptimizeOptions,
         costs = layer_costs(prob, table)
         progress.stage("calibrating the latency model (uniform 1.0, 0.75, 0.5 side by side)")
         points = _calibration_points(model_path, analysis, table, opts.threads, work)
-        for raw, mel, ms in points:
+        for raw, ms, mel in points:
             table.add_calibration(family, raw, ms, mel)
-        cal = fit_calibration(*_columns(points))
+        cal = fit_calibration(*zip(*points))
         rounds = []
         target = budget
         allow_blocks = opts.remove_blocks == "yes"
@@ -223,8 +227,8 @@ def optimize(model_path: Path, out_dir: Path, opts: OptimizeOptions,
                 best = (plan, pruned, measured.median_ms, measured.p90_ms, dense, budget)
             progress.info(f"measured {measured.median_ms:.3f} ms > budget {budget:.3f} ms; "
                           "tightening and re-solving")
-            points.append((raw, mel, measured.median_ms))
-            cal = fit_calibration(*_columns(points))
+            points.append((raw, measured.median_ms, mel))
+            cal = fit_calibration(*zip(*points))
             target = target * budget / measured.median_ms * 0.99
         assert best is not None
         plan, pruned, measured_ms, p90_ms, dense, budget = best
@@ -242,17 +246,12 @@ def _solve_input(prob, costs, target, cal, allow_blocks, opts) -> SolveInput:
                       ms_per_melement=cal.ms_per_melement)
 
 
-def _columns(points: list[tuple[float, float, float]]) -> tuple[list, list, list]:
-    """(raw, melements, measured) triples -> fit_calibration's (raw, measured, melements)."""
-    return [p[0] for p in points], [p[2] for p in points], [p[1] for p in points]
-
-
 CALIBRATION_RATIOS = (1.0, 0.75, 0.5)
 
 
 def _calibration_points(model_path: Path, analysis: Analysis, table: LatencyTable, threads: int,
                         work: Path) -> list[tuple[float, float, float]]:
-    """(layer sum ms, overhead Melements, measured ms) of the model at uniform keep-ratios
+    """(layer sum ms, measured ms, overhead Melements) of the model at uniform keep-ratios
     1.0, 0.75 and 0.5, timed side by side in a fresh process."""
     prob = analysis.problem
     paths, widths_of = {}, {}
@@ -266,7 +265,7 @@ def _calibration_points(model_path: Path, analysis: Analysis, table: LatencyTabl
                           work / f"{name}.onnx")
         paths[name] = work / f"{name}.onnx"
     timed = compare_in_subprocesses(paths, threads, processes=1)
-    return [(predict_raw(prob, table, widths_of[k]), overhead_elements(prob, widths_of[k]), timed[k].median_ms)
+    return [(predict_raw(prob, table, widths_of[k]), timed[k].median_ms, overhead_elements(prob, widths_of[k]))
             for k in paths]
 
 
@@ -381,8 +380,8 @@ def profile_model(model_path: Path, lut_path: Path | None, threads: int = 1, poi
             finally:
                 shutil.rmtree(work, ignore_errors=True)
         else:
-            points = [(predict_raw(prob, table), overhead_elements(prob), measure_model(data, threads).median_ms)]
-        for raw, mel, ms in points:
+            points = [(predict_raw(prob, table), measure_model(data, threads).median_ms, overhead_elements(prob))]
+        for raw, ms, mel in points:
             table.add_calibration(family, raw, ms, mel)
         return {"cells_measured": n, "cells_total": table.count(), "lut": str(table.path)}
     finally:

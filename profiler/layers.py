@@ -77,6 +77,7 @@ class _BoundRunner:
             self.binding.bind_ortvalue_output(out.name, ov)
 
     def run(self, _outputs=None, _feed=None) -> None:
+        """Same call shape as InferenceSession.run, so onnxrt.time_session can drive it."""
         self.session.run_with_iobinding(self.binding)
 
 

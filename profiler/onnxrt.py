@@ -54,6 +54,11 @@ def random_feed(session, seed: int = 0, batch: int = 1) -> dict[str, np.ndarray]
 def time_session(session, feed, warmup: int = 3, min_runs: int = 10, min_seconds: float = 0.2,
                  max_runs: int = 1000) -> TimingStats:
     """Time `session.run` on `feed`; see the module docstring for the method."""
+    return _stats(_timed_runs(session, feed, warmup, min_runs, min_seconds, max_runs))
+
+
+def _timed_runs(session, feed, warmup: int, min_runs: int, min_seconds: float, max_runs: int = 1000) -> list[float]:
+    """Per-run wall times (ms) after `warmup` untimed runs, until min_runs and min_seconds."""
     for _ in range(warmup):
         session.run(None, feed)
     samples: list[float] = []
@@ -62,6 +67,10 @@ def time_session(session, feed, warmup: int = 3, min_runs: int = 10, min_seconds
         t0 = time.perf_counter()
         session.run(None, feed)
         samples.append((time.perf_counter() - t0) * 1e3)
+    return samples
+
+
+def _stats(samples: list[float]) -> TimingStats:
     arr = np.asarray(samples)
     return TimingStats(float(np.median(arr)), float(np.percentile(arr, 90)), float(arr.min()), len(arr))
 
@@ -84,17 +93,5 @@ def measure_interleaved(models: dict[str, onnx.ModelProto | bytes | object], thr
     samples: dict[str, list[float]] = {k: [] for k in sessions}
     for _ in range(bursts):
         for k, s in sessions.items():
-            for _ in range(2):
-                s.run(None, feeds[k])
-            start = time.perf_counter()
-            n = 0
-            while n < min_runs or time.perf_counter() - start < min_seconds:
-                t0 = time.perf_counter()
-                s.run(None, feeds[k])
-                samples[k].append((time.perf_counter() - t0) * 1e3)
-                n += 1
-    out = {}
-    for k, v in samples.items():
-        arr = np.asarray(v)
-        out[k] = TimingStats(float(np.median(arr)), float(np.percentile(arr, 90)), float(arr.min()), len(arr))
-    return out
+            samples[k] += _timed_runs(s, feeds[k], 2, min_runs, min_seconds)
+    return {k: _stats(v) for k, v in samples.items()}

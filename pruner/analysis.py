@@ -410,7 +410,7 @@ def _handle(node, op, ins, x, out, atoms, inits, shapes, uf, new_atoms, chan, fi
             atoms[out] = atoms[x]
             return True
         return "reshape that moves the channel axis"
-    if op in BINARY_ELEMENTWISE or op == "Concat" and int(_attr(node, "axis", 1)) not in (1, -1):
+    if op in BINARY_ELEMENTWISE:
         return _binary(node, op, ins, out, atoms, inits, shapes, uf, chan)
     if op == "Concat":
         axis = int(_attr(node, "axis", 1))

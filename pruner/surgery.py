@@ -10,7 +10,7 @@ import copy
 
 import numpy as np
 import onnx
-from onnx import helper, shape_inference
+from onnx import shape_inference
 
 from latprune.types import InputError, Plan
 from latprune.pruner.analysis import Analysis, _attr, BINARY_ELEMENTWISE
@@ -167,8 +167,6 @@ def apply_plan(analysis: Analysis, plan: Plan, check: bool = True) -> onnx.Model
     graph.initializer.extend(new_inits)
     _drop_unused(graph)
     del graph.value_info[:]
-    for o in graph.output:  # graph outputs keep their channels; clear stale inner shapes only
-        pass
     if check:
         model = shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
         onnx.checker.check_model(model, full_check=True)
@@ -239,7 +237,7 @@ def _rewrite_pad(node, inits, analysis, kept, keep, set_input):
         for i, a in enumerate(axes):
             full_p[a], full_p[a + r] = pads[i], pads[i + len(axes)]
         pads = full_p
-    before, after = int(pads[1]), int(pads[1 + r])
+    before = int(pads[1])
     kout = kept(out)
     new_before = int(np.sum(kout < before))
     new_after = int(np.sum(kout >= before + c_in))

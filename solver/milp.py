@@ -124,7 +124,6 @@ def solve_milp(inp: SolveInput, epsilon: float = 1e-6, verbose: bool = False) ->
                 lat_idx += A
                 lat_val += [float(v) for v in C[:, 0]]
                 continue
-        alive_rhs = 1.0
         if A is B:
             z = [m.var(integer=False) for _ in A]
             for zi, ai in zip(z, A):
@@ -147,20 +146,16 @@ def solve_milp(inp: SolveInput, epsilon: float = 1e-6, verbose: bool = False) ->
                 lat_idx += z[i]
                 lat_val += [float(v) for v in C[i, :]]
             zs = [v for row in z for v in row]
-        if in_block:  # Σ z + r = 1
-            m.row(alive_rhs, alive_rhs, zs + [r[layer.block]], [1.0] * len(zs) + [1.0])
-        elif A is not B:
-            pass  # equality marginals already force Σ z = 1
+        if in_block:  # Σ z + r = 1 (outside blocks the equality marginals force Σ z = 1)
+            m.row(1.0, 1.0, zs + [r[layer.block]], [1.0] * len(zs) + [1.0])
 
     coef = inp.overhead_coef
     if coef:
         for o in prob.overheads:  # memory-bound work outside the layers, linear in widths
-            if o.block in removable:
-                constant_ms += coef * o.space.fixed
+            constant_ms += coef * o.space.fixed
+            if o.block in removable:  # the fixed part goes with the block: ·(1 − r_b)
                 lat_idx.append(r[o.block])
                 lat_val.append(-coef * o.space.fixed)
-            else:
-                constant_ms += coef * o.space.fixed
             for gid, mult in o.space.terms:
                 for var, w in zip(x[gid], prob.groups[gid].candidate_widths):
                     lat_idx.append(var)

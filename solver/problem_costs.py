@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 
 from latprune.types import Plan, Problem
 from latprune.solver.importance import cumulative_importance, top_channels
@@ -110,6 +109,3 @@ def assert_feasible_budget(inp: SolveInput) -> None:
             f"{smallest:.3f} ms (every group at its minimum width"
             f"{', every removable block removed' if inp.removable_blocks else ''})")
 
-
-def widths_array(values) -> np.ndarray:
-    return np.asarray(values, dtype=float)

@@ -1,7 +1,6 @@
 """Channel groups, blocks and layer specs found by pruner.analysis on the test builders."""
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import pytest
 from onnx import helper

@@ -187,6 +187,13 @@ def _zero_conv_outputs(model, conv_names, channels):
             _set_init(model, node.input[2], b)
 
 
+def _zero_conv_inputs(model, conv_name, channels):
+    node = _node(model, conv_name)
+    w = _init(model, node.input[1]).copy()
+    w[:, channels] = 0
+    _set_init(model, node.input[1], w)
+
+
 @pytest.mark.parametrize("build,n_producers,seed", [(residual_cnn, 2, 1), (depthwise_cnn, 3, 2)])
 def test_pruning_trunk_equals_zeroed_producers(build, n_producers, seed):
     """Pruning the group feeding the classifier == zeroing those channels in every conv that
@@ -222,10 +229,7 @@ def test_pruning_inner_group_equals_zeroed_consumer_columns():
     drop = [i for i in range(prob.groups[gid].size) if i not in keep]
     pruned = apply_plan(an, Plan(kept={gid: keep}))
     ref = copy.deepcopy(model)
-    node = _node(ref, second.name)
-    w = _init(ref, node.input[1]).copy()
-    w[:, drop] = 0
-    _set_init(ref, node.input[1], w)
+    _zero_conv_inputs(ref, second.name, drop)
     assert _max_diff(model, ref) > 1e-4
     assert _rel_diff(pruned, ref) <= 1e-5
 
@@ -243,10 +247,7 @@ def test_pruning_depthwise_inner_group_equals_zeroed_project_columns():
     drop = [i for i in range(48) if i not in keep]
     pruned = apply_plan(an, Plan(kept={gid: keep}))
     ref = copy.deepcopy(model)
-    node = _node(ref, project.name)
-    w = _init(ref, node.input[1]).copy()
-    w[:, drop] = 0
-    _set_init(ref, node.input[1], w)
+    _zero_conv_inputs(ref, project.name, drop)
     assert _rel_diff(pruned, ref) <= 1e-5
 
 

@@ -7,9 +7,8 @@ from latprune.profiler.backends.base import Backend, BackendUnavailable, Runner
 
 
 class OrtRunner(Runner):
-    def __init__(self, session, on_gpu: bool) -> None:
+    def __init__(self, session) -> None:
         self.session = session
-        self.on_gpu = on_gpu
 
     def inputs(self, n: int = 1, seed: int = 0) -> list:
         from latprune.profiler.onnxrt import random_feed
@@ -49,7 +48,7 @@ class OrtBackend(Backend):
         self.check()
         if self.provider == "CPUExecutionProvider":
             from latprune.profiler.onnxrt import make_session
-            return OrtRunner(make_session(model, self.threads), on_gpu=False)
+            return OrtRunner(make_session(model, self.threads))
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -62,7 +61,7 @@ class OrtBackend(Backend):
         data = model if isinstance(model, bytes) else model.SerializeToString()
         session = ort.InferenceSession(data, sess_options=opts,
                                        providers=[(self.provider, provider_opts), "CPUExecutionProvider"])
-        return OrtRunner(session, on_gpu=True)
+        return OrtRunner(session)
 
     def fingerprint(self, batch: int = 1) -> dict:
         from latprune.profiler.fingerprint import cpu_fingerprint, gpu_fingerprint
