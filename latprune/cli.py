@@ -74,8 +74,18 @@ def optimize(
     device: str = typer.Option("cpu", "--device", help="target device (cpu: ONNX Runtime here)"),
     threads: int = typer.Option(1, "--threads", help="intra-op threads for every timing"),
     lut: Optional[Path] = typer.Option(None, "--lut", help="latency table (SQLite); default ~/.cache/latprune/lut.sqlite"),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="calibration inputs .npz (not used by the default magnitude importance)"),
-    method: str = typer.Option("milp", "--method", help="milp (exact, HiGHS) | uniform | brute"),
+    flops_ratio: Optional[float] = typer.Option(None, "--flops-ratio", help="budget: this share (0-1] of the dense FLOPs"),
+    params_ratio: Optional[float] = typer.Option(None, "--params-ratio", help="budget: this share (0-1] of the dense parameters"),
+    calib: Optional[str] = typer.Option(None, "--calib", help="calibration inputs: FILE.npz (array x: float model "
+                                        "inputs, or uint8 NHWC images) or 'noise' (zero-data mode)"),
+    calib_samples: int = typer.Option(256, "--calib-samples", help="calibration inputs used"),
+    method: str = typer.Option("milp", "--method", help="milp (exact, HiGHS) | dp (distortion DP) | minlp-oa "
+                               "(Pyomo MindtPy) | minlp-scip | halp | threshold | uniform | brute"),
+    objective: str = typer.Option("auto", "--objective", help="importance | distortion "
+                                  "(auto: distortion with --calib, else importance)"),
+    importance: str = typer.Option("l1", "--importance", help="channel ranking: l1 | l2 | bn | activation | taylor"),
+    distortion: str = typer.Option("forward", "--distortion", help="distortion curves: forward (measured) | fisher (estimated)"),
+    repair: str = typer.Option("auto", "--repair", help="none | bias | lsq (auto: lsq with --calib, else none)"),
     step: Optional[int] = typer.Option(None, "--step", help="channel widths are multiples of STEP "
                                        "(default: 16 on AVX-512 CPUs, else 8)"),
     max_candidates: int = typer.Option(16, "--max-candidates", help="candidate widths per group"),
@@ -93,12 +103,14 @@ def optimize(
     try:
         if device != "cpu":
             raise LatpruneError(f"--device {device}: only 'cpu' (ONNX Runtime on this machine) is available")
-        if calib is not None and not calib.is_file():
+        if calib is not None and calib != "noise" and not Path(calib).is_file():
             raise LatpruneError(f"--calib {calib}: no such file")
         opts = OptimizeOptions(budget_ms=budget_ms, speedup=speedup, threads=threads, lut_path=lut,
                                method=method, step=step, max_candidates=max_candidates,
                                remove_blocks=remove_blocks, rounds=rounds,
-                               time_limit_s=time_limit)
+                               time_limit_s=time_limit, importance=importance, objective=objective,
+                               distortion=distortion, calib=calib, calib_samples=calib_samples,
+                               repair=repair, flops_ratio=flops_ratio, params_ratio=params_ratio)
         report = run(model, out, opts, _RichProgress(quiet, show_progress))
     except LatpruneError as exc:
         _fail(exc)
@@ -107,7 +119,8 @@ def optimize(
         t = Table(title=f"latprune: {model.name}")
         for col in ("dense ms", "budget ms", "predicted ms", "measured ms", "speedup", "solver", "solve s"):
             t.add_column(col, justify="right")
-        t.add_row(f"{report['dense_ms']:.3f}", f"{report['budget_ms']:.3f}", f"{report['predicted_ms']:.3f}",
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731 (count budgets have no ms)
+        t.add_row(f"{report['dense_ms']:.3f}", fmt(report['budget_ms']), fmt(report['predicted_ms']),
                   f"{report['measured_ms']:.3f}", f"{report['speedup']:.2f}×", report["solver"]["method"],
                   f"{report['solver']['seconds']:.2f}")
         err.print(t)

@@ -29,10 +29,15 @@ from latprune.pruner.analysis import Analysis, analyse, weight_slices
 from latprune.pruner.model_io import load_model, save_model_atomic
 from latprune.pruner.surgery import apply_plan
 from latprune.solver.importance import magnitude_importance
+from latprune.solver.objective import Objective
 from latprune.solver.problem_costs import SolveInput, min_raw_latency
 from latprune.solver.uniform import uniform_widths
 
-METHODS = ("milp", "uniform", "brute")
+METHODS = ("milp", "dp", "minlp-oa", "minlp-scip", "halp", "threshold", "uniform", "brute")
+OBJECTIVES = ("auto", "importance", "distortion")
+IMPORTANCES = ("l1", "l2", "bn", "activation", "taylor")
+DISTORTIONS = ("forward", "fisher")
+REPAIRS = ("auto", "none", "bias", "lsq")
 FAMILY_KEY = "latprune.family"
 
 
@@ -70,8 +75,23 @@ class OptimizeOptions:
     remove_blocks: str = "auto"
     rounds: int = 4
     time_limit_s: float = 60.0
-    importance: str = "l1"
+    importance: str = "l1"  # channel ranking: l1 | l2 | bn | activation | taylor
     measure_processes: int = 2  # fresh processes per end-to-end check (see profiler.compare)
+    # Data-driven pruning (issue 4). auto: distortion objective and lsq repair when calibration
+    # inputs are given, else retained magnitude importance and no repair.
+    objective: str = "auto"
+    distortion: str = "forward"  # forward: measured curves; fisher: Gauss–Newton estimate
+    calib: str | None = None  # .npz path or "noise" (latprune.calibration)
+    calib_samples: int = 256
+    repair: str = "auto"
+    flops_ratio: float | None = None  # budget: this share of the dense model's FLOPs
+    params_ratio: float | None = None  # budget: this share of the dense model's parameters
+
+    def resolved_objective(self) -> str:
+        return self.objective if self.objective != "auto" else ("distortion" if self.calib else "importance")
+
+    def resolved_repair(self) -> str:
+        return self.repair if self.repair != "auto" else ("lsq" if self.calib else "none")
 
 
 def model_family(model: onnx.ModelProto, data: bytes) -> str:
@@ -83,8 +103,12 @@ def model_family(model: onnx.ModelProto, data: bytes) -> str:
 
 
 def check_options(opts: OptimizeOptions) -> None:
-    if (opts.budget_ms is None) == (opts.speedup is None):
-        raise InputError("give exactly one of --budget-ms and --speedup")
+    given = [v for v in (opts.budget_ms, opts.speedup, opts.flops_ratio, opts.params_ratio) if v is not None]
+    if len(given) != 1:
+        raise InputError("give exactly one budget: --budget-ms, --speedup, --flops-ratio or --params-ratio")
+    for name, v in (("--flops-ratio", opts.flops_ratio), ("--params-ratio", opts.params_ratio)):
+        if v is not None and not 0 < v <= 1:
+            raise InputError(f"{name} must be in (0, 1], not {v}")
     if opts.budget_ms is not None and not opts.budget_ms > 0:
         raise InputError(f"--budget-ms must be positive, not {opts.budget_ms}")
     if opts.speedup is not None and not opts.speedup > 0:
@@ -97,6 +121,19 @@ def check_options(opts: OptimizeOptions) -> None:
         raise InputError(f"--remove-blocks must be auto, yes or no, not {opts.remove_blocks!r}")
     if opts.step is not None and opts.step < 1:
         raise InputError(f"--step must be at least 1, not {opts.step}")
+    for flag, value, allowed in (("--objective", opts.objective, OBJECTIVES),
+                                 ("--importance", opts.importance, IMPORTANCES),
+                                 ("--distortion", opts.distortion, DISTORTIONS),
+                                 ("--repair", opts.repair, REPAIRS)):
+        if value not in allowed:
+            raise InputError(f"{flag} must be one of {', '.join(allowed)}, not {value!r}")
+    if opts.calib_samples < 1:
+        raise InputError(f"--calib-samples must be at least 1, not {opts.calib_samples}")
+    data_driven = (opts.resolved_objective() == "distortion" or opts.resolved_repair() != "none"
+                   or opts.importance in ("activation", "taylor"))
+    if data_driven and not opts.calib:
+        raise InputError("the distortion objective, repair and activation/taylor importance need "
+                         "calibration inputs: --calib FILE.npz (or --calib noise for the zero-data mode)")
 
 
 def resolve_step(step: int | None) -> int:
@@ -118,8 +155,92 @@ def prepare(model_path: Path, step: int | None = None, max_candidates: int = 16,
     prob = analysis.problem
     if not any(layer.spec.op in ("Conv", "ConvTranspose") for layer in prob.layers):
         raise InputError(f"{model_path}: the model has no convolution layers to prune")
-    magnitude_importance(prob, weight_slices(analysis), norm=importance)
+    magnitude_importance(prob, weight_slices(analysis), norm="l1" if importance not in ("l1", "l2") else importance)
     return model, data, analysis
+
+
+@dataclass
+class Scoring:
+    """What the solver maximises, and how it was obtained (for the report)."""
+
+    objective: Objective
+    info: dict
+    calib_x: "object | None" = None  # np.ndarray of calibration inputs, when any
+
+
+def score(analysis: Analysis, opts: OptimizeOptions, progress: Progress) -> Scoring:
+    """Calibration inputs, channel ranking and the objective (importance or distortion)."""
+    from latprune.solver.importance import apply_scores
+    from latprune.solver.objective import distortion_objective, importance_objective
+
+    prob = analysis.problem
+    info: dict = {"objective": opts.resolved_objective(), "importance": opts.importance,
+                  "repair": opts.resolved_repair(), "warnings": []}
+    x = None
+    if opts.calib:
+        from latprune.calibration import load_calibration
+        from latprune.pruner.forward import input_shape
+        x = load_calibration(opts.calib, input_shape(analysis.model), opts.calib_samples)
+        info["calibration_inputs"] = {"source": str(opts.calib), "samples": int(len(x))}
+    scores = None
+    if opts.importance == "bn":
+        from latprune.pruner.channel_stats import bn_scale_scores
+        scores = bn_scale_scores(analysis)
+        if scores is None:
+            info["warnings"].append("no BatchNormalization node writes a prunable group (the exporter "
+                                    "folded them into the convs): ranked by L1 magnitude instead")
+    elif opts.importance == "activation":
+        from latprune.pruner.channel_stats import activation_scores
+        progress.stage("activation statistics on the calibration inputs")
+        scores = activation_scores(analysis, x)
+    elif opts.importance == "taylor":
+        progress.stage("first-order Taylor importance (gradients through torch)")
+        scores = _taylor_scores(analysis, x)
+    if scores:
+        apply_scores(prob, scores)
+    if opts.resolved_objective() == "importance":
+        return Scoring(importance_objective(prob), info, x)
+    orders = importance_objective(prob).orders
+    t0 = time.perf_counter()
+    if opts.distortion == "fisher":
+        progress.stage("distortion curves (Gauss–Newton estimate from gradients)")
+        values, blocks = _fisher_curves(analysis, x, orders)
+    else:
+        from latprune.pruner.distortion import measure_distortion
+        n = sum(len(g.candidate_widths) - 1 for g in prob.groups if g.prunable) + len(prob.blocks)
+        progress.stage(f"distortion curves: {n} pruned variants × {len(x)} calibration inputs")
+        curves = measure_distortion(analysis, x, orders, blocks=bool(prob.blocks),
+                                    progress=progress.advance, cache_dir=default_lut_path().parent / "distortion")
+        values, blocks = curves.values, curves.blocks
+    info["distortion"] = {"method": opts.distortion, "seconds": time.perf_counter() - t0}
+    return Scoring(distortion_objective(prob, values, blocks, orders), info, x)
+
+
+def _torch_missing() -> InputError:
+    return InputError("this option needs PyTorch (gradients): pip install torch")
+
+
+def _taylor_scores(analysis: Analysis, x) -> dict:
+    try:
+        from latprune.solver.gradients import taylor_bn_importance
+    except ImportError:
+        raise _torch_missing() from None
+    return taylor_bn_importance(analysis, x)
+
+
+def _fisher_curves(analysis: Analysis, x, orders) -> tuple[dict, dict]:
+    try:
+        from latprune.solver import gradients
+    except ImportError:
+        raise _torch_missing() from None
+    prob = analysis.problem
+    widths = {g.id: list(g.candidate_widths) for g in prob.groups if g.prunable}
+    values = gradients.fisher_distortion(analysis, x, orders, widths)
+    blocks = {}
+    if prob.blocks:  # one forward pass per block: cheap next to the curves
+        from latprune.pruner.distortion import measure_distortion
+        blocks = measure_distortion(analysis, x, {}, blocks=True, groups=False).blocks
+    return values, blocks
 
 
 def open_table(lut_path: Path | None, threads: int) -> LatencyTable:
@@ -138,6 +259,18 @@ def solve(inp: SolveInput, method: str) -> Plan:
     if method == "milp":
         from latprune.solver.milp import solve_milp
         return solve_milp(inp)
+    if method == "dp":
+        from latprune.solver.dp import solve_dp
+        return solve_dp(inp)
+    if method in ("minlp-oa", "minlp-scip"):
+        from latprune.solver.minlp import solve_minlp
+        return solve_minlp(inp, solver="mindtpy" if method == "minlp-oa" else "scip")
+    if method == "halp":
+        from latprune.solver.baselines import solve_halp
+        return solve_halp(inp)
+    if method == "threshold":
+        from latprune.solver.baselines import solve_threshold
+        return solve_threshold(inp)
     if method == "uniform":
         from latprune.solver.uniform import solve_uniform
         return solve_uniform(inp)
@@ -169,6 +302,9 @@ def optimize(model_path: Path, out_dir: Path, opts: OptimizeOptions,
     if not any(g.prunable for g in prob.groups):
         raise InputError(f"{model_path}: no prunable channel groups (see the analysis notes)")
     family = model_family(model, data)
+    scoring = score(analysis, opts, progress)
+    if opts.flops_ratio is not None or opts.params_ratio is not None:
+        return _optimize_counts(model_path, out_dir, opts, analysis, scoring, family, progress, wall0)
     table = open_table(opts.lut_path, opts.threads)
     work = Path(tempfile.mkdtemp(prefix="latprune-"))
     try:
@@ -188,13 +324,13 @@ def optimize(model_path: Path, out_dir: Path, opts: OptimizeOptions,
         best: tuple | None = None
         for rnd in range(1, opts.rounds + 1):
             if opts.remove_blocks == "auto" and prob.blocks and not allow_blocks:
-                probe = _solve_input(prob, costs, target, cal, False, opts)
+                probe = _solve_input(prob, costs, target, cal, False, opts, scoring)
                 if cal.scale * min_raw_latency(probe) + cal.offset_ms > target:
                     allow_blocks = True
                     progress.info("the target cannot be met by narrowing channels alone; "
                                   "removing whole residual blocks is allowed")
             progress.stage(f"solving ({opts.method}), round {rnd}, target {target:.3f} ms")
-            inp = _solve_input(prob, costs, target, cal, allow_blocks, opts)
+            inp = _solve_input(prob, costs, target, cal, allow_blocks, opts, scoring)
             try:
                 plan = solve(inp, opts.method)
             except InputError as exc:
@@ -203,7 +339,7 @@ def optimize(model_path: Path, out_dir: Path, opts: OptimizeOptions,
                 progress.info(f"stopping: {exc}")  # keep the best plan of the earlier rounds
                 break
             progress.stage(f"applying the plan and measuring (round {rnd})")
-            pruned = _tag(apply_plan(analysis, plan), family)
+            pruned = _tag(_repaired(analysis, plan, scoring, progress), family)
             # Pruned and dense are timed side by side in fresh processes: a --speedup budget is
             # checked as a ratio to the dense latency measured alongside (see profiler.compare).
             save_model_atomic(pruned, work / "pruned.onnx")
@@ -234,6 +370,7 @@ def optimize(model_path: Path, out_dir: Path, opts: OptimizeOptions,
         plan, pruned, measured_ms, p90_ms, dense, budget = best
         report = _report(model_path, prob, table, plan, dense, budget, measured_ms, p90_ms,
                          cal, rounds, opts, n_measured, analysis, wall0)
+        _add_scoring(report, scoring)
         _write_outputs(out_dir, pruned, plan, report)
         return report
     finally:
@@ -241,9 +378,73 @@ def optimize(model_path: Path, out_dir: Path, opts: OptimizeOptions,
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _solve_input(prob, costs, target, cal, allow_blocks, opts) -> SolveInput:
+def _solve_input(prob, costs, target, cal, allow_blocks, opts, scoring) -> SolveInput:
     return SolveInput(prob, costs, target, cal.scale, cal.offset_ms, allow_blocks, opts.time_limit_s,
-                      ms_per_melement=cal.ms_per_melement)
+                      ms_per_melement=cal.ms_per_melement, objective=scoring.objective)
+
+
+def _repaired(analysis: Analysis, plan: Plan, scoring: Scoring, progress: Progress) -> onnx.ModelProto:
+    """apply_plan, then the repair the options ask for (pruner.repair)."""
+    pruned = apply_plan(analysis, plan)
+    mode = scoring.info["repair"]
+    if mode == "none":
+        return pruned
+    from latprune.pruner.repair import repair
+    progress.stage(f"repairing the pruned layers ({mode}) from {len(scoring.calib_x)} calibration inputs")
+    return repair(analysis, plan, pruned, scoring.calib_x, mode=mode, progress=progress.advance)
+
+
+def _add_scoring(report: dict, scoring: Scoring) -> None:
+    info = dict(scoring.info)
+    report["warnings"] = info.pop("warnings") + report["warnings"]
+    report["scoring"] = info
+
+
+def _optimize_counts(model_path, out_dir, opts, analysis, scoring, family, progress, wall0) -> dict:
+    """FLOPs or parameter budget: one solve over analytic costs, then apply, repair, measure."""
+    from latprune.solver.budgets import analytic_costs, dense_count
+
+    prob = analysis.problem
+    kind, ratio = ("flops", opts.flops_ratio) if opts.flops_ratio is not None else ("params", opts.params_ratio)
+    costs = analytic_costs(prob, kind)
+    dense_total = dense_count(prob, kind)
+    limit = ratio * dense_total
+    allow = opts.remove_blocks == "yes"
+    if opts.remove_blocks == "auto" and prob.blocks:
+        probe = SolveInput(prob, costs, limit, objective=scoring.objective, allow_block_removal=False)
+        allow = min_raw_latency(probe) > limit
+    inp = SolveInput(prob, costs, limit, allow_block_removal=allow, time_limit_s=opts.time_limit_s,
+                     objective=scoring.objective)
+    progress.stage(f"solving ({opts.method}) for {ratio:g}× the dense {kind}")
+    plan = solve(inp, opts.method)
+    pruned = _tag(_repaired(analysis, plan, scoring, progress), family)
+    work = Path(tempfile.mkdtemp(prefix="latprune-"))
+    try:
+        save_model_atomic(pruned, work / "pruned.onnx")
+        progress.stage("measuring pruned and dense side by side")
+        timed = compare_in_subprocesses({"dense": Path(model_path), "pruned": work / "pruned.onnx"},
+                                        opts.threads, processes=opts.measure_processes)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    achieved = plan.predicted_ms  # scale 1, offset 0: the count itself
+    unit = "MFLOPs" if kind == "flops" else "M parameters"
+    report = {
+        "model": str(model_path), "dense_ms": timed["dense"].median_ms, "budget_ms": None,
+        "predicted_ms": None, "measured_ms": timed["pruned"].median_ms,
+        "measured_p90_ms": timed["pruned"].p90_ms, "meets_budget": achieved <= limit * (1 + 1e-9),
+        "speedup": timed["dense"].median_ms / timed["pruned"].median_ms,
+        "budget": {"kind": kind, "unit": unit, "ratio": ratio, "dense": dense_total, "limit": limit,
+                   "achieved": achieved},
+        "solver": {"method": plan.method, "seconds": plan.solve_seconds, "status": plan.status,
+                   "gap": plan.gap, "objective": plan.objective},
+        "threads": opts.threads, "step": opts.step,
+        "blocks": {"removable": len(prob.blocks), "removed": plan.removed_blocks, "removal_allowed": allow},
+        "widths": {str(k): v for k, v in plan.widths.items()},
+        "notes": analysis.notes, "wall_seconds": time.perf_counter() - wall0, "warnings": [],
+    }
+    _add_scoring(report, scoring)
+    _write_outputs(out_dir, pruned, plan, report)
+    return report
 
 
 CALIBRATION_RATIOS = (1.0, 0.75, 0.5)

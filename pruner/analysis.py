@@ -654,3 +654,33 @@ def weight_slices(analysis: Analysis) -> dict[int, list[tuple[str, int, np.ndarr
         for node_name, w_name, axis, p, pos in rows:
             out[gid].append((node_name, pos, np.take(inits[w_name], p, axis=axis)))
     return dict(out)
+
+
+def consumer_slices(analysis: Analysis) -> dict[int, list[tuple[str, str, int, str, int, int]]]:
+    """Per group: where its channels are *read* by a layer, as (layer node name, input tensor,
+    position along the tensor's channel axis, weight name, weight axis of that input channel,
+    channel position in the group). Pruning channel c of a group is exactly zeroing position p
+    of every listed input tensor with group position c (nothing else reads it).
+    A Flatten into a Gemm lists one row per feature (channel × spatial position)."""
+    by_name = {n.name: n for n in analysis.model.graph.node}
+    uf, group_of_class = analysis.uf, analysis.group_of_class
+    out: dict[int, list[tuple[str, str, int, str, int, int]]] = defaultdict(list)
+    for layer in analysis.problem.layers:
+        node = by_name[layer.name]
+        x = node.input[0]
+        if x not in analysis.atoms:
+            continue
+        op = node.op_type
+        if op == "Conv":
+            axis = 0 if layer.spec.depthwise else 1
+        elif op == "ConvTranspose":
+            axis = 0
+        elif op == "Gemm":
+            axis = 1 if int(_attr(node, "transB", 0)) else 0
+        else:  # MatMul with a [K, N] weight
+            axis = 0
+        for p, a in enumerate(analysis.atoms[x]):
+            hit = group_of_class.get(uf.find(int(a)))
+            if hit is not None:
+                out[hit[0]].append((layer.name, x, p, node.input[1], axis, hit[1]))
+    return dict(out)

@@ -34,7 +34,7 @@ def solve_brute(inp: SolveInput) -> Plan:
     if best is None:
         raise InputError(f"no plan meets the budget {inp.budget_ms:.3f} ms")
     obj, raw, widths, removed = best
-    plan = make_plan(prob, widths, removed, "brute")
+    plan = make_plan(prob, widths, removed, "brute", inp.objective)
     plan.objective, plan.predicted_ms = obj, inp.scale * raw + inp.offset_ms
     plan.solve_seconds, plan.status = time.perf_counter() - t0, "Optimal"
     return plan

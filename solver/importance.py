@@ -65,3 +65,17 @@ def top_channels(importance: list[float], width: int) -> list[int]:
     """Positions of the `width` most important channels, ascending (ties: lower index)."""
     order = np.argsort(-np.asarray(importance), kind="stable")[:width]
     return sorted(int(i) for i in order)
+
+
+def apply_scores(problem: Problem, scores: dict[int, list[float]]) -> None:
+    """Replace the within-group ranking with data-driven `scores` (one per channel position),
+    rescaled so each group keeps its magnitude-importance total: the retained-importance
+    objective keeps the data-free prior's weights between groups, the new scores decide which
+    channels go first within a group. Groups without scores keep their magnitude scores."""
+    for g in problem.groups:
+        s = scores.get(g.id)
+        if s is None or not g.prunable:
+            continue
+        s = np.maximum(np.asarray(s, dtype=np.float64), 0.0)
+        total = float(np.sum(g.importance)) or float(g.size)
+        g.importance = [float(v) for v in (s / s.sum() * total if s.sum() > 0 else np.full(g.size, total / g.size))]

@@ -14,7 +14,8 @@ by the "transportation" constraints Σ_j z_ij = a_i, Σ_i z_ij = b_j, which forc
 whenever a and b are binary, and whose LP relaxation is much tighter than McCormick's.
 Layers of removable blocks use Σ_j z_ij ≤ a_i, Σ_i z_ij ≤ b_j, Σ z = 1 − r[b].
 
-maximise  Σ_g Σ_k I_g(w_k)·x[g,k] − Σ_b V_b·r[b] − ε·latency   (V_b: block importance)
+maximise  Σ_g Σ_k V_g(w_k)·x[g,k] + Σ_b V_b·r[b] − ε·latency
+          (V: solver.objective: retained importance, or minus the output distortion)
 s.t.      Σ_l Σ_ij C_l[i,j]·z[l,i,j] + constant layers + k·overhead elements ≤ (budget − offset) / scale
           (overhead elements: fixed + Σ mult·w[g,k]·x[g,k], lut.predict; k from the calibration)
 """
@@ -25,7 +26,6 @@ import time
 import numpy as np
 
 from latprune.types import InputError, Plan
-from latprune.solver.importance import cumulative_importance
 from latprune.solver.problem_costs import SolveInput, assert_feasible_budget, evaluate, make_plan
 
 
@@ -66,12 +66,13 @@ def solve_milp(inp: SolveInput, epsilon: float = 1e-6, verbose: bool = False) ->
     m = _Model()
     inf = highspy.kHighsInf
 
-    r = {b: m.var(cost=-prob.blocks[b].importance) for b in sorted(removable)}
+    objective = inp.objective
+    r = {b: m.var(cost=objective.block_values.get(b, 0.0)) for b in sorted(removable)}
     x: dict[int, list[int]] = {}
     for g in prob.groups:
         if not g.prunable:
             continue
-        x[g.id] = [m.var(cost=cumulative_importance(g.importance, w)) for w in g.candidate_widths]
+        x[g.id] = [m.var(cost=v) for v in objective.group_values[g.id]]
         inner = g.inner_of_block if g.inner_of_block in removable else None
         if inner is None:
             m.row(1, 1, x[g.id], [1.0] * len(x[g.id]))
@@ -207,7 +208,7 @@ def solve_milp(inp: SolveInput, epsilon: float = 1e-6, verbose: bool = False) ->
         k = int(np.argmax(vals))
         widths[gid] = prob.groups[gid].candidate_widths[k] if vals[k] > 0.5 else 0
     removed = {b for b, v in r.items() if sol[v] > 0.5}
-    plan = make_plan(prob, widths, removed, "milp")
+    plan = make_plan(prob, widths, removed, "milp", objective)
     obj, raw = evaluate(inp, widths, removed)
     plan.objective = obj
     plan.predicted_ms = inp.scale * raw + inp.offset_ms

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 
 from latprune.types import Plan, Problem
-from latprune.solver.importance import cumulative_importance, top_channels
+from latprune.solver.objective import Objective, importance_objective
 
 
 @dataclass
@@ -28,8 +28,11 @@ class SolveInput:
     removable_blocks: list[int] = field(default_factory=list)
     mip_rel_gap: float = 1e-3  # exact solvers stop within this relative gap of the optimum
     ms_per_melement: float = 0.0  # calibrated cost of overhead elements (lut.store.Calibration)
+    objective: Objective | None = None  # None: retained importance (solver.objective)
 
     def __post_init__(self) -> None:
+        if self.objective is None:
+            self.objective = importance_objective(self.problem)
         if self.allow_block_removal and not self.removable_blocks:
             self.removable_blocks = [b.id for b in self.problem.blocks]
         if not self.allow_block_removal:
@@ -67,13 +70,17 @@ def evaluate(inp: SolveInput, widths: dict[int, int], removed: set[int]) -> tupl
         elements = sum((o.space.fixed if o.block is None or o.block not in removed else 0)
                        + sum(m * full[g] for g, m in o.space.terms) for o in prob.overheads)
         raw += inp.overhead_coef * elements
-    obj = sum(cumulative_importance(g.importance, full[g.id]) for g in prob.groups if g.prunable)
-    obj += sum(b.importance for b in prob.blocks if b.id not in removed)
+    objective = inp.objective
+    obj = sum(objective.value(prob, g.id, full[g.id]) for g in prob.groups if g.prunable)
+    obj += sum(objective.block_values.get(b, 0.0) for b in removed)
     return obj, raw
 
 
-def make_plan(problem: Problem, widths: dict[int, int], removed: set[int], method: str) -> Plan:
-    """Keep the most important `widths[g]` channels of every prunable group."""
+def make_plan(problem: Problem, widths: dict[int, int], removed: set[int], method: str,
+              objective: Objective | None = None) -> Plan:
+    """Keep the first `widths[g]` channels of every prunable group in the objective's ranking
+    (default: by `group.importance`)."""
+    objective = objective or importance_objective(problem)
     kept: dict[int, list[int]] = {}
     out_widths: dict[int, int] = {}
     for g in problem.groups:
@@ -84,7 +91,7 @@ def make_plan(problem: Problem, widths: dict[int, int], removed: set[int], metho
             w = 0
         out_widths[g.id] = w
         if w != g.size:
-            kept[g.id] = top_channels(g.importance, w)
+            kept[g.id] = objective.kept(g.id, g.size, w)
     return Plan(kept=kept, removed_blocks=sorted(removed), widths=out_widths, method=method)
 
 

@@ -43,7 +43,7 @@ def solve_uniform(inp: SolveInput) -> Plan:
         else:
             hi = mid
     widths = snapped(lo)
-    plan = make_plan(prob, widths, set(), "uniform")
+    plan = make_plan(prob, widths, set(), "uniform", inp.objective)
     plan.objective, raw = evaluate(inp, widths, set())
     plan.predicted_ms = inp.scale * raw + inp.offset_ms
     plan.solve_seconds, plan.status = time.perf_counter() - t0, f"ratio={lo:.4f}"

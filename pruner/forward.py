@@ -1,0 +1,77 @@
+"""Batched forward passes through ONNX Runtime on calibration inputs, for importance,
+distortion curves and repair (not for timing: see profiler/)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from latprune.types import InputError
+
+
+def with_batch_dim(model: onnx.ModelProto, extra_outputs: list[str] = ()) -> onnx.ModelProto:
+    """Copy of `model` whose inputs/outputs have a symbolic batch dim 'N' and which also
+    outputs the tensors `extra_outputs` (intermediate value_info is cleared)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    inits = {i.name for i in graph.initializer}
+    for value in list(graph.input) + list(graph.output):
+        if value.name in inits:
+            continue
+        shape = value.type.tensor_type.shape
+        if len(shape.dim):
+            shape.dim[0].ClearField("dim_value")
+            shape.dim[0].dim_param = "N"
+    del graph.value_info[:]
+    have = {o.name for o in graph.output}
+    for name in extra_outputs:
+        if name not in have:
+            graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+            have.add(name)
+    return out
+
+
+def input_shape(model: onnx.ModelProto) -> list[int]:
+    """Shape of the model's single data input (initializers excluded); 0 for symbolic dims."""
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise InputError(f"calibration needs a model with one input, this one has {len(inputs)}")
+    return [d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
+
+
+class Runner:
+    """An ONNX Runtime session over `model` returning its first output and `extra_outputs`.
+    Runs in batches; falls back to one item per call when the graph hard-codes batch 1."""
+
+    def __init__(self, model: onnx.ModelProto, extra_outputs: list[str] = (), threads: int = 0,
+                 batch: int = 64) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        self.names = [model.graph.output[0].name] + [n for n in extra_outputs if n != model.graph.output[0].name]
+        data = with_batch_dim(model, self.names[1:]).SerializeToString()
+        self.session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+        self.batch = batch
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """{output name: array over all rows of x}."""
+        chunks: dict[str, list[np.ndarray]] = {n: [] for n in self.names}
+        for start in range(0, len(x), self.batch):
+            xb = np.ascontiguousarray(x[start:start + self.batch], dtype=np.float32)
+            try:
+                outs = self.session.run(self.names, {self.input: xb})
+            except Exception:
+                if self.batch == 1:
+                    raise
+                self.batch = 1  # a Reshape with a hard-coded batch of 1: go item by item
+                return self.run(x)
+            for n, o in zip(self.names, outs):
+                chunks[n].append(o)
+        return {n: np.concatenate(c) for n, c in chunks.items()}
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return self.run(x)[self.names[0]]

@@ -1,0 +1,93 @@
+"""Baselines beside the exact solvers: HALP's latency-saliency knapsack and a global
+magnitude threshold (uniform keep-ratio lives in solver.uniform)."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from latprune.types import InputError, Plan
+from latprune.solver.dp import _Costs, Unit, knapsack
+from latprune.solver.problem_costs import SolveInput, evaluate, make_plan
+
+
+def solve_halp(inp: SolveInput, bins: int = 2000) -> Plan:
+    """HALP (Shen et al., NeurIPS 2022): a 0/1 knapsack over each group's widths (channels kept
+    in importance order) with HALP's *linear* latency model: a group's latency is what the
+    layers writing it save with their input widths held at the dense model's. The bilayer
+    coupling is ignored, so the plan's true predicted latency (plan.predicted_ms, from the
+    full cost matrices) can exceed the budget; no blocks are removed."""
+    t0 = time.perf_counter()
+    prob = inp.problem
+    units = [Unit([g.id], None, [({g.id: w}, False, inp.objective.value(prob, g.id, w))
+                                 for w in g.candidate_widths])
+             for g in prob.groups if g.prunable]
+    costs = _Costs(inp, units)
+    dense = {g.id: g.size for g in prob.groups}
+    base = sum(costs.layer(l, dense, set()) for l in range(len(prob.layers)))
+    base += sum(costs.overhead(k, dense, set()) for k in range(len(prob.overheads)))
+    vals, cs = [], []
+    for unit in units:
+        gid = unit.groups[0]
+        writers = [l for l, layer in enumerate(prob.layers) if any(g == gid for g, _ in layer.c_out.terms)]
+        deltas = []
+        for widths, _, _ in unit.options:
+            full = dict(dense, **widths)
+            d = 0.0
+            for l in writers:
+                layer, cost = prob.layers[l], inp.costs[l]
+                i = cost.in_values.index(layer.c_in.width(dense))
+                j = cost.out_values.index(layer.c_out.width(full))
+                if layer.spec.depthwise:  # a depthwise layer's input is its output's group
+                    i = j = cost.in_values.index(layer.c_in.width(full))
+                d += float(cost.ms[i, j]) - costs.layer(l, dense, set())
+            deltas.append(d)
+        vals.append(np.array([o[2] for o in unit.options]))
+        cs.append(np.array(deltas))
+    shift = sum(float(c.min()) for c in cs)
+    picks = knapsack(vals, [c - c.min() for c in cs], inp.raw_budget - base - shift, bins)
+    if picks is None:
+        raise InputError(f"HALP's linear latency model cannot meet the budget {inp.budget_ms:.3f} ms")
+    widths = {unit.groups[0]: unit.options[o][0][unit.groups[0]] for unit, o in zip(units, picks)}
+    plan = make_plan(prob, widths, set(), "halp", inp.objective)
+    plan.objective, raw = evaluate(inp, widths, set())
+    plan.predicted_ms = inp.scale * raw + inp.offset_ms
+    plan.solve_seconds = time.perf_counter() - t0
+    plan.status = "Optimal (linear latency model)" + ("" if raw <= inp.raw_budget + 1e-12 else
+                                                      "; the bilayer prediction exceeds the budget")
+    return plan
+
+
+def solve_threshold(inp: SolveInput) -> Plan:
+    """Global magnitude threshold: keep every channel whose score (`group.importance`, the
+    per-layer-normalised magnitudes of solver.importance) is at least t, in every group; widths
+    round up to candidates. t is the smallest threshold whose prediction meets the budget."""
+    t0 = time.perf_counter()
+    prob = inp.problem
+    groups = [g for g in prob.groups if g.prunable]
+
+    def widths_at(t: float) -> dict[int, int]:
+        out = {}
+        for g in groups:
+            n = int(np.sum(np.asarray(g.importance) >= t))
+            out[g.id] = min((c for c in g.candidate_widths if c >= n), default=g.size)
+        return out
+
+    scores = np.unique(np.concatenate([np.asarray(g.importance, dtype=float) for g in groups]))
+    scores = np.append(scores, np.inf)
+    lo, hi = 0, len(scores) - 1  # the last (infinite) threshold keeps the smallest widths
+    if evaluate(inp, widths_at(scores[hi]), set())[1] > inp.raw_budget:
+        raise InputError(f"no global threshold meets the budget {inp.budget_ms:.3f} ms")
+    while lo < hi:  # smallest index whose widths fit (latency falls as t rises)
+        mid = (lo + hi) // 2
+        if evaluate(inp, widths_at(scores[mid]), set())[1] <= inp.raw_budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    widths = widths_at(scores[lo])
+    plan = make_plan(prob, widths, set(), "threshold", inp.objective)
+    plan.objective, raw = evaluate(inp, widths, set())
+    plan.predicted_ms = inp.scale * raw + inp.offset_ms
+    plan.solve_seconds = time.perf_counter() - t0
+    plan.status = f"threshold={scores[lo]:.6g}"
+    return plan
