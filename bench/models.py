@@ -345,6 +345,37 @@ def cifar_test_arrays(limit: int | None = None) -> tuple[np.ndarray, np.ndarray]
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2)), y
 
 
+def cifar_train_calibration(n: int = 1024, out_dir: str | Path | None = None) -> Path:
+    """An .npz of ``n`` CIFAR-10 *training* images (``x`` uint8 (n, 32, 32, 3), ``y`` int64),
+    the same number from each class, decoded from ``<data>/cifar10-train-jpg.zip`` with Pillow.
+    latprune's ``--calib`` reads it (uint8 images are normalised with the ImageNet mean/std,
+    which are the CIFAR ResNets' :data:`CIFAR_MEAN` / :data:`CIFAR_STD`). Cached in ``out_dir``."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    out_dir = Path(out_dir) if out_dir else Path(__file__).resolve().parent / "out" / "models"
+    path = out_dir / f"cifar10_train_calib_{n}.npz"
+    if path.is_file():
+        return path
+    with zipfile.ZipFile(data_dir() / "cifar10-train-jpg.zip") as zf:
+        names = sorted(n_ for n_ in zf.namelist() if n_.endswith(".jpg"))
+        classes = sorted({name.split("/")[-2] for name in names})
+        by_class = {c: [name for name in names if name.split("/")[-2] == c] for c in classes}
+        order = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+        xs, ys = [], []
+        per = n // len(order)
+        for label, c in enumerate(order):
+            files = by_class[c]
+            for name in files[:: max(1, len(files) // per)][:per]:
+                xs.append(np.asarray(Image.open(io.BytesIO(zf.read(name))).convert("RGB"), dtype=np.uint8))
+                ys.append(label)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.savez(path, x=np.stack(xs), y=np.asarray(ys, dtype=np.int64))
+    return path
+
+
 def _session(model: str | Path | bytes, threads: int = 1) -> ort.InferenceSession:
     """A CPU onnxruntime session with ``threads`` intra-op threads (sequential execution)."""
     opts = ort.SessionOptions()

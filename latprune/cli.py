@@ -90,7 +90,7 @@ def optimize(
                                        "(default: 16 on AVX-512 CPUs, else 8)"),
     max_candidates: int = typer.Option(16, "--max-candidates", help="candidate widths per group"),
     remove_blocks: str = typer.Option("auto", "--remove-blocks",
-                                      help="remove whole residual blocks: auto (only when the budget needs it) | yes | no"),
+                                      help="remove whole residual blocks: auto (distortion objective: priced and allowed; importance: only when the budget needs it) | yes | no"),
     rounds: int = typer.Option(4, "--rounds", help="re-solve rounds when the measurement misses"),
     time_limit: float = typer.Option(60.0, "--time-limit", help="solver time limit, s"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress and no summary table"),

@@ -70,7 +70,8 @@ class OptimizeOptions:
     step: int | None = None  # None: the backend's preferred multiple (profiler.fingerprint)
     max_candidates: int = 16
     grid_points: int = 5
-    # 'auto': widths only unless the budget needs block removal; 'yes' / 'no' force it.
+    # 'auto': with the distortion objective, blocks are priced and allowed; with importance,
+    # widths only unless the budget needs block removal. 'yes' / 'no' force it.
     # Removing whole blocks costs more accuracy without fine-tuning than narrowing them.
     remove_blocks: str = "auto"
     rounds: int = 4
@@ -320,7 +321,11 @@ def optimize(model_path: Path, out_dir: Path, opts: OptimizeOptions,
         cal = fit_calibration(*zip(*points))
         rounds = []
         target = budget
-        allow_blocks = opts.remove_blocks == "yes"
+        # The distortion objective prices a block's removal (D_b), so 'auto' lets the solver
+        # weigh it from the start; the magnitude prior cannot, so it removes blocks only when
+        # narrowing alone cannot meet the target.
+        allow_blocks = opts.remove_blocks == "yes" or (
+            opts.remove_blocks == "auto" and scoring.objective.name == "distortion")
         best: tuple | None = None
         for rnd in range(1, opts.rounds + 1):
             if opts.remove_blocks == "auto" and prob.blocks and not allow_blocks:
@@ -409,8 +414,8 @@ def _optimize_counts(model_path, out_dir, opts, analysis, scoring, family, progr
     costs = analytic_costs(prob, kind)
     dense_total = dense_count(prob, kind)
     limit = ratio * dense_total
-    allow = opts.remove_blocks == "yes"
-    if opts.remove_blocks == "auto" and prob.blocks:
+    allow = opts.remove_blocks == "yes" or (opts.remove_blocks == "auto" and scoring.objective.name == "distortion")
+    if opts.remove_blocks == "auto" and prob.blocks and not allow:
         probe = SolveInput(prob, costs, limit, objective=scoring.objective, allow_block_removal=False)
         allow = min_raw_latency(probe) > limit
     inp = SolveInput(prob, costs, limit, allow_block_removal=allow, time_limit_s=opts.time_limit_s,

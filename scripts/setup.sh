@@ -12,3 +12,9 @@ if ! .venv/bin/python -c "import latprune, onnxruntime, highspy, typer, pytest" 
     .venv/bin/python -m pip install -q -e ".[test]"
     touch .venv/.installed
 fi
+# PyTorch is optional for the tool (gradient-based importance, Fisher distortion); the tests
+# of those paths need it. 2.13.0 is the CPU build that lies on this kind of machine's disk;
+# an already installed torch (e.g. the benches' 2.14.1) is kept.
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    .venv/bin/python -m pip install -q "torch==2.13.0" || echo "setup: torch not installed; its tests will skip" >&2
+fi
