@@ -45,9 +45,9 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 #: torchvision architectures :func:`export_torchvision` accepts.
-TORCHVISION_MODELS: tuple[str, ...] = ("resnet18", "resnet50", "mobilenet_v2", "vgg11_bn")
+TORCHVISION_MODELS: tuple[str, ...] = ("resnet18", "resnet50", "mobilenet_v2", "vgg11_bn", "resnet152")
 #: Models the script exports, in order (``cifar_resnet56`` uses the trained weights).
-BENCH_MODELS: tuple[str, ...] = TORCHVISION_MODELS + ("cifar_resnet56",)
+BENCH_MODELS: tuple[str, ...] = TORCHVISION_MODELS[:4] + ("cifar_resnet56",)
 #: CIFAR ResNet depths with weights in the data folder, mapped to their file names.
 CIFAR_RESNET_WEIGHTS: dict[int, str] = {
     20: "resnet20-12fca82f.th",
@@ -373,6 +373,30 @@ def cifar_train_calibration(n: int = 1024, out_dir: str | Path | None = None) ->
                 ys.append(label)
     out_dir.mkdir(parents=True, exist_ok=True)
     np.savez(path, x=np.stack(xs), y=np.asarray(ys, dtype=np.int64))
+    return path
+
+
+def imagenet_samples_calibration(out_dir: str | Path | None = None, size: int = 224) -> Path:
+    """An .npz (``x`` uint8 (20, size, size, 3)) of the 20 ImageNet JPEGs in
+    ``<data>/foolbox-samples``, resized (shorter side ``size``·256/224) and centre-cropped as
+    torchvision's evaluation transform does: real images for ImageNet-shaped models."""
+    from PIL import Image
+
+    out_dir = Path(out_dir) if out_dir else Path(__file__).resolve().parent / "out" / "models"
+    path = out_dir / f"imagenet_samples_{size}.npz"
+    if path.is_file():
+        return path
+    xs = []
+    for f in sorted((data_dir() / "foolbox-samples").glob("imagenet_*.jpg")):
+        img = Image.open(f).convert("RGB")
+        short = round(size * 256 / 224)
+        w, h = img.size
+        img = img.resize((round(w * short / min(w, h)), round(h * short / min(w, h))), Image.BILINEAR)
+        w, h = img.size
+        left, top = (w - size) // 2, (h - size) // 2
+        xs.append(np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.savez(path, x=np.stack(xs))
     return path
 
 

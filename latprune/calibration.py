@@ -50,8 +50,8 @@ def load_calibration(source: str | Path, input_shape: list[int], samples: int = 
         raise InputError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
     if arr.ndim != len(item_shape) + 1 or len(arr) == 0:
         raise InputError(f"{path}: array '{key}' has shape {arr.shape}; expected (N, *{item_shape})")
-    stride = max(1, len(arr) // samples)
-    arr = arr[::stride][:samples]
+    if len(arr) > samples:  # evenly spread rows: files are often ordered by class
+        arr = arr[np.unique(np.linspace(0, len(arr) - 1, samples).round().astype(np.int64))]
     if arr.dtype == np.uint8:
         if len(item_shape) == 3 and arr.shape[1:] == (item_shape[1], item_shape[2], item_shape[0]):
             x = arr.astype(np.float32) / 255.0

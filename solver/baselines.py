@@ -32,7 +32,7 @@ def solve_halp(inp: SolveInput, bins: int = 2000) -> Plan:
         writers = [l for l, layer in enumerate(prob.layers) if any(g == gid for g, _ in layer.c_out.terms)]
         deltas = []
         for widths, _, _ in unit.options:
-            full = dict(dense, **widths)
+            full = {**dense, **widths}
             d = 0.0
             for l in writers:
                 layer, cost = prob.layers[l], inp.costs[l]

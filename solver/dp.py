@@ -120,12 +120,21 @@ def knapsack(values: list[np.ndarray], costs: list[np.ndarray], budget: float, b
     budget/bins). Returns the chosen option per unit, or None when nothing fits."""
     if budget < 0:
         return None
-    delta = budget / bins if budget > 0 else 1.0
+    if budget <= 1e-300:  # nothing to spend: only zero-cost options fit
+        bins, delta = 0, 1.0
+    else:
+        delta = budget / bins
+
+    def to_bins(cost) -> np.ndarray:
+        """Costs in whole bins, rounded up; anything beyond the budget is clipped to bins + 1."""
+        c = np.asarray(cost, dtype=float)
+        return np.where(c <= 0, 0, np.ceil(np.minimum(c / delta - 1e-9, bins + 1))).astype(np.int64)
+
     dp = np.zeros(bins + 1)  # best value with total cost ≤ s bins
     choice = np.zeros((len(values), bins + 1), dtype=np.int32)
     neg = -np.inf
     for u, (val, cost) in enumerate(zip(values, costs)):
-        icost = np.ceil(np.asarray(cost) / delta - 1e-9).astype(np.int64)
+        icost = to_bins(cost)
         new = np.full(bins + 1, neg)
         arg = np.zeros(bins + 1, dtype=np.int32)
         for o, (v, c) in enumerate(zip(val, icost)):
@@ -145,7 +154,7 @@ def knapsack(values: list[np.ndarray], costs: list[np.ndarray], budget: float, b
     for u in range(len(values) - 1, -1, -1):
         o = int(choice[u, s])
         picks[u] = o
-        s -= int(np.ceil(np.asarray(costs[u])[o] / delta - 1e-9))
+        s -= int(to_bins(costs[u])[o])
     return picks
 
 

@@ -1,0 +1,128 @@
+"""Post-training accuracy of the CIFAR ResNet-56 pruned to measured CPU latency budgets, for
+each objective × solver and the baselines, without and with repair (issue 4).
+
+For every budget (0.7×, 0.5×, 0.35× of the dense latency measured alongside) and every
+configuration, `latprune.pipeline.optimize` runs with repair off (it profiles, solves, measures
+and re-solves until the measured latency meets the budget); the final plan is then repaired
+with `bias` and `lsq` (repair changes no shape, so no latency) and every variant's top-1 is
+measured on all 10,000 images of ../shared/data/cifar10-test.npz. Calibration: 256 CIFAR-10
+*training* images (bench.models.cifar_train_calibration). Finally every budget's lsq-repaired
+models are re-timed side by side with the dense model in 3 fresh processes.
+
+    python bench/accuracy.py [--budgets 0.7,0.5,0.35] [--configs ...] [--limit N]
+
+Prints a table and writes bench/out/accuracy.json (resumes from it when interrupted).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import onnx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+OUT = HERE / "out"
+
+# (label, objective, method, repairs measured)
+CONFIGS = [
+    ("distortion+dp", "distortion", "dp", ("none", "bias", "lsq")),
+    ("distortion+milp", "distortion", "milp", ("none", "lsq")),
+    ("importance+milp", "importance", "milp", ("none", "lsq")),
+    ("importance+dp", "importance", "dp", ("none", "lsq")),
+    ("uniform", "importance", "uniform", ("none", "lsq")),
+    ("global threshold", "importance", "threshold", ("none", "lsq")),
+    ("halp knapsack", "importance", "halp", ("none", "lsq")),
+]
+
+
+def main() -> int:
+    import models as bench_models
+    from latprune.calibration import load_calibration
+    from latprune.pipeline import OptimizeOptions, optimize, prepare
+    from latprune.profiler.compare import compare_in_subprocesses
+    from latprune.pruner.forward import input_shape
+    from latprune.pruner.repair import repair
+    from latprune.pruner.surgery import apply_plan
+    from latprune.types import Plan
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budgets", default="0.7,0.5,0.35")
+    ap.add_argument("--configs", default=",".join(c[0] for c in CONFIGS))
+    ap.add_argument("--limit", type=int, default=None, help="test images (default all 10,000)")
+    ap.add_argument("--lut", default=str(OUT / "lut.sqlite"))
+    ap.add_argument("--step", type=int, default=8)
+    args = ap.parse_args()
+
+    dense_path = bench_models.exported("cifar_resnet56")
+    calib = bench_models.cifar_train_calibration(1024)
+    x_test, y_test = bench_models.cifar_test_arrays(args.limit)
+    _, _, analysis = prepare(dense_path, step=args.step)
+    x_cal = load_calibration(calib, input_shape(analysis.model), 256)
+    out_json = OUT / "accuracy.json"
+    state = json.loads(out_json.read_text()) if out_json.is_file() else {"rows": []}
+    done = {(r["budget"], r["config"], r["repair"]) for r in state["rows"]}
+    if not any(r["config"] == "dense" for r in state["rows"]):
+        state["rows"].append({"budget": 1.0, "config": "dense", "repair": "none",
+                              "top1": bench_models.onnx_top1(dense_path, x_test, y_test), "latency_ratio": 1.0})
+    wanted = [c for c in CONFIGS if c[0] in args.configs.split(",")]
+    for budget in (float(b) for b in args.budgets.split(",")):
+        finals: dict[str, Path] = {}
+        for label, objective, method, repairs in wanted:
+            if all((budget, label, r) in done for r in repairs):
+                finals[label] = OUT / "accuracy" / f"{budget:.2f}_{label.replace(' ', '_')}" / "lsq.onnx"
+                continue
+            run_dir = OUT / "accuracy" / f"{budget:.2f}_{label.replace(' ', '_')}"
+            opts = OptimizeOptions(speedup=1 / budget, lut_path=Path(args.lut), method=method, step=args.step,
+                                   objective=objective, calib=str(calib), calib_samples=256, repair="none")
+            t0 = time.perf_counter()
+            try:
+                report = optimize(dense_path, run_dir, opts)
+            except Exception as exc:  # a method that cannot meet the budget: record and go on
+                print(f"{budget} {label}: {exc}", flush=True)
+                state["rows"].append({"budget": budget, "config": label, "repair": "none", "error": str(exc)})
+                continue
+            wall = time.perf_counter() - t0
+            plan = Plan.from_json((run_dir / "plan.json").read_text())
+            pruned = apply_plan(analysis, plan)
+            for mode in repairs:
+                t1 = time.perf_counter()
+                model = repair(analysis, plan, pruned, x_cal, mode=mode)
+                repair_s = time.perf_counter() - t1
+                path = run_dir / f"{mode}.onnx"
+                onnx.save(model, path)
+                row = {"budget": budget, "config": label, "repair": mode,
+                       "top1": bench_models.onnx_top1(path, x_test, y_test),
+                       "latency_ratio": report["measured_ms"] / report["dense_ms"],
+                       "meets_budget": report["meets_budget"], "rounds": len(report["rounds"]),
+                       "blocks_removed": len(report["blocks"]["removed"]),
+                       "solve_s": report["solver"]["seconds"], "optimize_wall_s": wall, "repair_s": repair_s}
+                state["rows"].append(row)
+                print(json.dumps(row), flush=True)
+            finals[label] = run_dir / "lsq.onnx"
+            out_json.write_text(json.dumps(state, indent=1))
+        # Independent recheck: every lsq model of this budget beside the dense one, fresh processes.
+        present = {k: v for k, v in finals.items() if v.is_file()}
+        if present:
+            timed = compare_in_subprocesses({"dense": dense_path, **present}, threads=1, processes=3)
+            for label in present:
+                for row in state["rows"]:
+                    if row["budget"] == budget and row["config"] == label and "top1" in row:
+                        row["recheck_ratio"] = timed[label].median_ms / timed["dense"].median_ms
+        out_json.write_text(json.dumps(state, indent=1))
+
+    print("\nbudget | configuration | repair | top-1 % | latency/dense (run) | recheck | blocks removed")
+    for r in state["rows"]:
+        if "top1" not in r:
+            print(f"{r['budget']} | {r['config']} | - | error: {r.get('error', '')[:60]}")
+            continue
+        print(f"{r['budget']} | {r['config']} | {r['repair']} | {r['top1']:.2f} | {r['latency_ratio']:.3f} | "
+              f"{r.get('recheck_ratio', float('nan')):.3f} | {r.get('blocks_removed', 0)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
