@@ -27,8 +27,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 OUT = HERE / "out"
 
-# (label, objective, method, repairs measured)
+# (label, objective, method, repairs measured[, distortion curves])
 CONFIGS = [
+    ("fisher-distortion+dp", "distortion", "dp", ("none", "lsq"), "fisher"),
     ("distortion+dp", "distortion", "dp", ("none", "bias", "lsq")),
     ("distortion+milp", "distortion", "milp", ("none", "lsq")),
     ("importance+milp", "importance", "milp", ("none", "lsq")),
@@ -51,7 +52,8 @@ def main() -> int:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--budgets", default="0.7,0.5,0.35")
-    ap.add_argument("--configs", default=",".join(c[0] for c in CONFIGS))
+    ap.add_argument("--configs", default=",".join(c[0] for c in CONFIGS[1:]),
+                    help="comma-separated labels; 'fisher-distortion+dp' is opt-in")
     ap.add_argument("--limit", type=int, default=None, help="test images (default all 10,000)")
     ap.add_argument("--lut", default=str(OUT / "lut.sqlite"))
     ap.add_argument("--step", type=int, default=8)
@@ -71,13 +73,14 @@ def main() -> int:
     wanted = [c for c in CONFIGS if c[0] in args.configs.split(",")]
     for budget in (float(b) for b in args.budgets.split(",")):
         finals: dict[str, Path] = {}
-        for label, objective, method, repairs in wanted:
+        for label, objective, method, repairs, *kind in wanted:
             if all((budget, label, r) in done for r in repairs):
                 finals[label] = OUT / "accuracy" / f"{budget:.2f}_{label.replace(' ', '_')}" / "lsq.onnx"
                 continue
             run_dir = OUT / "accuracy" / f"{budget:.2f}_{label.replace(' ', '_')}"
             opts = OptimizeOptions(speedup=1 / budget, lut_path=Path(args.lut), method=method, step=args.step,
-                                   objective=objective, calib=str(calib), calib_samples=256, repair="none")
+                                   objective=objective, calib=str(calib), calib_samples=256, repair="none",
+                                   distortion=kind[0] if kind else "forward")
             t0 = time.perf_counter()
             try:
                 report = optimize(dense_path, run_dir, opts)
