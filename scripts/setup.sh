@@ -18,3 +18,6 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/python -m pip install -q "torch==2.13.0" || echo "setup: torch not installed; its tests will skip" >&2
 fi
+# MindtPy's NLP subsolver (cyipopt against Debian's Ipopt) for the MINLP's Outer Approximation;
+# exits 0 with a message where it cannot install, and the MindtPy tests then skip.
+scripts/install_ipopt.sh
