@@ -285,6 +285,13 @@ def _conv(m, node, ins, a):
     return _CONV[nd](x, w, b, strides, begins, dil, int(a.get("group", 1)))
 
 
+
+def _split_pads(totals: list[int], auto: str) -> tuple[list[int], list[int]]:
+    """Split each axis's total padding into (begins, ends): SAME_UPPER puts the odd one at the end."""
+    if auto == "SAME_UPPER":
+        return [t // 2 for t in totals], [t - t // 2 for t in totals]
+    return [t - t // 2 for t in totals], [t // 2 for t in totals]
+
 def _conv_transpose(m, node, ins, a):
     x, w = ins[0], ins[1]
     b = ins[2] if len(ins) > 2 else None
@@ -295,26 +302,10 @@ def _conv_transpose(m, node, ins, a):
     full = [strides[i] * (in_sizes[i] - 1) + (kernel[i] - 1) * dil[i] + 1 for i in range(nd)]
     if "output_shape" in a:
         target = list(a["output_shape"])[-nd:]
-        begins, ends = [], []
-        for i in range(nd):
-            total = full[i] + out_pad[i] - target[i]
-            if auto == "SAME_UPPER":
-                begins.append(total // 2)
-                ends.append(total - total // 2)
-            else:
-                begins.append(total - total // 2)
-                ends.append(total // 2)
+        begins, ends = _split_pads([full[i] + out_pad[i] - target[i] for i in range(nd)], auto)
     elif auto in ("SAME_UPPER", "SAME_LOWER"):
-        begins, ends = [], []
-        for i in range(nd):
-            target = in_sizes[i] * strides[i]
-            total = max(full[i] + out_pad[i] - target, 0)
-            if auto == "SAME_UPPER":
-                begins.append(total // 2)
-                ends.append(total - total // 2)
-            else:
-                begins.append(total - total // 2)
-                ends.append(total // 2)
+        begins, ends = _split_pads([max(full[i] + out_pad[i] - in_sizes[i] * strides[i], 0)
+                                    for i in range(nd)], auto)
     elif auto == "VALID":
         begins, ends = [0] * nd, [0] * nd
     else:

@@ -61,3 +61,34 @@ def residual_path(cli_workdir) -> Path:
     p = cli_workdir / "residual.onnx"
     onnx.save(residual_cnn(), str(p))
     return p
+
+
+def assert_plan_well_formed(prob, plan, removable=None) -> None:
+    """Widths are candidates (0 for a removed block's inner groups), kept indices match them,
+    only prunable groups are cut, and removed blocks are removable (when `removable` given)."""
+    if removable is not None:
+        assert set(plan.removed_blocks) <= set(removable)
+    for g in prob.groups:
+        if not g.prunable:
+            assert g.id not in plan.kept
+            continue
+        w = plan.widths[g.id]
+        if g.inner_of_block is not None and g.inner_of_block in plan.removed_blocks:
+            assert w == 0
+        else:
+            assert w in g.candidate_widths
+        if w < g.size:
+            kept = plan.kept[g.id]
+            assert len(kept) == w and kept == sorted(set(kept))
+
+
+def assert_valid_pruned(pruned: onnx.ModelProto, dense: onnx.ModelProto) -> np.ndarray:
+    """Full checker, same input/output names, runs in ONNX Runtime with the dense output shape.
+    Returns the pruned model's output on one random input."""
+    onnx.checker.check_model(pruned, full_check=True)
+    assert [i.name for i in pruned.graph.input] == [i.name for i in dense.graph.input]
+    assert [o.name for o in pruned.graph.output] == [o.name for o in dense.graph.output]
+    x = random_inputs(1)[0]
+    y = run_model(pruned, x)
+    assert y.shape == run_model(dense, x).shape
+    return y

@@ -9,6 +9,7 @@ import itertools
 import numpy as np
 import pytest
 
+from conftest import assert_plan_well_formed
 from onnx_builders import ALL_BUILDERS, GraphBuilder, residual_cnn
 from test_solver import FAKE_FP, _budget, _fill_table, _problem
 from latprune.lut.predict import layer_costs
@@ -38,21 +39,6 @@ def _feasible(inp: SolveInput, plan) -> float:
     assert plan.predicted_ms == pytest.approx(inp.scale * raw + inp.offset_ms, rel=1e-9)
     assert plan.predicted_ms <= inp.budget_ms * (1 + 1e-9)
     return raw
-
-
-def _plan_is_well_formed(prob, inp: SolveInput, plan) -> None:
-    assert set(plan.removed_blocks) <= set(inp.removable_blocks)
-    for g in prob.groups:
-        if not g.prunable:
-            assert g.id not in plan.kept
-            continue
-        w = plan.widths[g.id]
-        if g.inner_of_block is not None and g.inner_of_block in plan.removed_blocks:
-            assert w == 0
-        else:
-            assert w in g.candidate_widths
-        if w < g.size:
-            assert len(plan.kept[g.id]) == w
 
 
 # ---- knapsack -------------------------------------------------------------------------------
@@ -143,7 +129,7 @@ def test_dp_is_feasible_and_close_to_brute_force(problems):
                 dp = solve_dp(inp)
                 assert dp.method == "dp"
                 _feasible(inp, dp)
-                _plan_is_well_formed(prob, inp, dp)
+                assert_plan_well_formed(prob, dp, inp.removable_blocks)
                 if not blocks:
                     assert dp.removed_blocks == []
                 # never better than the optimum
@@ -261,7 +247,7 @@ def test_dp_milp_brute_agree_on_distortion(problems, name):
             brute, milp, dp = solve_brute(inp), solve_milp(inp), solve_dp(inp)
             for plan in (brute, milp, dp):
                 _feasible(inp, plan)
-                _plan_is_well_formed(prob, inp, plan)
+                assert_plan_well_formed(prob, plan, inp.removable_blocks)
             # the plans keep the distortion ranking's first channels
             for gid, kept in dp.kept.items():
                 assert kept == sorted(orders[gid][:dp.widths[gid]])

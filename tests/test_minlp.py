@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("pyomo")
 pytest.importorskip("pyscipopt")
 
-from test_solver import _budget, _problem  # noqa: E402
+from test_solver import _budget, _problem, random_exact_input  # noqa: E402
 from latprune.solver.brute import solve_brute  # noqa: E402
 from latprune.solver.milp import solve_milp  # noqa: E402
 from latprune.solver.minlp import nlp_subsolver_available, solve_minlp  # noqa: E402
@@ -55,10 +55,8 @@ def test_minlp_matches_milp_and_brute_force(problems, solver, name, blocks):
     rng = np.random.default_rng([NAMES.index(name), int(blocks), 7])
     for trial in range(1 if name == "pad_shortcut" else 2):
         _randomise(prob, rng, cheap_blocks=blocks and trial == 0)
-        scale, offset = float(rng.uniform(0.5, 2.0)), float(rng.uniform(0.0, 0.1))
-        budget = _budget(prob, costs, rng, scale, offset, blocks)
-        inp = SolveInput(prob, costs, budget, scale, offset, blocks, time_limit_s=30,
-                         mip_rel_gap=1e-9)
+        inp = random_exact_input(prob, costs, rng, blocks)
+        budget = inp.budget_ms
         brute = solve_brute(inp)
         milp = solve_milp(inp)
         plan = solve_minlp(inp, solver)

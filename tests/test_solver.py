@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 
+from conftest import assert_plan_well_formed
 from onnx_builders import ALL_BUILDERS
 from latprune.lut.predict import layer_costs, required_cells, space_values
 from latprune.lut.store import LatencyTable
@@ -64,6 +65,14 @@ def _budget(prob, costs, rng, scale, offset, blocks) -> float:
     return float(lo + (hi - lo) * rng.uniform(0.0, 1.0))
 
 
+def random_exact_input(prob, costs, rng, blocks: bool) -> SolveInput:
+    """A random calibration (scale, offset) and budget between the smallest and the dense
+    latency, for exact solvers (relative gap 1e-9)."""
+    scale, offset = float(rng.uniform(0.5, 2.0)), float(rng.uniform(0.0, 0.1))
+    budget = _budget(prob, costs, rng, scale, offset, blocks)
+    return SolveInput(prob, costs, budget, scale, offset, blocks, time_limit_s=30, mip_rel_gap=1e-9)
+
+
 CASES = [(name, blocks) for name in sorted(ALL_BUILDERS) for blocks in (True, False)]
 
 
@@ -75,10 +84,8 @@ def test_milp_matches_brute_force(problems, name, blocks):
     for trial in range(n):
         for g in prob.groups:  # fresh importances per trial
             g.importance = [float(v) for v in rng.uniform(0.1, 2.0, g.size)]
-        scale, offset = float(rng.uniform(0.5, 2.0)), float(rng.uniform(0.0, 0.1))
-        budget = _budget(prob, costs, rng, scale, offset, blocks)
-        inp = SolveInput(prob, costs, budget, scale, offset, blocks, time_limit_s=30,
-                         mip_rel_gap=1e-9)
+        inp = random_exact_input(prob, costs, rng, blocks)
+        budget = inp.budget_ms
         brute = solve_brute(inp)
         milp = solve_milp(inp)
         assert milp.objective == pytest.approx(brute.objective, rel=1e-6), (trial, budget)
@@ -88,7 +95,7 @@ def test_milp_matches_brute_force(problems, name, blocks):
             assert milp.removed_blocks == []
         # the reported prediction is the calibrated cost-matrix latency of the plan
         obj, raw = evaluate(inp, milp.widths, set(milp.removed_blocks))
-        assert milp.predicted_ms == pytest.approx(scale * raw + offset, rel=1e-9)
+        assert milp.predicted_ms == pytest.approx(inp.scale * raw + inp.offset_ms, rel=1e-9)
         assert milp.objective == pytest.approx(obj, rel=1e-9)
 
 
@@ -100,21 +107,10 @@ def test_milp_plan_is_consistent(problems, name):
     plan = solve_milp(SolveInput(prob, costs, budget))
     assert plan.method == "milp"
     assert plan.predicted_ms <= budget
-    for g in prob.groups:
-        if not g.prunable:
-            assert g.id not in plan.kept
-            continue
-        w = plan.widths[g.id]
-        if g.inner_of_block is not None and g.inner_of_block in plan.removed_blocks:
-            assert w == 0
-        else:
-            assert w in g.candidate_widths
-        if w < g.size:
-            kept = plan.kept[g.id]
-            assert len(kept) == w and kept == sorted(set(kept))
-            # the most important channels are the ones kept
-            order = np.argsort(-np.asarray(g.importance), kind="stable")[:w]
-            assert sorted(int(i) for i in order) == kept
+    assert_plan_well_formed(prob, plan)
+    for gid, kept in plan.kept.items():  # the most important channels are the ones kept
+        order = np.argsort(-np.asarray(prob.groups[gid].importance), kind="stable")[:len(kept)]
+        assert sorted(int(i) for i in order) == kept
 
 
 @pytest.mark.parametrize("name", ["residual", "pad_shortcut"])
