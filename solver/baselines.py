@@ -15,10 +15,11 @@ def solve_halp(inp: SolveInput, bins: int = 2000, steps: int = 10) -> Plan:
     """HALP (Shen et al., NeurIPS 2022): a 0/1 knapsack over each group's widths (channels kept
     in importance order) with HALP's *linear* latency model: a group's cost is what the layers
     writing it cost at that output width with their input widths held fixed. HALP prunes
-    iteratively, reading the table at the current input widths; here that is a fixed point:
-    the first knapsack holds inputs at the dense widths, each next one at the previous answer's
-    widths (up to `steps`). The best answer whose bilayer prediction meets the budget wins;
-    if none does, the last one is returned and its status says so. No blocks are removed."""
+    progressively, reading the table at the current input widths; so does this: `steps`
+    knapsacks with targets falling linearly from the dense latency to the budget, each with
+    inputs held at the previous answer's widths, then up to `steps` more at the budget until
+    the answer settles. The best answer whose bilayer prediction meets the budget wins; if none
+    does, InputError. No blocks are removed."""
     t0 = time.perf_counter()
     prob = inp.problem
     units = [Unit([g.id], None, [({g.id: w}, False, inp.objective.value(prob, g.id, w))
@@ -26,10 +27,14 @@ def solve_halp(inp: SolveInput, bins: int = 2000, steps: int = 10) -> Plan:
              for g in prob.groups if g.prunable]
     costs = _Costs(inp, units)
     current = {g.id: g.size for g in prob.groups}
+    dense_raw = evaluate(inp, {}, set())[1]
     best, last, seen = None, None, set()
-    for _ in range(steps):
-        picks = _halp_knapsack(inp, units, costs, current, bins)
+    for k in range(1, 2 * steps + 1):
+        target = inp.raw_budget + (dense_raw - inp.raw_budget) * max(steps - k, 0) / steps
+        picks = _halp_knapsack(inp, units, costs, current, target, bins)
         if picks is None:
+            if k <= steps:
+                continue
             break
         widths = {unit.groups[0]: unit.options[o][0][unit.groups[0]] for unit, o in zip(units, picks)}
         obj, raw = evaluate(inp, widths, set())
@@ -37,26 +42,26 @@ def solve_halp(inp: SolveInput, bins: int = 2000, steps: int = 10) -> Plan:
         if raw <= inp.raw_budget + 1e-12 and (best is None or obj > best[0]):
             best = last
         key = tuple(sorted(widths.items()))
-        if key in seen:
+        if k > steps and key in seen:
             break
         seen.add(key)
         current = {**{g.id: g.size for g in prob.groups}, **widths}
-    chosen = best or last
-    if chosen is None:
-        raise InputError(f"HALP's linear latency model cannot meet the budget {inp.budget_ms:.3f} ms")
-    obj, raw, widths = chosen
+    if best is None:
+        reached = "" if last is None else f" (its last plan predicts {inp.scale * last[1] + inp.offset_ms:.3f} ms)"
+        raise InputError(f"HALP's linear latency model found no plan within the budget "
+                         f"{inp.budget_ms:.3f} ms{reached}")
+    obj, raw, widths = best
     plan = make_plan(prob, widths, set(), "halp", inp.objective)
     plan.objective = obj
     plan.predicted_ms = inp.scale * raw + inp.offset_ms
     plan.solve_seconds = time.perf_counter() - t0
-    plan.status = "Optimal (linear latency model)" + ("" if best is not None else
-                                                      "; the bilayer prediction exceeds the budget")
+    plan.status = "Optimal (linear latency model)"
     return plan
 
 
 def _halp_knapsack(inp: SolveInput, units: list[Unit], costs: _Costs, current: dict[int, int],
-                   bins: int) -> list[int] | None:
-    """One knapsack of HALP's linear model with input widths held at `current`."""
+                   target: float, bins: int) -> list[int] | None:
+    """One knapsack of HALP's linear model (raw latency ≤ target) with inputs held at `current`."""
     prob = inp.problem
     base = sum(costs.layer(l, current, set()) for l in range(len(prob.layers)))
     base += sum(costs.overhead(k, current, set()) for k in range(len(prob.overheads)))
@@ -82,7 +87,7 @@ def _halp_knapsack(inp: SolveInput, units: list[Unit], costs: _Costs, current: d
         vals.append(np.array([o[2] for o in unit.options]))
         cs.append(np.array(deltas))
     shift = sum(float(c.min()) for c in cs)
-    return knapsack(vals, [c - c.min() for c in cs], inp.raw_budget - base - shift, bins)
+    return knapsack(vals, [c - c.min() for c in cs], target - base - shift, bins)
 
 
 def solve_threshold(inp: SolveInput) -> Plan:
