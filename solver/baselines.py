@@ -17,8 +17,9 @@ def solve_halp(inp: SolveInput, bins: int = 2000, steps: int = 10) -> Plan:
     writing it cost at that output width with their input widths held fixed. HALP prunes
     progressively, reading the table at the current input widths; so does this: `steps`
     knapsacks with targets falling linearly from the dense latency to the budget, each with
-    inputs held at the previous answer's widths, then up to `steps` more at the budget until
-    the answer settles. The best answer whose bilayer prediction meets the budget wins; if none
+    inputs held at the previous answer's widths and no group widened again (HALP never
+    regrows channels; without that the linearisation oscillates), then up to `steps` more at
+    the budget until the answer settles. The best answer whose bilayer prediction meets the budget wins; if none
     does, InputError. No blocks are removed."""
     t0 = time.perf_counter()
     prob = inp.problem
@@ -84,7 +85,8 @@ def _halp_knapsack(inp: SolveInput, units: list[Unit], costs: _Costs, current: d
             d += sum(costs.overhead(k, full, set()) - costs.overhead(k, current, set())
                      for k, o in enumerate(prob.overheads) if any(g == gid for g, _ in o.space.terms))
             deltas.append(d)
-        vals.append(np.array([o[2] for o in unit.options]))
+        # HALP only ever removes channels: widths above the current one are not offered.
+        vals.append(np.array([o[2] if o[0][gid] <= current[gid] else -np.inf for o in unit.options]))
         cs.append(np.array(deltas))
     shift = sum(float(c.min()) for c in cs)
     return knapsack(vals, [c - c.min() for c in cs], target - base - shift, bins)
