@@ -103,8 +103,6 @@ def optimize(
     try:
         if device != "cpu":
             raise LatpruneError(f"--device {device}: only 'cpu' (ONNX Runtime on this machine) is available")
-        if calib is not None and calib != "noise" and not Path(calib).is_file():
-            raise LatpruneError(f"--calib {calib}: no such file")
         opts = OptimizeOptions(budget_ms=budget_ms, speedup=speedup, threads=threads, lut_path=lut,
                                method=method, step=step, max_candidates=max_candidates,
                                remove_blocks=remove_blocks, rounds=rounds,

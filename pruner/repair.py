@@ -22,11 +22,12 @@ from typing import Callable
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from latprune.types import InputError, Plan
 from latprune.pruner.analysis import Analysis, _attr
 from latprune.pruner.forward import Runner
-from latprune.pruner.model_io import initializer_arrays, make_tensor
+from latprune.pruner.model_io import make_tensor
 from latprune.pruner.surgery import kept_classes
 
 MODES = ("none", "bias", "lsq")
@@ -105,7 +106,7 @@ def repair(analysis: Analysis, plan: Plan, pruned: onnx.ModelProto, x: np.ndarra
     dense = Runner(analysis.model, outputs, threads=threads).run(x)
     for done, name in enumerate(names):
         node = nodes[name]
-        inits = initializer_arrays(model)
+        inits = _arrays(model, node.input[1:3])
         w0 = inits[node.input[1]].astype(np.float64)
         b_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
         out = node.output[0]
@@ -180,8 +181,14 @@ def _write_layer(model: onnx.ModelProto, node: onnx.NodeProto, w_mat: np.ndarray
                 a.f = 1.0
 
 
+def _arrays(model: onnx.ModelProto, names) -> dict[str, np.ndarray]:
+    """The named initializers as arrays (only those: converting all of them per layer is slow)."""
+    wanted = {n for n in names if n}
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name in wanted}
+
+
 def _drop_unused(model: onnx.ModelProto) -> None:
-    used = {i for n in model.graph.node for i in n.input}
-    keep = [i for i in model.graph.initializer if i.name in used or i.name in {g.name for g in model.graph.input}]
+    used = {i for n in model.graph.node for i in n.input} | {g.name for g in model.graph.input}
+    keep = [i for i in model.graph.initializer if i.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)

@@ -67,7 +67,7 @@ def _halp_knapsack(inp: SolveInput, units: list[Unit], costs: _Costs, current: d
     base = sum(costs.layer(l, current, set()) for l in range(len(prob.layers)))
     base += sum(costs.overhead(k, current, set()) for k in range(len(prob.overheads)))
     vals, cs = [], []
-    for unit in units:
+    for u, unit in enumerate(units):
         gid = unit.groups[0]
         writers = [l for l, layer in enumerate(prob.layers) if any(g == gid for g, _ in layer.c_out.terms)]
         deltas = []
@@ -83,7 +83,7 @@ def _halp_knapsack(inp: SolveInput, units: list[Unit], costs: _Costs, current: d
                     j = cost.out_values.index(layer.c_out.width(full))
                 d += float(cost.ms[i, j]) - costs.layer(l, current, set())
             d += sum(costs.overhead(k, full, set()) - costs.overhead(k, current, set())
-                     for k, o in enumerate(prob.overheads) if any(g == gid for g, _ in o.space.terms))
+                     for k in costs.unit_overheads[u])
             deltas.append(d)
         # HALP only ever removes channels: widths above the current one are not offered.
         vals.append(np.array([o[2] if o[0][gid] <= current[gid] else -np.inf for o in unit.options]))

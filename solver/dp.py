@@ -90,6 +90,15 @@ class _Costs:
             if o.block in self.unit_of_block:
                 touched.add(self.unit_of_block[o.block])
             self.overhead_units.append(touched)
+        # The inverse maps: per unit, the layers and overhead terms whose cost it moves.
+        self.unit_layers: list[list[int]] = [[] for _ in units]
+        for l, us in enumerate(self.layer_units):
+            for u in us:
+                self.unit_layers[u].append(l)
+        self.unit_overheads: list[list[int]] = [[] for _ in units]
+        for k, us in enumerate(self.overhead_units):
+            for u in us:
+                self.unit_overheads[u].append(k)
 
     def layer(self, l: int, widths: dict[int, int], removed: set[int]) -> float:
         prob = self.inp.problem
@@ -201,22 +210,14 @@ def _descend(inp: SolveInput, units: list[Unit], costs: _Costs, widths: dict[int
         base_layers = [costs.layer(l, widths, removed) for l in range(len(prob.layers))]
         base_over = [costs.overhead(k, widths, removed) for k in range(len(prob.overheads))]
         base_total = sum(base_layers) + sum(base_over)
-        touching: list[list[int]] = [[] for _ in units]
-        for l, us in enumerate(costs.layer_units):
-            for u in us:
-                touching[u].append(l)
-        over_touching: list[list[int]] = [[] for _ in units]
-        for k, us in enumerate(costs.overhead_units):
-            for u in us:
-                over_touching[u].append(k)
         vals, cs = [], []
         for u, unit in enumerate(units):
             vals.append(np.array([o[2] for o in unit.options]))
             deltas = []
             for opt in unit.options:
                 w2, r2 = _assign(widths, removed, unit, opt)
-                d = sum(costs.layer(l, w2, r2) - base_layers[l] for l in touching[u])
-                d += sum(costs.overhead(k, w2, r2) - base_over[k] for k in over_touching[u])
+                d = sum(costs.layer(l, w2, r2) - base_layers[l] for l in costs.unit_layers[u])
+                d += sum(costs.overhead(k, w2, r2) - base_over[k] for k in costs.unit_overheads[u])
                 deltas.append(d)
             cs.append(np.array(deltas))
         shift = sum(float(c.min()) for c in cs)

@@ -54,19 +54,6 @@ def magnitude_importance(problem: Problem, slices: dict[int, list[tuple[str, int
                 problem.blocks[b].importance += 1.0  # the layer's whole share of the group
 
 
-def cumulative_importance(importance: list[float], width: int) -> float:
-    """Sum of the `width` largest scores: what keeping the best `width` channels retains."""
-    if width <= 0:
-        return 0.0
-    return float(np.sort(np.asarray(importance))[::-1][:width].sum())
-
-
-def top_channels(importance: list[float], width: int) -> list[int]:
-    """Positions of the `width` most important channels, ascending (ties: lower index)."""
-    order = np.argsort(-np.asarray(importance), kind="stable")[:width]
-    return sorted(int(i) for i in order)
-
-
 def apply_scores(problem: Problem, scores: dict[int, list[float]]) -> None:
     """Replace the within-group ranking with data-driven `scores` (one per channel position),
     rescaled so each group keeps its magnitude-importance total: the retained-importance
