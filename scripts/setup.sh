@@ -21,3 +21,6 @@ fi
 # MindtPy's NLP subsolver (cyipopt against Debian's Ipopt) for the MINLP's Outer Approximation;
 # exits 0 with a message where it cannot install, and the MindtPy tests then skip.
 scripts/install_ipopt.sh
+# The service tests need PostgreSQL and Redis (throw-away servers that tests/servers.py starts);
+# exits 0 with a message where it cannot install, and those tests then skip.
+scripts/servers.sh install || true

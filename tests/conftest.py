@@ -92,3 +92,6 @@ def assert_valid_pruned(pruned: onnx.ModelProto, dense: onnx.ModelProto) -> np.n
     y = run_model(pruned, x)
     assert y.shape == run_model(dense, x).shape
     return y
+
+# Real PostgreSQL / Redis servers for the service tests (scripts/servers.sh), session-wide.
+from servers import free_port, postgres_url, redis_url  # noqa: E402,F401

@@ -1,0 +1,188 @@
+"""Running one job: the child process that a worker (in-process pool or Celery agent) starts.
+
+`python -m latprune.service.jobs JOB_ID` loads the job, calls the pipeline (optimize, profile
+or the nightly re-profile), records stage and progress in the database as it goes, stores the
+artifacts and finishes the job as succeeded or failed. It never decides retries: the worker
+that started it (service.worker) watches it, keeps its heartbeat, kills it on cancel and
+requeues it if the worker itself died.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from latprune.service.db import Artifact, Device, Job, now, session_scope
+from latprune.service.settings import Settings, get_settings
+from latprune.service.storage import ARTIFACT_NAMES, Storage, file_sha256
+from latprune.types import InputError, LatpruneError
+
+# Options a job may set, passed to pipeline.OptimizeOptions under the same names.
+OPTION_FIELDS = ("budget_ms", "speedup", "flops_ratio", "params_ratio", "method", "objective", "importance",
+                 "distortion", "repair", "step", "threads", "max_candidates", "time_limit_s", "remove_blocks",
+                 "rounds", "calib_samples")
+
+
+class JobProgress:
+    """pipeline.Progress that writes stage and progress to the job row (at most 2 writes/s
+    for progress; every stage change is written)."""
+
+    def __init__(self, settings: Settings, job_id: str) -> None:
+        self.settings, self.job_id = settings, job_id
+        self._last = 0.0
+        self._stage = ""
+
+    def _write(self, **fields) -> None:
+        with session_scope(self.settings.db_url) as s:
+            job = s.get(Job, self.job_id)
+            for k, v in fields.items():
+                setattr(job, k, v)
+
+    def stage(self, name: str) -> None:
+        self._stage = name
+        self._write(stage=name[:255], progress=0.0)
+
+    def advance(self, done: int, total: int) -> None:
+        t = time.monotonic()
+        if done >= total or t - self._last >= 0.5:
+            self._last = t
+            self._write(progress=done / max(total, 1))
+
+    def info(self, message: str) -> None:
+        self._write(message=message[:2000])
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the worker that started us dies, so a killed server leaves no
+    orphan job running beside the retry it will start after a restart."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def optimize_options(job: Job, calib_path: Path | None, lut_path: Path):
+    from latprune.pipeline import OptimizeOptions
+
+    fields = {k: job.options[k] for k in OPTION_FIELDS if job.options.get(k) is not None}
+    return OptimizeOptions(lut_path=lut_path, calib=str(calib_path) if calib_path else None,
+                           measure_processes=2, **fields)
+
+
+def _store_artifacts(settings: Settings, storage: Storage, job_id: str, src: Path) -> list[str]:
+    """Move the known artifact files from `src` into the job dir and record them."""
+    dst = storage.job_dir(job_id)
+    dst.mkdir(parents=True, exist_ok=True)
+    names = [n for n in ARTIFACT_NAMES if (src / n).is_file()]
+    with session_scope(settings.db_url) as s:
+        for old in s.query(Artifact).filter(Artifact.job_id == job_id).all():
+            s.delete(old)
+        for name in names:
+            os.replace(src / name, dst / name)
+            s.add(Artifact(job_id=job_id, name=name, size_bytes=(dst / name).stat().st_size,
+                           sha256=file_sha256(dst / name), media_type=ARTIFACT_NAMES[name]))
+    return names
+
+
+def _build_engine(device: Device, pruned: Path, out: Path, progress: JobProgress) -> None:
+    """A TensorRT engine of the pruned model, on devices whose agent has TensorRT."""
+    if not device.has_tensorrt:
+        return
+    from latprune.profiler.backends.trt import TensorRTBackend
+
+    progress.stage("building the TensorRT engine")
+    import onnx
+
+    (out / "model.engine").write_bytes(TensorRTBackend().build_engine(onnx.load(str(pruned))))
+
+
+def _summary(report: dict) -> dict:
+    keys = ("dense_ms", "budget_ms", "predicted_ms", "measured_ms", "meets_budget", "speedup",
+            "prediction_error", "solver", "wall_seconds", "warnings", "budget")
+    return {k: report[k] for k in keys if k in report}
+
+
+def run(job_id: str, settings: Settings | None = None) -> int:
+    """Execute one claimed job. Returns the process exit code (0: finished, succeeded or failed
+    for a reason the user can act on; 1: an internal error, also recorded)."""
+    settings = settings or get_settings()
+    storage = Storage(settings.data_path)
+    progress = JobProgress(settings, job_id)
+    with session_scope(settings.db_url) as s:
+        job = s.get(Job, job_id)
+        if job is None or job.state != "running":
+            print(f"job {job_id} is not running (state {job and job.state}); nothing to do", file=sys.stderr)
+            return 0
+        device = s.get(Device, job.device)
+        s.expunge_all()
+    work = storage.job_dir(job_id) / ".work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        result = _execute(settings, storage, job, device, work, progress)
+        names = _store_artifacts(settings, storage, job_id, work)
+        _finish(settings, job_id, "succeeded", result=result, stage=f"done: {', '.join(names)}")
+        return 0
+    except LatpruneError as exc:
+        _finish(settings, job_id, "failed", error=" ".join(str(exc).split())[:4000])
+        return 0
+    except Exception as exc:  # recorded for the user and the operator; the worker sees exit 1
+        (work / "log.txt").write_text(traceback.format_exc())
+        _store_artifacts(settings, storage, job_id, work)
+        _finish(settings, job_id, "failed", error=f"internal error: {type(exc).__name__}: {exc}"[:4000])
+        return 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _execute(settings: Settings, storage: Storage, job: Job, device: Device, work: Path,
+             progress: JobProgress) -> dict:
+    from latprune import pipeline
+
+    lut_path = storage.lut_path(job.device)
+    if job.kind == "reprofile":
+        from latprune.service.drift import reprofile_device
+        return reprofile_device(settings, job.device, job.options, progress)
+    model_path = storage.model_path(job.model_id)
+    if not model_path.is_file():
+        raise InputError(f"the model {job.model_id} was deleted")
+    if job.kind == "profile":
+        threads = int(job.options.get("threads") or 1)
+        result = pipeline.profile_model(model_path, lut_path, threads=threads, progress=progress)
+        result["lut"] = f"device {job.device}"
+        (work / "profile.json").write_text(json.dumps(result, indent=1))
+        return result
+    calib = storage.calibration_path(job.calibration_id) if job.calibration_id else None
+    report = pipeline.optimize(model_path, work, optimize_options(job, calib, lut_path), progress)
+    report["model"] = job.model_id  # not the server's file path
+    report.get("lut", {})["path"] = f"device {job.device}"
+    (work / "report.json").write_text(json.dumps(report, indent=1))
+    from latprune.report_html import write_report_html
+    write_report_html(work, report, json.loads((work / "plan.json").read_text()))
+    _build_engine(device, work / "pruned.onnx", work, progress)
+    return _summary(report)
+
+
+def _finish(settings: Settings, job_id: str, state: str, result: dict | None = None, error: str = "",
+            stage: str | None = None) -> None:
+    with session_scope(settings.db_url) as s:
+        job = s.get(Job, job_id)
+        job.state = state
+        job.finished_at = now()
+        job.error = error
+        job.progress = 1.0 if state == "succeeded" else job.progress
+        job.stage = stage or state
+        if result is not None:
+            job.result = result
+
+
+if __name__ == "__main__":
+    _die_with_parent()
+    sys.exit(run(sys.argv[1]))
