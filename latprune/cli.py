@@ -4,6 +4,7 @@ Bad input exits with code 2 and one line on stderr; nothing is half-written.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -68,7 +69,7 @@ class _RichProgress:
 @app.command()
 def optimize(
     model: Path = typer.Argument(..., help="ONNX model to prune"),
-    out: Path = typer.Option(..., "--out", help="output folder: pruned.onnx, plan.json, report.json"),
+    out: Path = typer.Option(..., "--out", help="output folder: pruned.onnx, plan.json, report.json, report.html"),
     budget_ms: Optional[float] = typer.Option(None, "--budget-ms", help="latency budget in ms"),
     speedup: Optional[float] = typer.Option(None, "--speedup", help="budget = dense latency / SPEEDUP"),
     device: str = typer.Option("cpu", "--device", help="target device (cpu: ONNX Runtime here)"),
@@ -124,7 +125,7 @@ def optimize(
         err.print(t)
         for w in report["warnings"]:
             err.print(f"[yellow]warning:[/] {w}")
-        err.print(f"wrote {out}/pruned.onnx, plan.json, report.json")
+        err.print(f"wrote {out}/pruned.onnx, plan.json, report.json, report.html")
     if not report["meets_budget"]:
         raise typer.Exit(3)
 
@@ -294,6 +295,88 @@ def demo_model(out: Path = typer.Argument(Path("runs/demo.onnx"), help="where to
     from latprune.demo import build_demo_model
 
     print(build_demo_model(out))
+
+
+# ---- the HTTP service (service/) ------------------------------------------------------------
+@contextlib.contextmanager
+def _database_errors():
+    """The service database unreachable or broken: one line and exit 2, not a traceback."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        _fail(ValueError(f"service database: {str(exc).splitlines()[0]}"))
+
+
+token_app = typer.Typer(no_args_is_help=True, help="API tokens of the HTTP service (hashed at rest).")
+app.add_typer(token_app, name="token")
+
+
+@app.command()
+def serve(host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0 in a container)"),
+          port: int = typer.Option(8000, help="TCP port"),
+          log_level: str = typer.Option("info", help="uvicorn log level")) -> None:
+    """Run the HTTP service (FastAPI + uvicorn): OpenAPI at /openapi.json, routes under /v1.
+
+    Configured by LATPRUNE_* environment variables (service/settings.py): LATPRUNE_HOME (default
+    ~/.cache/latprune), LATPRUNE_DATABASE_URL (default SQLite under HOME), LATPRUNE_EXECUTOR
+    (inprocess | celery), LATPRUNE_WORKERS, LATPRUNE_MAX_UPLOAD_MB, ..."""
+    import uvicorn
+
+    from latprune.service.app import create_app
+    from latprune.service.settings import get_settings
+
+    settings = get_settings()
+    err.print(f"latprune service on http://{host}:{port} (database {settings.db_url.split('@')[-1]}, "
+              f"executor {settings.executor}); create a token with: latprune token create NAME")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+
+
+@token_app.command("create")
+def token_create(user: str = typer.Argument(..., help="user name (created if new)"),
+                 role: str = typer.Option("user", help="user, or agent (may register devices and upload tables)")) -> None:
+    """Create an API token and print it (shown once; only its SHA-256 is stored)."""
+    from latprune.service.auth import create_token
+    from latprune.service.db import session_scope
+    from latprune.service.settings import get_settings
+
+    if role not in ("user", "agent"):
+        _fail(ValueError(f"--role must be user or agent, not {role!r}"))
+    if not 0 < len(user) <= 100:
+        _fail(ValueError("the user name must be 1 to 100 characters"))
+    with _database_errors():
+        with session_scope(get_settings().db_url) as session:
+            print(create_token(session, user, role))
+
+
+@token_app.command("list")
+def token_list() -> None:
+    """Tokens: id, user, role, first characters, created, revoked."""
+    from sqlalchemy import select
+
+    from latprune.service.db import Token, User, session_scope
+    from latprune.service.settings import get_settings
+
+    table = Table("id", "user", "role", "starts with", "revoked")
+    with _database_errors(), session_scope(get_settings().db_url) as session:
+        for tok, name in session.execute(select(Token, User.name).join(User, User.id == Token.user_id)):
+            table.add_row(tok.id, name, tok.role, tok.prefix + "…", "yes" if tok.revoked else "")
+    Console().print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(token_id: str = typer.Argument(..., help="token id or its first characters (token list)")) -> None:
+    """Revoke a token: requests with it get 401 from now on."""
+    from latprune.service.auth import revoke_token
+    from latprune.service.db import session_scope
+    from latprune.service.settings import get_settings
+
+    with _database_errors(), session_scope(get_settings().db_url) as session:
+        n = revoke_token(session, token_id)
+    if n == 0:
+        _fail(ValueError(f"no token {token_id!r}"))
+    print(f"revoked {n} token(s)")
 
 
 def main() -> None:  # pragma: no cover

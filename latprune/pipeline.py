@@ -538,7 +538,10 @@ def _write_outputs(out_dir: Path, pruned: onnx.ModelProto, plan: Plan, report: d
         save_model_atomic(pruned, tmp / "pruned.onnx")
         (tmp / "plan.json").write_text(plan.to_json())
         (tmp / "report.json").write_text(json.dumps(report, indent=1))
-        for name in ("pruned.onnx", "plan.json", "report.json"):
+        from latprune.report_html import render_report_html
+        (tmp / "report.html").write_text(render_report_html(report, json.loads(plan.to_json())),
+                                         encoding="utf-8")
+        for name in ("pruned.onnx", "plan.json", "report.json", "report.html"):
             os.replace(tmp / name, out_dir / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

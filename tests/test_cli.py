@@ -51,7 +51,7 @@ def test_optimize_writes_outputs_and_report(optimized):
     assert proc.returncode in (0, 3), proc.stderr
     for name in ("pruned.onnx", "plan.json", "report.json"):
         assert (out / name).is_file()
-    assert sorted(p.name for p in out.iterdir()) == ["plan.json", "pruned.onnx", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["plan.json", "pruned.onnx", "report.html", "report.json"]
     report = json.loads((out / "report.json").read_text())
     for key in ("dense_ms", "budget_ms", "predicted_ms", "measured_ms"):
         assert isinstance(report[key], float) and report[key] > 0, key

@@ -31,7 +31,7 @@ def _run(residual_path, shared_lut, out, *args, timeout: float = 300):
 
 
 def _valid_outputs(out, dense_path) -> tuple[dict, Plan]:
-    assert sorted(p.name for p in out.iterdir()) == ["plan.json", "pruned.onnx", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["plan.json", "pruned.onnx", "report.html", "report.json"]
     report = json.loads((out / "report.json").read_text())
     plan = Plan.from_json((out / "plan.json").read_text())
     pruned = onnx.load(str(out / "pruned.onnx"))
