@@ -379,6 +379,86 @@ def token_revoke(token_id: str = typer.Argument(..., help="token id or its first
     print(f"revoked {n} token(s)")
 
 
+# ---- the device farm: Celery agents, beat and the nightly re-profile (service/agent.py) -----
+def _farm_settings():
+    from latprune.service.settings import Settings
+
+    try:
+        return Settings()
+    except ValueError as exc:  # pydantic: a LATPRUNE_* variable of the wrong type
+        _fail(ValueError(f"settings: {' '.join(str(exc).split())}"))
+
+
+@contextlib.contextmanager
+def _farm_errors():
+    """Database, broker and input errors of the farm commands: one line and exit 2."""
+    from kombu.exceptions import OperationalError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        _fail(ValueError(f"service database: {str(exc).splitlines()[0]}"))
+    except OperationalError as exc:
+        _fail(ValueError(f"broker (LATPRUNE_REDIS_URL): {exc}"))
+    except (LatpruneError, ValueError) as exc:
+        _fail(exc)
+
+
+@app.command()
+def agent(
+    device: str = typer.Option(..., "--device", help="this device's name; its jobs come from queue device.NAME"),
+    concurrency: int = typer.Option(1, "--concurrency", min=1, max=64,
+                                    help="jobs at once (more than 1 makes concurrent timings noisy)"),
+    loglevel: str = typer.Option("info", "--loglevel", help="Celery log level"),
+    backend: Optional[str] = typer.Option(None, "--backend",
+                                          help="onnxruntime-cpu | tensorrt (default: tensorrt when it works here)"),
+) -> None:
+    """Run this machine as farm device NAME: a Celery worker that runs the device's jobs.
+
+    The agent shares the API server's database (LATPRUNE_DATABASE_URL, e.g. a PostgreSQL URL)
+    and data dir (LATPRUNE_DATA_DIR: a shared volume holding models, artifacts and latency
+    tables), and takes job ids from Redis (LATPRUNE_REDIS_URL). On start it registers the device
+    (executor celery, this machine's fingerprint), requeues jobs whose worker died and re-sends
+    lost queue messages. SIGTERM hands a running job back to the queue and stops."""
+    from latprune.service.agent import run_agent
+
+    settings = _farm_settings()
+    with _farm_errors():
+        run_agent(settings, device, concurrency=concurrency, loglevel=loglevel, backend=backend)
+
+
+@app.command()
+def beat(loglevel: str = typer.Option("info", "--loglevel", help="Celery log level")) -> None:
+    """Run the farm's scheduler (celery beat in a worker on queue `latprune`; run one per farm).
+
+    Queues the nightly re-profile of every device at 02:00 (LATPRUNE_NIGHTLY_CRON="MINUTE HOUR"
+    changes it; LATPRUNE_TIMEZONE sets the zone, default the host's). Schedule state:
+    LATPRUNE_HOME/celerybeat-schedule. Without beat, use cron: `0 2 * * * latprune nightly`."""
+    from latprune.service.agent import run_beat
+
+    settings = _farm_settings()
+    with _farm_errors():
+        run_beat(settings, loglevel=loglevel)
+
+
+@app.command()
+def nightly() -> None:
+    """Queue the nightly re-profile once (the cron alternative to `latprune beat`).
+
+    One reprofile job per device that has a latency table (unless one is queued or running
+    already), and the queue messages of older queued jobs that were lost are sent again. Prints
+    {"queued": [job ids], "skipped": {device: reason}, "resent": [...], "unsent": [...]}.
+    Crontab line:  0 2 * * * latprune nightly"""
+    from latprune.service.agent import queue_nightly
+
+    settings = _farm_settings()
+    with _farm_errors():
+        out = queue_nightly(settings)
+    err.print(f"queued {len(out['queued'])} reprofile job(s)", highlight=False)
+    print(json.dumps(out))
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -28,7 +28,8 @@ class Settings(BaseSettings):
     executor: str = "inprocess"
     workers: int = Field(1, ge=1, description="in-process jobs at once; >1 makes concurrent timings noisy")
     redis_url: str = "redis://127.0.0.1:6379/0"
-    local_device: str = Field("cpu-local", description="name of the device the in-process worker runs on")
+    local_device: str = Field("cpu-local", description="default device of jobs; with the in-process "
+                              "executor, the name of this machine's CPU")
     max_upload_mb: int = Field(1024, ge=1, description="largest model or calibration upload, MB")
     max_body_kb: int = Field(256, ge=1, description="largest JSON request body, KiB (uploads excepted)")
     max_table_upload_mb: int = Field(64, ge=1, description="largest latency-table upload, MB")
