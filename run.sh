@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# One command: set up, then prune a model to a latency budget on this CPU.
-#   ./run.sh                                  # demo: build a small CNN, prune it to 1.5x faster
-#   ./run.sh MODEL.onnx --speedup 2 --out DIR # any `latprune optimize` arguments
+# One command: set up (.venv), then run the main job, the HTTP service with its embedded
+# defaults (SQLite and artifacts under ~/.cache/latprune, an in-process worker, ONNX Runtime on
+# this CPU) on http://127.0.0.1:8000. Quickstart (curl): README, or scripts/quickstart.sh.
+#   ./run.sh                          # the service (latprune serve)
+#   ./run.sh serve --port 9000        # any latprune command instead, e.g.
+#   ./run.sh optimize MODEL.onnx --speedup 2 --out DIR
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup.sh
 if [ $# -eq 0 ]; then
-    .venv/bin/latprune demo-model runs/demo.onnx >/dev/null
-    set -- runs/demo.onnx --speedup 1.5 --out runs/demo --lut runs/lut.sqlite
+    set -- serve
 fi
-exec .venv/bin/latprune optimize "$@"
+exec .venv/bin/latprune "$@"

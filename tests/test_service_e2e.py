@@ -1,0 +1,124 @@
+"""End to end through real HTTP: `latprune serve` (uvicorn) in a subprocess, the README's curl
+quickstart (scripts/quickstart.sh), and a server killed in the middle of a job that finishes
+the job after a restart."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import onnx
+import pytest
+
+from servers import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+LATPRUNE = str(Path(sys.executable).parent / "latprune")
+
+
+class Server:
+    """`latprune serve` on a free port with its own LATPRUNE_HOME."""
+
+    def __init__(self, home: Path, **env: str) -> None:
+        self.home, self.port = home, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = dict(os.environ, LATPRUNE_HOME=str(home), LATPRUNE_HEARTBEAT_S="0.5", **env)
+        self.env.pop("LATPRUNE_DATABASE_URL", None)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Server":
+        log = open(self.home / f"serve-{time.time():.0f}.log", "ab")
+        self.proc = subprocess.Popen([LATPRUNE, "serve", "--port", str(self.port), "--log-level", "warning"],
+                                     env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"the server exited: see {log.name}"
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError("the service did not become ready in 60 s")
+
+    def token(self, user: str) -> str:
+        out = subprocess.run([LATPRUNE, "token", "create", user], env=self.env, capture_output=True,
+                             text=True, check=True)
+        return out.stdout.strip()
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = Server(tmp_path).start()
+    yield srv
+    srv.stop()
+
+
+def test_readme_quickstart_prunes_a_model_within_its_budget(server, tmp_path):
+    """The README's curl quickstart: upload, a 0.6x budget job, download; measured <= budget."""
+    token = server.token("me")
+    out = tmp_path / "qs"
+    proc = subprocess.run([str(ROOT / "scripts" / "quickstart.sh"), "", str(out)], capture_output=True, text=True,
+                          env=dict(server.env, API=server.url, TOKEN=token), timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["meets_budget"] and report["measured_ms"] <= report["budget_ms"]
+    assert report["budget_ms"] == pytest.approx(report["dense_ms"] / 1.6667, rel=0.02)
+    onnx.checker.check_model(onnx.load(str(out / "pruned.onnx")), full_check=True)
+    assert "<svg" in (out / "report.html").read_text()
+    assert str(tmp_path) not in (out / "report.json").read_text(), "server paths leak into the report"
+
+
+def test_job_survives_a_killed_server(tmp_path):
+    """SIGKILL the server while a job runs (its job process dies with it); after a restart the
+    job is requeued and finishes, on its second attempt."""
+    srv = Server(tmp_path).start()
+    try:
+        token = srv.token("me")
+        auth = {"Authorization": f"Bearer {token}"}
+        from onnx_builders import residual_cnn
+        body = residual_cnn().SerializeToString()
+        model = httpx.post(srv.url + "/v1/models", params={"name": "r.onnx"}, content=body, headers=auth, timeout=60)
+        assert model.status_code == 201, model.text
+        job = httpx.post(srv.url + "/v1/jobs", json={"model_id": model.json()["id"], "speedup": 1.3},
+                         headers=auth, timeout=30).json()
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{srv.url}/v1/jobs/{job['id']}", headers=auth).json()["state"] != "running":
+            assert time.monotonic() < deadline, "the job never started"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        srv.kill()
+        time.sleep(0.5)
+        assert subprocess.run(["pgrep", "-f", f"latprune.service.jobs {job['id']}"]).returncode == 1, \
+            "the job process outlived its server"
+        srv.start()
+        deadline = time.monotonic() + 300
+        while True:
+            state = httpx.get(f"{srv.url}/v1/jobs/{job['id']}", headers=auth).json()
+            if state["state"] in ("succeeded", "failed", "cancelled"):
+                break
+            assert time.monotonic() < deadline, state
+            time.sleep(0.5)
+        assert state["state"] == "succeeded", state
+        assert state["attempts"] == 2
+        assert {a["name"] for a in state["artifacts"]} >= {"pruned.onnx", "plan.json", "report.json", "report.html"}
+    finally:
+        srv.stop()
