@@ -71,7 +71,7 @@ def import_tables(db_path: str | Path, data: dict) -> dict:
     from latprune.profiler.fingerprint import fingerprint_id
 
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise InputError(f"not a {FORMAT} JSON object")
+        raise InputError(f"not a {FORMAT} JSON object (its \"format\" must be \"{FORMAT}\")")
     if data.get("version") != VERSION:
         raise InputError(f"unsupported {FORMAT} version {data.get('version')!r} (this tool reads {VERSION})")
     problems = validate_object(data)
@@ -118,29 +118,51 @@ def merge_files(dst: str | Path, sources: list[str | Path]) -> dict:
     return totals
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def validate_object(data: dict) -> list[str]:
-    """Problems in an exchange object: bad signatures, non-positive or non-finite latencies,
-    widths below 1, duplicate cells."""
+    """Problems in an exchange object: wrong structure or types, bad signatures, non-positive or
+    non-finite latencies, widths below 1, duplicate cells, bad calibration points. Numbers must
+    be JSON numbers (widths and runs integers), not strings."""
+    if not isinstance(data, dict):
+        return ["the table must be a JSON object"]
+    tables = data.get("tables", [])
+    if not isinstance(tables, list):
+        return ["'tables' must be a list"]
     problems: list[str] = []
-    for ti, table in enumerate(data.get("tables", [])):
-        if not isinstance(table.get("fingerprint"), dict):
-            problems.append(f"table {ti}: fingerprint is not an object")
+    for ti, table in enumerate(tables):
+        if not isinstance(table, dict) or not isinstance(table.get("fingerprint"), dict):
+            problems.append(f"table {ti}: not an object with a fingerprint object")
+            continue
+        cells, calib = table.get("cells", []), table.get("calibration", [])
+        if not isinstance(cells, list) or not isinstance(calib, list):
+            problems.append(f"table {ti}: 'cells' and 'calibration' must be lists")
             continue
         seen = set()
-        for ci, cell in enumerate(table.get("cells", [])):
+        for ci, cell in enumerate(cells):
             where = f"table {ti} cell {ci}"
+            if not isinstance(cell, dict) or not isinstance(cell.get("signature"), dict):
+                problems.append(f"{where}: not an object with a signature object")
+                continue
             try:
                 sig = LayerSpec(**cell["signature"]).signature()
             except Exception as exc:
                 problems.append(f"{where}: bad signature ({type(exc).__name__})")
                 continue
-            try:
-                c_in, c_out, ms, runs = int(cell["c_in"]), int(cell["c_out"]), float(cell["ms"]), int(cell["runs"])
-            except (KeyError, TypeError, ValueError):
-                problems.append(f"{where}: c_in, c_out, ms and runs must be numbers")
+            c_in, c_out, ms, runs = (cell.get(k) for k in ("c_in", "c_out", "ms", "runs"))
+            if not (_is_int(c_in) and _is_int(c_out) and _is_int(runs) and _is_number(ms)):
+                problems.append(f"{where}: c_in, c_out and runs must be integers and ms a number")
                 continue
-            if c_in < 1 or c_out < 1:
-                problems.append(f"{where}: widths must be at least 1")
+            if "measured_at" in cell and not _is_number(cell["measured_at"]):
+                problems.append(f"{where}: measured_at must be a number")
+            if c_in < 1 or c_out < 1 or c_in > 1 << 20 or c_out > 1 << 20:
+                problems.append(f"{where}: widths must be at least 1 (and at most 2^20)")
             if not math.isfinite(ms) or ms <= 0:
                 problems.append(f"{where}: latency {ms} ms is not a positive number")
             if runs < 1:
@@ -149,6 +171,15 @@ def validate_object(data: dict) -> list[str]:
             if key in seen:
                 problems.append(f"{where}: duplicate cell {c_in}x{c_out}")
             seen.add(key)
+        for pi, point in enumerate(calib):
+            where = f"table {ti} calibration point {pi}"
+            if not isinstance(point, dict) or not isinstance(point.get("family"), str):
+                problems.append(f"{where}: not an object with a family string")
+                continue
+            values = [point.get("raw_ms"), point.get("measured_ms"),
+                      point.get("measured_at", 0.0), point.get("melements", 0.0)]
+            if not all(_is_number(v) and math.isfinite(v) for v in values) or point["measured_ms"] <= 0:
+                problems.append(f"{where}: raw_ms, measured_ms (> 0), measured_at and melements must be numbers")
     return problems
 
 

@@ -20,12 +20,16 @@ def _existing_cells(path) -> dict:
 def merge_upload(settings: Settings, device: str, data: dict) -> dict:
     """Merge an uploaded lut.exchange object into the device's table; report drift against the
     cells the table already had. Raises InputError on an invalid object."""
+    from latprune.lut.exchange import FORMAT, VERSION, validate_object
+
+    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
+        raise InputError(f"not a {FORMAT} version {VERSION} JSON object")
+    problems = validate_object(data)
+    if problems:
+        raise InputError(f"invalid table: {problems[0]} ({len(problems)} problem(s) in all)")
     path = Storage(settings.data_path).lut_path(device)
     old = _existing_cells(path)
-    try:
-        new = exchange_cells(data)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InputError(f"invalid table: {type(exc).__name__}: {exc}") from None
+    new = exchange_cells(data)
     drift = compare(old, new, settings.drift_threshold)
     counts = import_tables(path, data)
     _record(settings, device, "upload", len(new), drift)
