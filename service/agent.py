@@ -133,8 +133,9 @@ def register_agent_device(settings: Settings, name: str, backend: str | None = N
         name = checked_device(name)
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    if name == settings.local_device:
-        raise InputError(f"{name!r} is the API server's own device; give the agent another name")
+    if name == settings.local_device and settings.executor == "inprocess":
+        raise InputError(f"{name!r} is the API server's own device (its in-process worker runs it); "
+                         "give the agent another name, or run the API with LATPRUNE_EXECUTOR=celery")
     if backend not in (None, "onnxruntime-cpu", "tensorrt"):
         raise InputError(f"backend {backend!r}: choose onnxruntime-cpu or tensorrt")
     trt = _has_tensorrt() if backend != "onnxruntime-cpu" else False
