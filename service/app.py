@@ -171,6 +171,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_path.mkdir(parents=True, exist_ok=True)
         app.state.storage = Storage(settings.data_path)
+        app.state.storage.sweep_tmp()
         engine_for(settings.db_url)
         pool = None
         if settings.executor == "inprocess":

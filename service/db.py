@@ -140,7 +140,11 @@ _engines: dict[str, tuple[Engine, sessionmaker]] = {}
 def engine_for(url: str) -> tuple[Engine, sessionmaker]:
     """The engine and session factory of a database URL (created once per process)."""
     if url not in _engines:
-        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        # pre-ping (one SELECT 1 per checkout) only where connections can go stale: a server
+        # Connections: as many as the API's threadpool (anyio's 40) can use at once, so requests
+        # never queue for one (the default 5 + 10 made 50 concurrent clients wait).
+        kwargs: dict[str, Any] = {"pool_pre_ping": not url.startswith("sqlite"), "pool_size": 20,
+                                  "max_overflow": 30, "pool_timeout": 10}
         if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
             Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         if url.startswith("sqlite"):

@@ -10,8 +10,10 @@ child prints one JSON object on stdout, `{"ok": true, "summary": {...}}` or
 `{"ok": false, "error": "one line"}`; the parent turns a rejection, a crash, a memory failure or a
 timeout into `InputError` with one clear sentence (never a traceback).
 
-`inspect_calibration` runs in process (numpy only): it checks the archive's declared sizes and
-every member's `.npy` header (shape, dtype, no pickled objects) before loading anything.
+`inspect_calibration` checks the archive's declared sizes and every member's `.npy` header
+(shape, dtype, no pickled objects) before loading anything; the API runs it in the same kind of
+child (`inspect_calibration_isolated`), since loading a small compressed archive can allocate
+its whole declared size.
 
 This module keeps its heavy imports (onnx, numpy, the analysis) inside functions: the child sets
 nothing up before they run, and importing it in the server costs nothing.
@@ -110,36 +112,58 @@ def inspect_model(path: Path, timeout_s: float = 120, memory_mb: int | None = No
                          "larger models need external data, which is refused")
     if memory_mb is None:
         memory_mb = default_memory_mb(size)
-    memory_mb = int(memory_mb)
-    mem_bytes = memory_mb * 2**20
+    return _run_isolated(["model", str(path)], int(memory_mb), timeout_s, "the model")
+
+
+def inspect_calibration_isolated(path: Path, max_bytes: int = DEFAULT_CALIBRATION_BYTES,
+                                 timeout_s: float = 120) -> dict:
+    """`inspect_calibration` in a child process under the same limits as models (memory:
+    2 × max_bytes + 1024 MB), so that a small compressed archive declaring a large array makes
+    only the child allocate it."""
+    memory_mb = int(math.ceil(2 * max_bytes / 2**20)) + 1024
+    return _run_isolated(["calibration", str(path), str(int(max_bytes))], memory_mb, timeout_s,
+                         "the calibration file")
+
+
+def _run_isolated(args: list[str], memory_mb: int, timeout_s: float, what: str) -> dict:
+    """Run `python -m latprune.service.inspect ARGS` with an address-space limit of memory_mb and
+    a CPU-time limit of timeout_s, which the child sets on itself before any heavy import (no
+    preexec_fn: the server is threaded)."""
     cpu_s = max(1, int(math.ceil(timeout_s)))
-
-    def limits() -> None:  # runs in the child between fork and exec: syscalls only
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_AS, (mem_bytes, mem_bytes))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
     env = dict(os.environ)
     # One thread per math library: thread pools reserve address space under RLIMIT_AS.
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = "1"
     env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env["LATPRUNE_INSPECT_LIMITS"] = f"{memory_mb * 2**20},{cpu_s}"
     # -P: do not put the working directory on sys.path (it may hold uploads).
     flags = ["-P"] if sys.version_info >= (3, 11) else []
-    cmd = [sys.executable, *flags, "-m", "latprune.service.inspect", "model", str(path)]
+    cmd = [sys.executable, *flags, "-m", "latprune.service.inspect", *args]
     try:
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
-                              timeout=timeout_s, env=env, preexec_fn=limits, close_fds=True)
+                              timeout=timeout_s, env=env, close_fds=True)
     except subprocess.TimeoutExpired:
         raise InputError(f"inspection took longer than {timeout_s:g} s") from None
-    return _interpret(proc.returncode, proc.stdout, proc.stderr, memory_mb, timeout_s)
+    return _interpret(proc.returncode, proc.stdout, proc.stderr, memory_mb, timeout_s, what)
 
 
-def _interpret(rc: int, stdout: bytes, stderr: bytes, memory_mb: int, timeout_s: float) -> dict:
+def _set_own_limits() -> None:
+    """In the child, first thing: the limits the parent asked for (LATPRUNE_INSPECT_LIMITS)."""
+    import resource
+
+    spec = os.environ.get("LATPRUNE_INSPECT_LIMITS")
+    if not spec:
+        return
+    mem_bytes, cpu_s = (int(v) for v in spec.split(","))
+    resource.setrlimit(resource.RLIMIT_AS, (mem_bytes, mem_bytes))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def _interpret(rc: int, stdout: bytes, stderr: bytes, memory_mb: int, timeout_s: float,
+               what: str = "the model") -> dict:
     """The child's answer, or InputError for a rejection or a dead child."""
-    memory_msg = f"the model could not be parsed within the memory limit of {memory_mb} MB"
+    memory_msg = f"{what} could not be parsed within the memory limit of {memory_mb} MB"
     answer = None
     for line in reversed(stdout.decode("utf-8", "replace").splitlines()):
         if line.strip():
@@ -168,8 +192,8 @@ def _interpret(rc: int, stdout: bytes, stderr: bytes, memory_mb: int, timeout_s:
             name = f"signal {-rc}"
         if rc == -signal.SIGKILL:  # the kernel's OOM killer, or the hard CPU limit
             raise InputError(f"{memory_msg} (the inspector was killed)")
-        raise InputError(f"the model crashed the ONNX parser ({name}); it is not a usable model")
-    raise InputError(f"the model could not be inspected (the inspector exited with status {rc})")
+        raise InputError(f"{what} crashed its parser ({name}); it is not usable")
+    raise InputError(f"{what} could not be inspected (the inspector exited with status {rc})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,18 +413,25 @@ def _summarise(path: Path, step: int = 8) -> dict:
 
 
 def _child_main(argv: list[str]) -> int:
-    """`python -m latprune.service.inspect model PATH`: print one JSON answer on stdout."""
+    """`python -m latprune.service.inspect model PATH` or `... calibration PATH MAX_BYTES`:
+    print one JSON answer on stdout."""
+    _set_own_limits()
     # Anything a library prints goes to stderr; the answer alone goes to the real stdout.
     out = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    if len(argv) != 2 or argv[0] != "model":
-        answer = {"ok": False, "error": "usage: python -m latprune.service.inspect model PATH"}
+    if not ((len(argv) == 2 and argv[0] == "model") or (len(argv) == 3 and argv[0] == "calibration")):
+        answer = {"ok": False, "error": "usage: python -m latprune.service.inspect "
+                                        "(model PATH | calibration PATH MAX_BYTES)"}
         rc = 2
     else:
         rc = 0
         try:
-            answer = {"ok": True, "summary": _summarise(Path(argv[1]))}
+            if argv[0] == "model":
+                summary = _summarise(Path(argv[1]))
+            else:
+                summary = inspect_calibration(Path(argv[1]), int(argv[2]))
+            answer = {"ok": True, "summary": summary}
         except InputError as exc:
             answer = {"ok": False, "error": _one_line(exc) or "the model was rejected"}
         except RecursionError:
@@ -517,7 +548,7 @@ def inspect_calibration(path: Path, max_bytes: int = DEFAULT_CALIBRATION_BYTES) 
     }
 
 
-__all__ = ["inspect_model", "inspect_calibration", "default_memory_mb"]
+__all__ = ["inspect_model", "inspect_calibration", "inspect_calibration_isolated", "default_memory_mb"]
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -59,13 +60,18 @@ class JobProgress:
 
 
 def _die_with_parent() -> None:
-    """Linux: get SIGKILL when the worker that started us dies, so a killed server leaves no
-    orphan job running beside the retry it will start after a restart."""
+    """Linux: when the worker that started us dies, take our whole process group down (the
+    job and the timing processes it started), so a killed server leaves no orphan job running
+    beside the retry it will start after a restart, nor a timing process disturbing it.
+    The worker starts us as the leader of a new process group (start_new_session)."""
+    signal.signal(signal.SIGTERM, lambda *_: os.killpg(os.getpgrp(), signal.SIGKILL))
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+    if os.getppid() == 1:  # the worker died before prctl took effect
+        os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 def optimize_options(job: Job, calib_path: Path | None, lut_path: Path):
@@ -125,18 +131,27 @@ def run(job_id: str, settings: Settings | None = None) -> int:
     work = storage.job_dir(job_id) / ".work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    # The pipeline's temporary files (and its timing processes') go inside the job's dir, so a
+    # killed job leaves nothing in /tmp; its retry starts by clearing the dir.
+    (work / "tmp").mkdir()
+    os.environ["TMPDIR"] = str(work / "tmp")
+    tempfile.tempdir = None
     try:
         result = _execute(settings, storage, job, device, work, progress)
         names = _store_artifacts(settings, storage, job_id, work)
         _finish(settings, job_id, "succeeded", result=result, stage=f"done: {', '.join(names)}")
         return 0
     except LatpruneError as exc:
-        _finish(settings, job_id, "failed", error=" ".join(str(exc).split())[:4000])
+        _finish(settings, job_id, "failed", error=_scrub(settings, " ".join(str(exc).split()))[:4000])
         return 0
-    except Exception as exc:  # recorded for the user and the operator; the worker sees exit 1
-        (work / "log.txt").write_text(traceback.format_exc())
-        _store_artifacts(settings, storage, job_id, work)
-        _finish(settings, job_id, "failed", error=f"internal error: {type(exc).__name__}: {exc}"[:4000])
+    except Exception as exc:  # the user gets one scrubbed line; the operator the traceback
+        log_dir = settings.home / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (log_dir / f"{job_id}.log").write_text(traceback.format_exc())
+        print(traceback.format_exc(), file=sys.stderr)
+        _finish(settings, job_id, "failed", error=_scrub(
+            settings, f"internal error: {type(exc).__name__}: {exc} (traceback in the server's "
+                      f"logs/{job_id}.log)")[:4000])
         return 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -150,9 +165,9 @@ def _execute(settings: Settings, storage: Storage, job: Job, device: Device, wor
     if job.kind == "reprofile":
         from latprune.service.drift import reprofile_device
         return reprofile_device(settings, job.device, job.options, progress)
+    if job.model_id is None or not storage.model_path(job.model_id).is_file():
+        raise InputError("the job's model was deleted")
     model_path = storage.model_path(job.model_id)
-    if not model_path.is_file():
-        raise InputError(f"the model {job.model_id} was deleted")
     if job.kind == "profile":
         threads = int(job.options.get("threads") or 1)
         result = pipeline.profile_model(model_path, lut_path, threads=threads, progress=progress)
@@ -168,6 +183,17 @@ def _execute(settings: Settings, storage: Storage, job: Job, device: Device, wor
     write_report_html(work, report, json.loads((work / "plan.json").read_text()))
     _build_engine(device, work / "pruned.onnx", work, progress)
     return _summary(report)
+
+
+def _scrub(settings: Settings, text: str) -> str:
+    """Server paths out of a message for the user: stored files by their ids, other absolute
+    paths by their last component."""
+    import re
+
+    data = re.escape(str(settings.data_path.resolve()))
+    text = re.sub(data + r"/(?:models|calibration)/(\w+)\.\w+", r"\1", text)
+    text = re.sub(data + r"/jobs/(\w+)(?:/\.work)?", r"job \1", text)
+    return re.sub(r"(?<![\w.])/(?:[\w.+-]+/)+([\w.+-]+)", r"\1", text)
 
 
 def _finish(settings: Settings, job_id: str, state: str, result: dict | None = None, error: str = "",

@@ -93,7 +93,8 @@ class DeviceRegister(BaseModel):
     backend: str = Field("onnxruntime-cpu", min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.+-]+$")
     fingerprint: dict[str, Any] = Field(default_factory=dict)
     has_tensorrt: bool = False
-    executor: Literal["celery", "inprocess"] = "celery"
+    # Agents register Celery devices only: an in-process device would run on the API server.
+    executor: Literal["celery"] = "celery"
 
     @field_validator("fingerprint")
     @classmethod

@@ -71,6 +71,21 @@ class Storage:
     def lut_path(self, device: str) -> Path:
         return self.root / "luts" / f"{checked_device(device)}.sqlite"
 
+    def sweep_tmp(self, max_age_s: float = 3600.0) -> int:
+        """Remove uploads in flight older than max_age_s (left by a crashed server; younger
+        ones may belong to another API process sharing the data dir). Returns the count."""
+        import time
+
+        n = 0
+        for path in (self.root / "tmp").iterdir():
+            try:
+                if path.is_file() and time.time() - path.stat().st_mtime > max_age_s:
+                    path.unlink()
+                    n += 1
+            except OSError:
+                pass
+        return n
+
     def temp_file(self, suffix: str) -> Path:
         fd, name = tempfile.mkstemp(dir=self.root / "tmp", suffix=suffix)
         os.close(fd)

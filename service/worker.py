@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -51,8 +52,10 @@ def run_claimed(settings: Settings, job_id: str, worker: str, stop: threading.Ev
     """Run a claimed job in a child process until it ends. Returns the final state."""
     env = dict(os.environ, LATPRUNE_DATABASE_URL=settings.db_url, LATPRUNE_HOME=str(settings.home),
                LATPRUNE_DATA_DIR=str(settings.data_path))
+    # A process group of its own: cancel kills the job and the timing processes it started.
     child = subprocess.Popen([sys.executable, "-m", "latprune.service.jobs", job_id], env=env,
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             start_new_session=True)
     stderr_tail: deque[bytes] = deque(maxlen=40)  # the last lines, for the error message
     reader = threading.Thread(target=lambda: stderr_tail.extend(child.stderr), daemon=True)
     reader.start()
@@ -70,7 +73,7 @@ def run_claimed(settings: Settings, job_id: str, worker: str, stop: threading.Ev
         if stop is not None and stop.is_set():
             break
     if child.poll() is None:
-        child.kill()
+        _kill_group(child)
     child.wait()
     reader.join(timeout=5)
     with session_scope(settings.db_url) as s:
@@ -79,7 +82,7 @@ def run_claimed(settings: Settings, job_id: str, worker: str, stop: threading.Ev
             return "gone"
         if job.worker != worker:
             return job.state
-        if cancelled:
+        if cancelled and job.state == "running":
             job.state, job.stage, job.finished_at = "cancelled", "cancelled", now()
         elif stop is not None and stop.is_set() and job.state == "running":
             # Shutting down: hand the job back rather than lose it.
@@ -90,6 +93,13 @@ def run_claimed(settings: Settings, job_id: str, worker: str, stop: threading.Ev
             job.state, job.finished_at = "failed", now()
             job.error = f"the job process exited with code {child.returncode}" + (f": {tail}" if tail else "")
         return job.state
+
+
+def _kill_group(child: subprocess.Popen) -> None:
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _pid_alive(pid: int) -> bool:
@@ -126,8 +136,8 @@ def recover_stale(settings: Settings, own_worker_prefix: str = "") -> list[str]:
                 job.error = (f"its worker ({job.worker}) died during each of {job.attempts} runs; "
                              "not retried again")
             else:
-                job.state, job.worker = "queued", ""
                 job.message = f"requeued after its worker ({job.worker or 'unknown'}) died during run {job.attempts}"
+                job.state, job.worker = "queued", ""
                 job.stage = "queued (retry)"
                 requeued.append(job.id)
     return requeued
@@ -149,6 +159,10 @@ def register_local_device(settings: Settings) -> None:
 _pools: list["WorkerPool"] = []
 
 
+class NoWorker(Exception):
+    """No worker could ever run the job (refused at submission)."""
+
+
 def enqueue(settings: Settings, job_id: str, device_name: str) -> None:
     """Hand a committed queued job to whoever runs its device."""
     with session_scope(settings.db_url) as s:
@@ -158,6 +172,9 @@ def enqueue(settings: Settings, job_id: str, device_name: str) -> None:
         from latprune.service.agent import send_job
         send_job(settings, job_id, queue)
         return
+    if settings.executor != "inprocess":
+        raise NoWorker(f"device {device_name!r} is run in-process, but this server runs with the "
+                       f"{settings.executor} executor: nothing would run the job")
     for pool in _pools:
         pool.wake()
 

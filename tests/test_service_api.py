@@ -516,3 +516,32 @@ def test_celery_executor_registers_no_local_device(make_api, monkeypatch):
     assert r.status_code == 201 and r.json()["executor"] == "celery"
     r = c.get("/readyz")
     assert r.status_code == 503 and r.json()["checks"]["redis"] != "ok"
+
+
+def test_review_findings_stay_fixed(make_api, model_bytes):
+    """Inputs a review found to break the API: stored lone surrogates, integers past float,
+    agents registering in-process devices, jobs nobody would run."""
+    api = make_api()
+    c = api.client
+    user, agent = api.token("alice"), api.token("farm", role="agent")
+    ah = {**agent, "Content-Type": "application/json"}
+    assert c.put("/v1/devices/farm-1", json={"backend": "x"}, headers=agent).status_code == 201
+    surrogate = json.dumps(_table()).replace('"fingerprint": {', '"fingerprint": {"a": "\\ud800", ', 1)
+    huge = json.dumps(_table()).replace('"runs": 10', '"runs": 1' + "0" * 400, 1)
+    for raw in (surrogate, huge):
+        assert_error(c.post("/v1/devices/farm-1/tables", content=raw.encode(), headers=ah), 400)
+    for path in ("/v1/devices/farm-1", "/v1/devices/farm-1/tables", "/v1/devices/farm-1/tables/export"):
+        assert c.get(path, headers=user).status_code == 200, path
+    assert_error(c.put("/v1/devices/evil", json={"backend": "x", "executor": "inprocess"}, headers=agent), 422)
+
+
+def test_in_process_device_refused_when_no_pool_runs(make_api, model_bytes):
+    api = make_api(executor="celery", redis_url="redis://127.0.0.1:1/0")
+    from latprune.service.db import Device
+    with session_scope(api.settings.db_url) as s:
+        s.add(Device(name="old-local", executor="inprocess"))
+    user = api.token()
+    model = api.upload_model(user, model_bytes).json()
+    err = assert_error(api.client.post("/v1/jobs", json={"model_id": model["id"], "speedup": 1.5,
+                                                          "device": "old-local"}, headers=user), 409)
+    assert "executor" in err["message"]

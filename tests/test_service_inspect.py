@@ -285,3 +285,23 @@ def test_calibration_zip_bomb_refused(tmp_path):
     np.savez_compressed(q, x=np.zeros((64, 3, 32, 32), np.float32))
     with pytest.raises(InputError, match="over the limit"):
         inspect_calibration(q, max_bytes=100_000)
+
+
+def test_calibration_is_inspected_in_a_limited_child(tmp_path):
+    """A small compressed archive declaring ~400 MB of zeros: refused by the child's size cap,
+    and with a larger cap loaded by the child, never by the caller."""
+    import resource
+
+    import numpy as np
+
+    from latprune.service.inspect import inspect_calibration_isolated
+
+    path = tmp_path / "bomb.npz"
+    np.savez_compressed(path, x=np.zeros((100, 4, 512, 512), np.float32))
+    assert path.stat().st_size < 2 * 2**20
+    with pytest.raises(InputError, match="over the limit"):
+        inspect_calibration_isolated(path, max_bytes=64 * 2**20)
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    summary = inspect_calibration_isolated(path, max_bytes=2**30)
+    assert summary["samples"] == 100 and summary["layout"] == "NCHW float"
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 100 * 1024  # KiB

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import onnx
 import pytest
@@ -78,6 +81,11 @@ def test_profile_job_runs_in_a_child_process(settings):
     assert Storage(settings.data_path).lut_path(settings.local_device).is_file()
 
 
+def _stage(settings, job_id) -> str:
+    with session_scope(settings.db_url) as s:
+        return s.get(Job, job_id).stage
+
+
 def _claimed_by(settings, job_id):
     with session_scope(settings.db_url) as s:
         return s.get(Job, job_id).worker
@@ -91,11 +99,20 @@ def test_pool_runs_queued_jobs_and_cancel_kills_a_running_one(settings):
         job_id = _model_job(settings, "optimize", {"speedup": 1.3})
         pool.wake()
         _wait(settings, job_id, ("running",), timeout=30)
-        time.sleep(1.0)
+        deadline = time.monotonic() + 90
+        while "measuring" not in _stage(settings, job_id):  # timing processes are running now
+            assert time.monotonic() < deadline, _stage(settings, job_id)
+            time.sleep(0.1)
+        time.sleep(0.3)
         with session_scope(settings.db_url) as s:
             s.get(Job, job_id).cancel_requested = True
         job = _wait(settings, job_id, ("cancelled", "succeeded", "failed"), timeout=30)
         assert job.state == "cancelled", (job.state, job.error)
+        time.sleep(0.5)
+        left = subprocess.run(["pgrep", "-f", "latprune.profiler.compare|latprune.service.jobs"],
+                              capture_output=True, text=True).stdout.split()
+        assert left == [], "cancel left the job's processes running"
+        assert not list(Path(tempfile.gettempdir()).glob(f"latprune-*/{job_id}*"))
         assert pool.alive()
         # the pool keeps going: the next job runs to the end
         job2 = _model_job(settings, "profile")
@@ -111,6 +128,18 @@ def test_a_failing_job_records_a_clear_error(settings):
     assert worker.run_claimed(settings, job_id, "w") == "failed"
     job = _wait(settings, job_id, ("failed",))
     assert "budget" in job.error and "internal error" not in job.error
+    assert str(settings.home) not in job.error
+
+
+def test_errors_for_users_carry_no_server_paths(settings):
+    from latprune.service.jobs import _scrub
+
+    data = settings.data_path.resolve()
+    text = (f"{data}/calibration/cal_0123456789abcdef0123.npz: bad shape; {data}/jobs/job_0123456789abcdef0123/.work/x "
+            f"and /usr/lib/python3/site-packages/onnx/checker.py")
+    out = _scrub(settings, text)
+    assert "cal_0123456789abcdef0123: bad shape" in out and "job job_0123456789abcdef0123" in out
+    assert str(data) not in out and "/usr" not in out and out.endswith("and checker.py"), out
 
 
 def _orphan(settings, job_id, worker_name: str, heartbeat_age: float = 0.0, attempts: int = 1):

@@ -4,13 +4,13 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from latprune.service.db import CalibrationFile, Job
-from latprune.service.inspect import inspect_calibration
-from latprune.service.routes.deps import (ApiError, CallerDep, SessionDep, SettingsDep, StorageDep, checked_id,
+from latprune.service.inspect import DEFAULT_CALIBRATION_BYTES, inspect_calibration_isolated
+from latprune.service.routes.deps import (CallerDep, SessionDep, SettingsDep, StorageDep, checked_id,
                                           error_responses, not_found)
-from latprune.service.routes.uploads import RAW_BODY, display_name, store_upload
+from latprune.service.routes.uploads import RAW_BODY, delete_upload, display_name, store_upload
 from latprune.service.schemas import CalibrationOut
 
 router = APIRouter(prefix="/v1/calibration", tags=["calibration"], responses=error_responses(401, 422))
@@ -40,10 +40,14 @@ async def upload_calibration(request: Request, response: Response, session: Sess
     """Upload calibration inputs: a numpy .npz whose array `x` (or its only array) is float32
     (N, C, H, W) or uint8 images (N, H, W, C); the request body is the file's bytes."""
     limit = settings.max_upload_mb * 2**20
+    # Uncompressed, an archive may hold at most 4x the upload limit (and 2 GiB): no zip bombs.
+    unpacked = min(4 * limit, DEFAULT_CALIBRATION_BYTES)
+    timeout = settings.inspect_timeout_s
     row, created = await store_upload(
         request, session, caller, storage, table=CalibrationFile, prefix="cal", suffix=".npz",
         name=display_name(name, "calibration.npz"), limit_bytes=limit,
-        inspect=inspect_calibration, final_path=storage.calibration_path)
+        inspect=lambda path: inspect_calibration_isolated(path, unpacked, timeout),
+        final_path=storage.calibration_path)
     if not created:
         response.status_code = 200
     return calibration_out(row)
@@ -67,12 +71,5 @@ def get_calibration(cal_id: str, session: SessionDep, caller: CallerDep) -> Cali
 def delete_calibration(cal_id: str, session: SessionDep, caller: CallerDep, storage: StorageDep) -> Response:
     """Delete a calibration file. Refused (409) while a queued or running job uses it."""
     row = owned_calibration(session, caller, cal_id)
-    busy = session.scalar(select(Job).where(Job.calibration_id == row.id,
-                                            Job.state.in_(("queued", "running"))).limit(1))
-    if busy is not None:
-        raise ApiError(409, f"the calibration file is used by job {busy.id} ({busy.state}); cancel it first")
-    session.execute(update(Job).where(Job.calibration_id == row.id).values(calibration_id=None))
-    session.delete(row)
-    session.commit()
-    storage.calibration_path(row.id).unlink(missing_ok=True)
+    delete_upload(session, row, Job.calibration_id, "calibration file", storage.calibration_path(row.id))
     return Response(status_code=204)

@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 
 from latprune.pipeline import OptimizeOptions, check_options
 from latprune.service import worker
@@ -98,13 +99,21 @@ def submit_job(body: JobCreate, request: Request, session: SessionDep, caller: C
         if cal is None or cal.owner_id != caller.user_id:
             raise not_found("calibration file")
     device = body.device or settings.local_device
-    if session.get(Device, device_name(device)) is None:
+    dev = session.get(Device, device_name(device))
+    if dev is None:
         raise not_found(f"device {device!r}")
+    if dev.executor == "inprocess" and settings.executor != "inprocess":
+        raise ApiError(409, f"device {device!r} is run by an in-process worker, and this server runs with the "
+                            f"{settings.executor} executor; choose a device served by an agent (GET /v1/devices)")
     job = Job(id=new_id("job"), owner_id=caller.user_id, kind=body.kind, device=device, model_id=model.id,
               calibration_id=body.calibration_id, options=body.model_dump(exclude=NOT_OPTIONS),
               state="queued", stage="queued")
     session.add(job)
-    session.commit()
+    try:
+        session.commit()
+    except IntegrityError:  # its model or calibration file was deleted meanwhile
+        session.rollback()
+        raise not_found("model or calibration file") from None
     try:
         worker.enqueue(settings, job.id, device)
     except Exception as exc:  # the queue (Redis) is down: do not leave a job nobody will run

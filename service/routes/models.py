@@ -4,13 +4,13 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from latprune.service.db import Job, ModelFile
 from latprune.service.inspect import inspect_model
-from latprune.service.routes.deps import (ApiError, CallerDep, SessionDep, SettingsDep, StorageDep, checked_id,
+from latprune.service.routes.deps import (CallerDep, SessionDep, SettingsDep, StorageDep, checked_id,
                                           error_responses, not_found)
-from latprune.service.routes.uploads import RAW_BODY, display_name, store_upload
+from latprune.service.routes.uploads import RAW_BODY, delete_upload, display_name, store_upload
 from latprune.service.schemas import ModelOut
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=error_responses(401, 422))
@@ -68,11 +68,5 @@ def delete_model(model_id: str, session: SessionDep, caller: CallerDep, storage:
     """Delete a model and its file. Refused (409) while a queued or running job uses it; finished
     jobs keep their artifacts and lose the reference."""
     row = owned_model(session, caller, model_id)
-    busy = session.scalar(select(Job).where(Job.model_id == row.id, Job.state.in_(("queued", "running"))).limit(1))
-    if busy is not None:
-        raise ApiError(409, f"the model is used by job {busy.id} ({busy.state}); cancel it first")
-    session.execute(update(Job).where(Job.model_id == row.id).values(model_id=None))
-    session.delete(row)
-    session.commit()
-    storage.model_path(row.id).unlink(missing_ok=True)
+    delete_upload(session, row, Job.model_id, "model", storage.model_path(row.id))
     return Response(status_code=204)

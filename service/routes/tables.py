@@ -64,6 +64,12 @@ def _reject_constant(token: str) -> float:
     raise ValueError(f"{token} is not allowed")
 
 
+def _bounded_int(token: str) -> int:
+    if len(token.lstrip("-")) > 18:  # beyond any width, run count or timestamp; float() would overflow
+        raise ValueError(f"integer {token[:30]}... is out of range")
+    return int(token)
+
+
 def _finite_float(token: str) -> float:
     value = float(token)
     if not math.isfinite(value):
@@ -150,8 +156,12 @@ async def read_json_body(request: Request, limit_bytes: int) -> tuple[Any, int]:
     body = b"".join(chunks)
     del chunks
     try:
-        return json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float), size
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        data = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float,
+                          parse_int=_bounded_int)
+        # json accepts lone surrogates ("\ud800"), which could be stored but never sent back
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+        return data, size
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeErrors are ValueErrors
         raise ApiError(400, f"the body is not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from latprune.service.db import CalibrationFile, ModelFile, new_id
+from latprune.service.db import CalibrationFile, Job, ModelFile, new_id
 from latprune.service.routes.deps import ApiError, Caller
 from latprune.service.storage import Storage, UploadTooLarge
 from latprune.types import InputError
@@ -111,3 +111,24 @@ async def store_upload(request: Request, session: Session, caller: Caller, stora
         return row, True
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def delete_upload(session: Session, row: UploadRow, ref_column, what: str, path: Path) -> None:
+    """Delete an uploaded file's row and file. Refused (409) while a queued or running job
+    uses it; finished jobs keep their artifacts and lose the reference. A job submitted for it
+    at the same moment makes the foreign key refuse the delete: also a 409, never a 500."""
+    from sqlalchemy import update
+    from sqlalchemy.exc import IntegrityError
+
+    active = Job.state.in_(("queued", "running"))
+    busy = session.scalar(select(Job).where(ref_column == row.id, active).limit(1))
+    if busy is not None:
+        raise ApiError(409, f"the {what} is used by job {busy.id} ({busy.state}); cancel it first")
+    session.execute(update(Job).where(ref_column == row.id, ~active).values({ref_column.key: None}))
+    session.delete(row)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        raise ApiError(409, f"the {what} is used by a job submitted meanwhile; cancel it first") from None
+    path.unlink(missing_ok=True)
