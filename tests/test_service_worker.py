@@ -185,3 +185,27 @@ def test_local_device_is_registered(settings):
     with session_scope(settings.db_url) as s:
         dev = s.get(Device, settings.local_device)
         assert dev.executor == "inprocess" and dev.fingerprint["device"] == "cpu"
+
+
+def test_engine_artifact_only_on_tensorrt_devices(tmp_path):
+    """model.engine is built for devices whose agent has TensorRT (skips without a GPU); CPU
+    devices get no engine and need no TensorRT import."""
+    from latprune.service.db import Device as DeviceRow
+    from latprune.service.jobs import JobProgress, _build_engine
+
+    class Quiet(JobProgress):
+        def __init__(self):
+            pass
+
+        def stage(self, name):
+            pass
+
+    model = tmp_path / "m.onnx"
+    onnx.save(residual_cnn(), str(model))
+    _build_engine(DeviceRow(name="cpu", has_tensorrt=False), model, tmp_path, Quiet())
+    assert not (tmp_path / "model.engine").exists()
+    from latprune.profiler.backends import available
+    if available().get("trt") != "ok":
+        pytest.skip(f"TensorRT: {available().get('trt')}")
+    _build_engine(DeviceRow(name="gpu", has_tensorrt=True), model, tmp_path, Quiet())
+    assert (tmp_path / "model.engine").stat().st_size > 0
