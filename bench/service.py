@@ -120,6 +120,7 @@ def status_bench(base: str, auth: dict, job_id: str, clients: int, total: int, s
                                ("GET /v1/jobs/{id}", f"{base}/v1/jobs/{job_id}", auth)):
         asyncio.run(_hammer(url, headers, clients, clients * 2))  # warm-up: connections, caches
         if shutil.which("wrk"):
+            out[f"{name} [wrk, 1 conn]"] = _wrk(url, headers, 1, max(seconds // 3, 3))  # no queueing
             out[f"{name} [wrk]"] = _wrk(url, headers, clients, seconds)
         t0 = time.perf_counter()
         lat = asyncio.run(_hammer(url, headers, clients, total))
@@ -220,10 +221,10 @@ def main() -> None:
     result = {"clients": args.clients, "status": status, "upload": memory,
               "machine": {"cpus": os.cpu_count()}}
     (OUT / "service.json").write_text(json.dumps(result, indent=1))
-    print(f"\n{args.clients} concurrent clients (connections)")
-    print(f"{'route [client]':36} {'requests':>8} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8}")
+    print(f"\n{args.clients} concurrent clients (connections) unless marked")
+    print(f"{'route [client]':40} {'requests':>8} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8}")
     for name, st in status.items():
-        print(f"{name:36} {st['requests']:8d} {st['p50_ms']:8.2f} {st['p99_ms']:8.2f} {st['throughput_rps']:8.0f}")
+        print(f"{name:40} {st['requests']:8d} {st['p50_ms']:8.2f} {st['p99_ms']:8.2f} {st['throughput_rps']:8.0f}")
     u = memory
     print(f"\nupload of a {u['file_mb']:.0f} MB model in {u['seconds']:.1f} s: server RSS "
           f"{u['server_rss_before_mb']:.0f} -> peak {u['server_rss_peak_mb']:.0f} MB "
