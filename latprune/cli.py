@@ -459,6 +459,196 @@ def nightly() -> None:
     print(json.dumps(out))
 
 
+@app.command()
+def finetune(
+    model: str = typer.Option("resnet56", "--model", help="resnet20 | resnet56 (trained weights from the data "
+                              "folder) or a .pt/.th state dict of a CIFAR ResNet (depth read from its keys)"),
+    out: Path = typer.Option(..., "--out", help="output folder: pruned.onnx, plan.json, report.json"),
+    speedup: Optional[float] = typer.Option(None, "--speedup", help="budget = dense latency / SPEEDUP"),
+    budget_ms: Optional[float] = typer.Option(None, "--budget-ms", help="latency budget in ms"),
+    method: str = typer.Option("dpm-sr", "--method", help="oneshot (zero at once, then fine-tune) | dpm "
+                               "(smooth decay) | dpm-sr (decay with self-rectifying swaps)"),
+    epochs: float = typer.Option(2.0, "--epochs", help="fine-tuning epochs (fractions allowed)"),
+    decay_steps: Optional[int] = typer.Option(None, "--decay-steps", help="DPM decay length N in optimizer "
+                                              "steps (default: half of the training steps)"),
+    rate_threshold: float = typer.Option(0.8, "--rate-threshold", help="dpm-sr: escape-rate threshold T_rate"),
+    length_threshold: float = typer.Option(1.5, "--length-threshold", help="dpm-sr: gradient-length threshold T_len"),
+    lr: float = typer.Option(0.01, "--lr", help="initial learning rate (cosine to 0)"),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    seed: int = typer.Option(0, "--seed"),
+    subset: Optional[int] = typer.Option(None, "--subset", help="train on this many images (balanced); default all 50,000"),
+    test_limit: Optional[int] = typer.Option(None, "--test-limit", help="evaluate on this many test images; default all"),
+    data: Optional[Path] = typer.Option(None, "--data", help="CIFAR data folder (default $LATPRUNE_DATA or ../shared/data)"),
+    lut: Optional[Path] = typer.Option(None, "--lut", help="latency table (SQLite); default ~/.cache/latprune/lut.sqlite"),
+    threads: int = typer.Option(1, "--threads", help="intra-op threads for every timing"),
+    solver: str = typer.Option("milp", "--solver", help="plan solver, as optimize --method"),
+    calib: Optional[str] = typer.Option(None, "--calib", help="calibration inputs for the distortion objective "
+                                        "(as optimize --calib); default: the magnitude prior"),
+    distortion: str = typer.Option("forward", "--distortion", help="with --calib: forward | fisher"),
+    step: Optional[int] = typer.Option(None, "--step", help="channel widths are multiples of STEP"),
+    torch_threads: int = typer.Option(0, "--torch-threads", help="torch intra-op threads for training "
+                                      "(0: torch's default)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    show_progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
+) -> None:
+    """Prune a CIFAR ResNet (torch) to a latency budget and fine-tune it (one-shot or DPM).
+
+    The plan comes from the optimize pipeline on the module's ONNX export (same latency tables,
+    solvers and measurement); the module is fine-tuned at full width while the removed channels
+    decay (pruner.dpm), then cut by ONNX surgery and measured. Writes pruned.onnx, plan.json (the
+    final plan, after DPM swaps) and report.json (top-1 dense / one-shot / after, latency, swaps,
+    history); exit 3 when the measured latency misses the budget, as optimize. Your own training
+    loop: see the hook in latprune/pruner/dpm.py."""
+    try:
+        _run_finetune(model, out, speedup, budget_ms, method, epochs, decay_steps, rate_threshold,
+                      length_threshold, lr, batch_size, seed, subset, test_limit, data, lut, threads,
+                      solver, calib, distortion, step, torch_threads, quiet, show_progress)
+    except LatpruneError as exc:
+        _fail(exc)
+
+
+def _load_cifar_module(model: str, data: Optional[Path]):
+    from latprune.models_cifar import cifar_resnet, load_cifar_resnet, load_state
+
+    names = {"resnet20": 20, "resnet56": 56}
+    if model in names:
+        try:
+            return load_cifar_resnet(names[model], data), model
+        except FileNotFoundError as exc:
+            raise LatpruneError(str(exc)) from None
+    path = Path(model)
+    if not path.is_file():
+        raise LatpruneError(f"--model {model}: not resnet20, resnet56 or a state-dict file")
+    try:
+        state = load_state(path)
+    except Exception as exc:  # torch.load refusing the file
+        raise LatpruneError(f"{path}: not a torch state dict ({type(exc).__name__})") from None
+    blocks = {k.split(".")[1] for k in state if k.startswith("layer1.")}
+    try:
+        module = cifar_resnet(6 * len(blocks) + 2)
+        module.load_state_dict(state, strict=True)
+    except (ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LatpruneError(f"{path}: not a CIFAR ResNet state dict: {first}") from None
+    return module.eval(), path.stem
+
+
+def _run_finetune(model, out, speedup, budget_ms, method, epochs, decay_steps, rate_threshold,
+                  length_threshold, lr, batch_size, seed, subset, test_limit, data, lut, threads,
+                  solver, calib, distortion, step, torch_threads, quiet, show_progress) -> None:
+    import shutil
+    import tempfile
+    import time
+
+    try:
+        import torch
+    except ImportError:
+        raise LatpruneError("latprune finetune needs PyTorch: pip install torch") from None
+    from latprune.finetune import METHODS, cifar_test, data_dir, evaluate, finetune as run_finetune
+    from latprune.pipeline import OptimizeOptions, check_options
+    from latprune.profiler.compare import compare_in_subprocesses
+    from latprune.pruner.model_io import save_model_atomic
+    from latprune.pruner.torch_frontend import export_pruned, optimize_module
+
+    wall0 = time.perf_counter()
+    if method not in METHODS:
+        raise LatpruneError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+    if (speedup is None) == (budget_ms is None):
+        raise LatpruneError("give exactly one budget: --speedup or --budget-ms")
+    if epochs <= 0 or lr <= 0 or batch_size < 1 or (subset is not None and subset < 1):
+        raise LatpruneError("--epochs, --lr, --batch-size and --subset must be positive")
+    if decay_steps is not None and decay_steps < 1:
+        raise LatpruneError(f"--decay-steps must be at least 1, not {decay_steps}")
+    opts = OptimizeOptions(budget_ms=budget_ms, speedup=speedup, threads=threads, lut_path=lut, method=solver,
+                           step=step, calib=calib, distortion=distortion, repair="none",
+                           measure_processes=2)
+    check_options(opts)
+    if torch_threads < 0:
+        raise LatpruneError(f"--torch-threads must be at least 0, not {torch_threads}")
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    data = data_dir(data)
+    progress = _RichProgress(quiet, show_progress)
+    progress.stage(f"loading {model}")
+    module, label = _load_cifar_module(model, data)
+    x_test, y_test = cifar_test(test_limit, data)
+    top1_dense = evaluate(module, x_test, y_test)
+    example = torch.from_numpy(x_test[:1].copy())
+    work = Path(tempfile.mkdtemp(prefix="latprune-finetune-"))
+    try:
+        graph, plan, opt_report = optimize_module(module, example, work / "plan", opts, progress,
+                                                  output_names=["logits"])
+        progress.stage(f"fine-tuning ({method}, {epochs:g} epochs) towards the plan")
+
+        def log(rec: dict) -> None:
+            progress.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+
+        res = run_finetune(module, graph, plan, method, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                           subset=subset, decay_steps=decay_steps, rate_threshold=rate_threshold,
+                           length_threshold=length_threshold, data=data, progress=log, log_every=100)
+        top1_masked = evaluate(module, x_test, y_test)
+        progress.stage("cutting the channels (ONNX surgery) and measuring")
+        pruned = export_pruned(graph, res.plan)
+        save_model_atomic(pruned, work / "pruned.onnx")
+        top1_onnx = _onnx_top1(work / "pruned.onnx", x_test, y_test)
+        timed = compare_in_subprocesses({"dense": work / "plan" / "dense.onnx", "pruned": work / "pruned.onnx"},
+                                        threads, processes=2)
+        budget = budget_ms if budget_ms is not None else timed["dense"].median_ms / speedup
+        pd = res.pruner
+        report = {
+            "model": label, "method": method, "dense_ms": timed["dense"].median_ms, "budget_ms": budget,
+            "predicted_ms": opt_report.get("predicted_ms"), "measured_ms": timed["pruned"].median_ms,
+            "measured_p90_ms": timed["pruned"].p90_ms, "meets_budget": timed["pruned"].median_ms <= budget,
+            "speedup": timed["dense"].median_ms / timed["pruned"].median_ms,
+            "top1_dense": top1_dense, "top1_oneshot_no_finetune": None,
+            "top1_after": top1_onnx, "top1_after_torch": top1_masked, "test_images": int(len(y_test)),
+            "solver": opt_report.get("solver"), "optimize": {k: opt_report.get(k) for k in (
+                "dense_ms", "budget_ms", "predicted_ms", "measured_ms", "speedup", "groups", "blocks")},
+            "finetune": {"epochs": epochs, "steps": res.total_steps, "decay_steps": res.decay_steps,
+                         "lr": lr, "batch_size": batch_size, "seed": seed, "subset": subset,
+                         "rate_threshold": rate_threshold if method == "dpm-sr" else None,
+                         "length_threshold": length_threshold if method == "dpm-sr" else None,
+                         "seconds": res.seconds},
+            "swaps": [s.__dict__ for s in getattr(pd, "swaps", [])],
+            "history": res.history, "threads": threads, "wall_seconds": time.perf_counter() - wall0,
+        }
+        report["top1_oneshot_no_finetune"] = _oneshot_top1(work / "plan" / "pruned.onnx", x_test, y_test)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
+        try:
+            shutil.copyfile(work / "pruned.onnx", tmp / "pruned.onnx")
+            (tmp / "plan.json").write_text(res.plan.to_json())
+            (tmp / "report.json").write_text(json.dumps(report, indent=1, default=float))
+            for name in ("pruned.onnx", "plan.json", "report.json"):
+                (tmp / name).replace(out / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if not quiet:
+        err.print(f"top-1 {top1_dense:.4f} dense -> {report['top1_after']:.4f} pruned ({method}); "
+                  f"{report['measured_ms']:.3f} ms vs dense {report['dense_ms']:.3f} ms "
+                  f"(budget {budget:.3f}); {len(report['swaps'])} swaps", highlight=False)
+        err.print(f"wrote {out}/pruned.onnx, plan.json, report.json")
+    if not report["meets_budget"]:
+        raise typer.Exit(3)
+
+
+def _onnx_top1(path: Path, x, y) -> float:
+    """Top-1 of an ONNX classifier with a static batch-1 input, one image at a time."""
+    from latprune.profiler.onnxrt import make_session
+
+    sess = make_session(path.read_bytes(), 1)
+    name = sess.get_inputs()[0].name
+    correct = sum(int(sess.run(None, {name: x[i:i + 1]})[0].argmax() == y[i]) for i in range(len(x)))
+    return correct / max(len(x), 1)
+
+
+def _oneshot_top1(path: Path, x, y) -> float | None:
+    """Top-1 of the pipeline's one-shot pruned model (no fine-tuning), for the report."""
+    return _onnx_top1(path, x, y) if path.is_file() else None
+
+
 def main() -> None:  # pragma: no cover
     app()
 
