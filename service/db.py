@@ -13,7 +13,7 @@ from pathlib import Path
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from sqlalchemy import (JSON, Boolean, Float, ForeignKey, Integer, String, Text, create_engine, event,
+from sqlalchemy import (JSON, BigInteger, Boolean, Float, ForeignKey, Integer, String, Text, create_engine, event,
                         select)
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -53,26 +53,24 @@ class Token(Base):
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
-class ModelFile(Base):
+class _Upload:
+    """Columns of an uploaded file (the file itself lives in the data dir under the row's id)."""
+    owner_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    name: Mapped[str] = mapped_column(String(255))  # for display only
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # service.inspect's
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class ModelFile(_Upload, Base):
     __tablename__ = "models"
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("mdl"))
-    owner_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
-    name: Mapped[str] = mapped_column(String(255))
-    sha256: Mapped[str] = mapped_column(String(64))
-    size_bytes: Mapped[int] = mapped_column(Integer)
-    summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    created_at: Mapped[float] = mapped_column(Float, default=now)
 
 
-class CalibrationFile(Base):
+class CalibrationFile(_Upload, Base):
     __tablename__ = "calibration_files"
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("cal"))
-    owner_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
-    name: Mapped[str] = mapped_column(String(255))
-    sha256: Mapped[str] = mapped_column(String(64))
-    size_bytes: Mapped[int] = mapped_column(Integer)
-    summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    created_at: Mapped[float] = mapped_column(Float, default=now)
 
 
 class Device(Base):
@@ -117,7 +115,7 @@ class Artifact(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
     name: Mapped[str] = mapped_column(String(64))
-    size_bytes: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     media_type: Mapped[str] = mapped_column(String(80))
 
