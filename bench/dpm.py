@@ -185,20 +185,21 @@ def main() -> None:
     jobs = [(m, int(s)) for s in args.seeds.split(",") for m in args.methods.split(",")]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     running: list[tuple[subprocess.Popen, str, int]] = []
-    for method, seed in jobs + [None] * args.parallel:
-        while len(running) >= args.parallel or (method is None and running):
+
+    def reap(limit: int) -> None:
+        """Wait until fewer than `limit` runs are going."""
+        while len(running) >= limit:
             for item in list(running):
                 if item[0].poll() is not None:
                     running.remove(item)
                     print(f"finished {item[1]} seed {item[2]}: exit {item[0].returncode}", flush=True)
-            if len(running) >= args.parallel or (method is None and running):
+            if len(running) >= limit:
                 time.sleep(5)
-            if method is None and not running:
-                break
-        if method is None:
-            continue
+
+    for method, seed in jobs:
         if (WORK / f"{method}_s{seed}" / "result.json").is_file():
             continue  # resume
+        reap(args.parallel)
         cmd = [sys.executable, __file__, "--run", method, str(seed), "--epochs", str(args.epochs),
                "--subset", str(args.subset), "--lr", str(args.lr), "--out", args.out]
         for flag, value in (("--rate-threshold", args.rate_threshold), ("--length-threshold", args.length_threshold)):
@@ -207,6 +208,7 @@ def main() -> None:
         log = open(WORK / f"{method}_s{seed}.log", "w")
         running.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), method, seed))
         print(f"started {method} seed {seed}", flush=True)
+    reap(1)
     runs = [json.loads((WORK / f"{m}_s{s}" / "result.json").read_text()) for m, s in jobs
             if (WORK / f"{m}_s{s}" / "result.json").is_file()]
     measure_all(runs)

@@ -160,82 +160,20 @@ def export_torchvision(name: str, path: str | Path, input_hw: int = 224) -> Path
 
 
 def _cifar_resnet_module(depth: int) -> "torch.nn.Module":
-    """Build the CIFAR ResNet of ``depth`` = 6n + 2 layers (random init), akamaster layout."""
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
+    """The CIFAR ResNet of ``depth`` = 6n + 2 layers (random init), akamaster layout; the
+    definition lives in the library (``latprune.models_cifar``) for the torch frontend."""
+    from latprune.models_cifar import cifar_resnet
 
-    if depth < 8 or (depth - 2) % 6:
-        raise ValueError(f"CIFAR ResNet depth must be 6n + 2 with n >= 1, got {depth}")
-    n = (depth - 2) // 6
-
-    class BasicBlock(nn.Module):
-        def __init__(self, in_planes: int, planes: int, stride: int) -> None:
-            super().__init__()
-            self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-            self.bn1 = nn.BatchNorm2d(planes)
-            self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-            self.bn2 = nn.BatchNorm2d(planes)
-            # Option A: parameter-free shortcut (subsample + zero-pad channels).
-            self.downsample = stride != 1 or in_planes != planes
-            self.pad = planes // 4
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            out = F.relu(self.bn1(self.conv1(x)))
-            out = self.bn2(self.conv2(out))
-            if self.downsample:
-                shortcut = F.pad(
-                    x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad), "constant", 0
-                )
-            else:
-                shortcut = x
-            return F.relu(out + shortcut)
-
-    class CifarResNet(nn.Module):
-        def __init__(self, n_blocks: int, num_classes: int = 10) -> None:
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
-            self.bn1 = nn.BatchNorm2d(16)
-            in_planes = 16
-            layers = []
-            for planes, stride in ((16, 1), (32, 2), (64, 2)):
-                blocks = []
-                for i in range(n_blocks):
-                    blocks.append(BasicBlock(in_planes, planes, stride if i == 0 else 1))
-                    in_planes = planes
-                layers.append(nn.Sequential(*blocks))
-            self.layer1, self.layer2, self.layer3 = layers
-            self.linear = nn.Linear(64, num_classes)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            out = F.relu(self.bn1(self.conv1(x)))
-            out = self.layer3(self.layer2(self.layer1(out)))
-            out = F.adaptive_avg_pool2d(out, 1)
-            out = torch.flatten(out, 1)
-            return self.linear(out)
-
-    return CifarResNet(n)
+    return cifar_resnet(depth)
 
 
 def load_cifar_resnet(depth: int) -> "torch.nn.Module":
-    """The trained CIFAR-10 ResNet-``depth`` (20 or 56) in eval mode.
+    """The trained CIFAR-10 ResNet-``depth`` (20 or 56) in eval mode (``latprune.models_cifar``),
+    weights from ``<data>/cifar10-resnet-weights/``. The model maps normalised float32
+    ``(N, 3, 32, 32)`` images to ``(N, 10)`` logits."""
+    from latprune.models_cifar import load_cifar_resnet as load
 
-    Weights come from ``<data>/cifar10-resnet-weights/`` (see :data:`CIFAR_RESNET_WEIGHTS`),
-    loaded with ``weights_only=True``, the ``module.`` prefix stripped, ``strict=True``.
-    The model maps normalised float32 ``(N, 3, 32, 32)`` images to ``(N, 10)`` logits.
-    """
-    import torch
-
-    if depth not in CIFAR_RESNET_WEIGHTS:
-        raise ValueError(f"no weights for depth {depth}; available: {sorted(CIFAR_RESNET_WEIGHTS)}")
-    weights = data_dir() / "cifar10-resnet-weights" / CIFAR_RESNET_WEIGHTS[depth]
-    if not weights.is_file():
-        raise FileNotFoundError(f"CIFAR ResNet weights not found: {weights}")
-    state = torch.load(weights, map_location="cpu", weights_only=True)["state_dict"]
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    model = _cifar_resnet_module(depth)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    return load(depth, data_dir())
 
 
 def export_cifar_resnet(depth: int, path: str | Path) -> Path:

@@ -393,16 +393,14 @@ def _farm_settings():
 def _farm_errors():
     """Database, broker and input errors of the farm commands: one line and exit 2."""
     from kombu.exceptions import OperationalError
-    from sqlalchemy.exc import SQLAlchemyError
 
-    try:
-        yield
-    except SQLAlchemyError as exc:
-        _fail(ValueError(f"service database: {str(exc).splitlines()[0]}"))
-    except OperationalError as exc:
-        _fail(ValueError(f"broker (LATPRUNE_REDIS_URL): {exc}"))
-    except (LatpruneError, ValueError) as exc:
-        _fail(exc)
+    with _database_errors():
+        try:
+            yield
+        except OperationalError as exc:
+            _fail(ValueError(f"broker (LATPRUNE_REDIS_URL): {exc}"))
+        except (LatpruneError, ValueError) as exc:
+            _fail(exc)
 
 
 @app.command()
