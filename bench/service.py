@@ -32,6 +32,8 @@ import onnx
 import psutil
 from onnx import TensorProto, helper, numpy_helper
 
+from latprune.service.storage import file_sha256
+
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 LATPRUNE = str(Path(sys.executable).parent / "latprune")
@@ -174,17 +176,7 @@ def upload_memory(base: str, auth: dict, server: psutil.Process, path: Path) -> 
             "server_rss_before_mb": before, "server_rss_peak_mb": peak, "server_rss_growth_mb": peak - before,
             "growth_share_of_file": (peak - before) / size_mb,
             "inspector_child_peak_mb": max(s[2] for s in samples), "samples": len(samples),
-            "sha256_matches": r.json()["sha256"] == _sha256(path)}
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+            "sha256_matches": r.json()["sha256"] == file_sha256(path)}
 
 
 def main() -> None:

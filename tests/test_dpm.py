@@ -19,6 +19,7 @@ from latprune.models_cifar import cifar_resnet  # noqa: E402
 from latprune.pruner.dpm import DecayPruner, one_shot_mask  # noqa: E402
 from latprune.pruner.torch_frontend import analyse_module, export_pruned  # noqa: E402
 from latprune.types import Plan  # noqa: E402
+from test_torch_frontend import randomise_bn  # noqa: E402  (shared builder)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -29,18 +30,6 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def randomise_bn(module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(0.5 + torch.rand(n, generator=g))
-                m.bias.copy_(0.2 * torch.randn(n, generator=g))
-                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
 
 
 def resnet14(seed: int = 0):
