@@ -228,7 +228,7 @@ def main() -> None:
     summary_path.write_text(json.dumps(summary, indent=1, default=float))
     print(f"\nResNet-56, plan at {1 / args.speedup:.2f}x latency; dense top-1 {plan_info['top1_dense']:.2f}%, "
           f"pruned without fine-tuning {plan_info['top1_no_finetune']:.2f}%")
-    print(f"fine-tuning: {args.epochs:g} epochs over {args.subset} training images, lr {args.lr}")
+    print(f"fine-tuning: {args.epochs:g} epochs over {args.subset or 50000} training images, lr {args.lr}")
     print(f"{'method':10} {'top-1 % mean':>12} {'spread':>8} {'per seed':>14} {'ms':>14} {'ratio':>12} {'swaps':>8}")
     for row in table:
         print(f"{row['method']:10} {row['top1_mean']:12.2f} {row['top1_spread']:8.2f} "
