@@ -138,6 +138,10 @@ def validate_object(data: dict) -> list[str]:
     be JSON numbers (widths and runs integers), not strings."""
     if not isinstance(data, dict):
         return ["the table must be a JSON object"]
+    if data.get("format") != FORMAT:
+        return [f"format must be {FORMAT!r}"]
+    if data.get("version") != VERSION:
+        return [f"unsupported version {data.get('version')!r} (this tool reads {VERSION})"]
     tables = data.get("tables", [])
     if not isinstance(tables, list):
         return ["'tables' must be a list"]

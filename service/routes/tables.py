@@ -77,66 +77,6 @@ def _finite_float(token: str) -> float:
     return value
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def shape_problems(data: Any) -> list[str]:
-    """Structural problems lut.exchange.validate_object assumes away (it expects dicts and lists
-    in the right places), and strict number types."""
-    if not isinstance(data, dict):
-        return ["the body must be a JSON object"]
-    if data.get("format") != exchange.FORMAT:
-        return [f"format must be {exchange.FORMAT!r}"]
-    if data.get("version") != exchange.VERSION:
-        return [f"unsupported version {data.get('version')!r} (this server reads {exchange.VERSION})"]
-    tables = data.get("tables")
-    if not isinstance(tables, list):
-        return ["tables must be a list"]
-    problems: list[str] = []
-    for ti, table in enumerate(tables):
-        if not isinstance(table, dict):
-            problems.append(f"table {ti}: not an object")
-            continue
-        if not isinstance(table.get("fingerprint"), dict):
-            problems.append(f"table {ti}: fingerprint is not an object")
-        cells = table.get("cells")
-        if not isinstance(cells, list):
-            problems.append(f"table {ti}: cells must be a list")
-            continue
-        for ci, cell in enumerate(cells):
-            where = f"table {ti} cell {ci}"
-            if not isinstance(cell, dict) or not isinstance(cell.get("signature"), dict):
-                problems.append(f"{where}: must be an object with a signature object")
-                continue
-            if not all(isinstance(cell.get(k), int) and not isinstance(cell.get(k), bool)
-                       for k in ("c_in", "c_out", "runs")):
-                problems.append(f"{where}: c_in, c_out and runs must be integers")
-            if not _number(cell.get("ms")):
-                problems.append(f"{where}: ms must be a number")
-            if "measured_at" in cell and not _number(cell["measured_at"]):
-                problems.append(f"{where}: measured_at must be a number")
-        calibration = table.get("calibration", [])
-        if not isinstance(calibration, list):
-            problems.append(f"table {ti}: calibration must be a list")
-            continue
-        for pi, point in enumerate(calibration):
-            where = f"table {ti} calibration point {pi}"
-            if not isinstance(point, dict) or not isinstance(point.get("family"), str):
-                problems.append(f"{where}: must be an object with a family string")
-                continue
-            if not (_number(point.get("raw_ms")) and _number(point.get("measured_ms"))):
-                problems.append(f"{where}: raw_ms and measured_ms must be numbers")
-            elif not (point["raw_ms"] >= 0 and point["measured_ms"] > 0):
-                problems.append(f"{where}: raw_ms must be >= 0 and measured_ms > 0")
-            for key in ("measured_at", "melements"):
-                if key in point and not _number(point[key]):
-                    problems.append(f"{where}: {key} must be a number")
-        if len(problems) > MAX_PROBLEMS:
-            break
-    return problems
-
-
 async def read_json_body(request: Request, limit_bytes: int) -> tuple[Any, int]:
     """The request body parsed as strict JSON (no NaN/infinity), read with a byte limit;
     and its size in bytes."""
@@ -173,9 +113,7 @@ async def upload_table(name: str, request: Request, session: SessionDep, caller:
     only); answers with the drift against the cells the table held before."""
     device = await run_in_threadpool(existing_device, session, name)
     data, size = await read_json_body(request, settings.max_table_upload_mb * 2**20)
-    problems = shape_problems(data)
-    if not problems:
-        problems = exchange.validate_object(data)
+    problems = exchange.validate_object(data)
     if problems:
         raise ApiError(400, f"invalid table: {problems[0]} ({len(problems)} problem(s))",
                        details=problems[:MAX_PROBLEMS])
