@@ -19,17 +19,7 @@ from latprune.models_cifar import cifar_resnet  # noqa: E402
 from latprune.pruner.dpm import DecayPruner, one_shot_mask  # noqa: E402
 from latprune.pruner.torch_frontend import analyse_module, export_pruned  # noqa: E402
 from latprune.types import Plan  # noqa: E402
-from test_torch_frontend import randomise_bn  # noqa: E402  (shared builder)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: tiny models, and on a shared 2-core machine torch's thread pool
-    fighting another process makes a step 30× slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from test_torch_frontend import _one_torch_thread, randomise_bn  # noqa: E402,F401  (shared fixture, builder)
 
 
 def resnet14(seed: int = 0):
