@@ -87,6 +87,11 @@ class OptimizeOptions:
     repair: str = "auto"
     flops_ratio: float | None = None  # budget: this share of the dense model's FLOPs
     params_ratio: float | None = None  # budget: this share of the dense model's parameters
+    # Names the report shows instead of the model, table and calibration paths (the service
+    # shows its ids, never its files). None: the paths.
+    model_label: str | None = None
+    lut_label: str | None = None
+    calib_label: str | None = None
 
     def resolved_objective(self) -> str:
         return self.objective if self.objective != "auto" else ("distortion" if self.calib else "importance")
@@ -182,7 +187,7 @@ def score(analysis: Analysis, opts: OptimizeOptions, progress: Progress) -> Scor
         from latprune.calibration import load_calibration
         from latprune.pruner.forward import input_shape
         x = load_calibration(opts.calib, input_shape(analysis.model), opts.calib_samples)
-        info["calibration_inputs"] = {"source": str(opts.calib), "samples": int(len(x))}
+        info["calibration_inputs"] = {"source": opts.calib_label or str(opts.calib), "samples": int(len(x))}
     scores = None
     if opts.importance == "bn":
         from latprune.pruner.channel_stats import bn_scale_scores
@@ -434,7 +439,7 @@ def _optimize_counts(model_path, out_dir, opts, analysis, scoring, family, progr
     achieved = plan.predicted_ms  # scale 1, offset 0: the count itself
     unit = "MFLOPs" if kind == "flops" else "M parameters"
     report = {
-        "model": str(model_path), "dense_ms": timed["dense"].median_ms, "budget_ms": None,
+        "model": opts.model_label or str(model_path), "dense_ms": timed["dense"].median_ms, "budget_ms": None,
         "predicted_ms": None, "measured_ms": timed["pruned"].median_ms,
         "measured_p90_ms": timed["pruned"].p90_ms, "meets_budget": achieved <= limit * (1 + 1e-9),
         "speedup": timed["dense"].median_ms / timed["pruned"].median_ms,
@@ -498,7 +503,7 @@ def _report(model_path, prob, table, plan, dense, budget, measured_ms, p90_ms, c
         })
     meets = measured_ms <= budget
     return {
-        "model": str(model_path),
+        "model": opts.model_label or str(model_path),
         "device": table.fingerprint,
         "dense_ms": dense.median_ms,
         "dense_p90_ms": dense.p90_ms,
@@ -520,7 +525,7 @@ def _report(model_path, prob, table, plan, dense, budget, measured_ms, p90_ms, c
                    "pruned": sum(1 for g in prob.groups if g.prunable and plan.widths.get(g.id, g.size) < g.size)},
         "blocks": {"removable": len(prob.blocks), "removed": plan.removed_blocks,
                    "removal_allowed": any(r["blocks_allowed"] for r in rounds)},
-        "lut": {"path": str(table.path), "cells_measured_now": n_measured},
+        "lut": {"path": opts.lut_label or str(table.path), "cells_measured_now": n_measured},
         "layers": layers,
         "notes": analysis.notes,
         "wall_seconds": time.perf_counter() - wall0,

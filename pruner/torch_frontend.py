@@ -183,14 +183,7 @@ def export_with_names(module, example_inputs, path: str | Path | None = None, ve
     them unless `output_names` is given. `verify`: run ONNX Runtime on `example_inputs` and
     require the module's outputs to 1e-4 of their magnitude. Writes `path` when given.
     """
-    inputs = _as_tuple(example_inputs)
-    input_names, output_names = _io_names(len(inputs), module, inputs, input_names, output_names)
-    model = _export(module, inputs, False, input_names, output_names)
-    if verify:
-        _verify_ort(module, inputs, model)
-    if path is not None:
-        _save(model, path)
-    return model
+    return _export_checked(module, example_inputs, False, path, verify, input_names, output_names)
 
 
 def export_folded(module, example_inputs, path: str | Path | None = None, verify: bool = True,
@@ -198,9 +191,14 @@ def export_folded(module, example_inputs, path: str | Path | None = None, verify
                   output_names: list[str] | None = None) -> onnx.ModelProto:
     """The deployment export of the ONNX path (bench/models.py): eval mode, constant folding,
     BatchNormalization folded into the convs. Names of folded weights are lost."""
+    return _export_checked(module, example_inputs, True, path, verify, input_names, output_names)
+
+
+def _export_checked(module, example_inputs, folded: bool, path, verify: bool, input_names,
+                    output_names) -> onnx.ModelProto:
     inputs = _as_tuple(example_inputs)
     input_names, output_names = _io_names(len(inputs), module, inputs, input_names, output_names)
-    model = _export(module, inputs, True, input_names, output_names)
+    model = _export(module, inputs, folded, input_names, output_names)
     if verify:
         _verify_ort(module, inputs, model)
     if path is not None:

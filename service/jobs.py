@@ -75,11 +75,13 @@ def _die_with_parent() -> None:
 
 
 def optimize_options(job: Job, calib_path: Path | None, lut_path: Path):
+    """The pipeline's options for a job; the report names the job's ids, not the server's files."""
     from latprune.pipeline import OptimizeOptions
 
     fields = {k: job.options[k] for k in OPTION_FIELDS if job.options.get(k) is not None}
     return OptimizeOptions(lut_path=lut_path, calib=str(calib_path) if calib_path else None,
-                           measure_processes=2, **fields)
+                           measure_processes=2, model_label=job.model_id, lut_label=f"device {job.device}",
+                           calib_label=job.calibration_id, **fields)
 
 
 def _store_artifacts(settings: Settings, storage: Storage, job_id: str, src: Path) -> list[str]:
@@ -148,7 +150,6 @@ def run(job_id: str, settings: Settings | None = None) -> int:
         log_dir = settings.home / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / f"{job_id}.log").write_text(traceback.format_exc())
-        print(traceback.format_exc(), file=sys.stderr)
         _finish(settings, job_id, "failed", error=_scrub(
             settings, f"internal error: {type(exc).__name__}: {exc} (traceback in the server's "
                       f"logs/{job_id}.log)")[:4000])
@@ -176,11 +177,6 @@ def _execute(settings: Settings, storage: Storage, job: Job, device: Device, wor
         return result
     calib = storage.calibration_path(job.calibration_id) if job.calibration_id else None
     report = pipeline.optimize(model_path, work, optimize_options(job, calib, lut_path), progress)
-    report["model"] = job.model_id  # not the server's file path
-    report.get("lut", {})["path"] = f"device {job.device}"
-    (work / "report.json").write_text(json.dumps(report, indent=1))
-    from latprune.report_html import write_report_html
-    write_report_html(work, report, json.loads((work / "plan.json").read_text()))
     _build_engine(device, work / "pruned.onnx", work, progress)
     return _summary(report)
 

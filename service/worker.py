@@ -61,8 +61,11 @@ def run_claimed(settings: Settings, job_id: str, worker: str, stop: threading.Ev
     reader.start()
     last_beat = time.monotonic()
     cancelled = lost = False
+    # One read of the job row per poll: cancel within a second, without a query stream beside
+    # the job's own timings.
+    poll_s = min(1.0, settings.heartbeat_s)
     while child.poll() is None and not (cancelled or lost):
-        time.sleep(0.25)
+        time.sleep(poll_s)
         with session_scope(settings.db_url) as s:
             job = s.get(Job, job_id)
             lost = job is None or job.worker != worker  # recovery requeued it meanwhile
