@@ -142,7 +142,7 @@ def validate_object(data: dict) -> list[str]:
         return [f"format must be {FORMAT!r}"]
     if data.get("version") != VERSION:
         return [f"unsupported version {data.get('version')!r} (this tool reads {VERSION})"]
-    tables = data.get("tables", [])
+    tables = data.get("tables")
     if not isinstance(tables, list):
         return ["'tables' must be a list"]
     problems: list[str] = []
@@ -150,7 +150,7 @@ def validate_object(data: dict) -> list[str]:
         if not isinstance(table, dict) or not isinstance(table.get("fingerprint"), dict):
             problems.append(f"table {ti}: not an object with a fingerprint object")
             continue
-        cells, calib = table.get("cells", []), table.get("calibration", [])
+        cells, calib = table.get("cells"), table.get("calibration", [])
         if not isinstance(cells, list) or not isinstance(calib, list):
             problems.append(f"table {ti}: 'cells' and 'calibration' must be lists")
             continue

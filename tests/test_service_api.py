@@ -528,7 +528,9 @@ def test_review_findings_stay_fixed(make_api, model_bytes):
     assert c.put("/v1/devices/farm-1", json={"backend": "x"}, headers=agent).status_code == 201
     surrogate = json.dumps(_table()).replace('"fingerprint": {', '"fingerprint": {"a": "\\ud800", ', 1)
     huge = json.dumps(_table()).replace('"runs": 10', '"runs": 1' + "0" * 400, 1)
-    for raw in (surrogate, huge):
+    no_tables = '{"format": "latprune-lut", "version": 1}'  # found by schemathesis (was a 500)
+    no_cells = '{"format": "latprune-lut", "version": 1, "tables": [{"fingerprint": {}}]}'
+    for raw in (surrogate, huge, no_tables, no_cells):
         assert_error(c.post("/v1/devices/farm-1/tables", content=raw.encode(), headers=ah), 400)
     for path in ("/v1/devices/farm-1", "/v1/devices/farm-1/tables", "/v1/devices/farm-1/tables/export"):
         assert c.get(path, headers=user).status_code == 200, path
