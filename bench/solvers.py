@@ -57,7 +57,7 @@ def main() -> int:
         prob = analysis.problem
         table = open_table(Path(args.lut), threads=1)
         try:
-            n = ensure_profiled(prob, table, 1, 5, Progress())
+            n = ensure_profiled(prob, table, 1, 5, Progress(), analysis)
             costs = layer_costs(prob, table)
         finally:
             table.close()

@@ -21,7 +21,7 @@ from latprune.types import InputError, Plan, Problem
 from latprune.lut.predict import (calibrated, layer_costs, layer_ms, missing_cells, overhead_elements,
                                   predict_raw)
 from latprune.lut.store import LatencyTable, fit_calibration
-from latprune.profiler.fingerprint import cpu_fingerprint
+from latprune.profiler.fingerprint import TIMING_IN_GRAPH, TIMINGS, cpu_fingerprint
 from latprune.profiler.compare import compare_in_subprocesses
 from latprune.profiler.onnxrt import measure_model
 from latprune.profiler.profile import profile_cells
@@ -70,6 +70,9 @@ class OptimizeOptions:
     step: int | None = None  # None: the backend's preferred multiple (profiler.fingerprint)
     max_candidates: int = 16
     grid_points: int = 5
+    # How table cells are timed: 'in-graph' (kernels of whole pruned models under ONNX
+    # Runtime's profiler, profiler/ingraph.py) or 'isolated' (one-layer models). Separate tables.
+    timing: str = "in-graph"
     # 'auto': with the distortion objective, blocks are priced and allowed; with importance,
     # widths only unless the budget needs block removal. 'yes' / 'no' force it.
     # Removing whole blocks costs more accuracy without fine-tuning than narrowing them.
@@ -133,6 +136,8 @@ def check_options(opts: OptimizeOptions) -> None:
                                  ("--repair", opts.repair, REPAIRS)):
         if value not in allowed:
             raise InputError(f"{flag} must be one of {', '.join(allowed)}, not {value!r}")
+    if opts.timing not in TIMINGS:
+        raise InputError(f"--timing must be one of {', '.join(TIMINGS)}, not {opts.timing!r}")
     if opts.calib_samples < 1:
         raise InputError(f"--calib-samples must be at least 1, not {opts.calib_samples}")
     data_driven = (opts.resolved_objective() == "distortion" or opts.resolved_repair() != "none"
@@ -249,16 +254,35 @@ def _fisher_curves(analysis: Analysis, x, orders) -> tuple[dict, dict]:
     return values, blocks
 
 
-def open_table(lut_path: Path | None, threads: int) -> LatencyTable:
-    return LatencyTable(lut_path or default_lut_path(), cpu_fingerprint(threads=threads))
+def open_table(lut_path: Path | None, threads: int, timing: str = "in-graph") -> LatencyTable:
+    if timing not in TIMINGS:
+        raise InputError(f"--timing must be one of {', '.join(TIMINGS)}, not {timing!r}")
+    return LatencyTable(lut_path or default_lut_path(), cpu_fingerprint(threads=threads, timing=timing))
 
 
 def ensure_profiled(problem: Problem, table: LatencyTable, threads: int, points: int,
-                    progress: Progress) -> int:
+                    progress: Progress, analysis: Analysis | None = None, family: str | None = None) -> int:
+    """Measure the grid cells the table lacks for `problem`: inside whole pruned models when
+    the table is an in-graph one (needs `analysis`), and alone for any cell no run reached.
+    The in-graph runs also record the time outside the layers for `family` (table.overhead)."""
     todo = missing_cells(problem, table, points)
+    n = 0
+    in_graph = table.fingerprint.get("timing") == TIMING_IN_GRAPH
+    if todo and in_graph and analysis is None:
+        raise ValueError("an in-graph table is profiled through the model: pass its analysis")
+    if todo and in_graph:
+        from latprune.profiler.ingraph import profile_in_graph
+
+        progress.stage(f"profiling {len(todo)} layer cells inside pruned copies of the model")
+        n, runs = profile_in_graph(table, analysis, todo, threads, points, progress.advance)
+        todo = missing_cells(problem, table, points)
+        for run in runs if family and not todo else []:
+            table.add_overhead_point(family, predict_raw(problem, table, run.widths), run.end_to_end_ms,
+                                     overhead_elements(problem, run.widths))
     if todo:
-        progress.stage(f"profiling {len(todo)} layer cells")
-    return profile_cells(table, todo, threads, progress.advance)
+        progress.stage(f"profiling {len(todo)} layer cells one layer at a time")
+        n += profile_cells(table, todo, threads, progress.advance)
+    return n
 
 
 def solve(inp: SolveInput, method: str) -> Plan:
@@ -311,10 +335,10 @@ def optimize(model_path: Path, out_dir: Path, opts: OptimizeOptions,
     scoring = score(analysis, opts, progress)
     if opts.flops_ratio is not None or opts.params_ratio is not None:
         return _optimize_counts(model_path, out_dir, opts, analysis, scoring, family, progress, wall0)
-    table = open_table(opts.lut_path, opts.threads)
+    table = open_table(opts.lut_path, opts.threads, opts.timing)
     work = Path(tempfile.mkdtemp(prefix="latprune-"))
     try:
-        n_measured = ensure_profiled(prob, table, opts.threads, opts.grid_points, progress)
+        n_measured = ensure_profiled(prob, table, opts.threads, opts.grid_points, progress, analysis, family)
         progress.stage("measuring the dense model")
         dense = compare_in_subprocesses({"dense": Path(model_path)}, opts.threads, processes=1)["dense"]
         budget = opts.budget_ms if opts.budget_ms is not None else dense.median_ms / opts.speedup
@@ -323,7 +347,7 @@ def optimize(model_path: Path, out_dir: Path, opts: OptimizeOptions,
         points = _calibration_points(model_path, analysis, table, opts.threads, work)
         for raw, ms, mel in points:
             table.add_calibration(family, raw, ms, mel)
-        cal = fit_calibration(*zip(*points))
+        cal = fit_calibration(*zip(*points), overhead=table.overhead(family))
         rounds = []
         target = budget
         # The distortion objective prices a block's removal (D_b), so 'auto' lets the solver
@@ -374,7 +398,7 @@ def optimize(model_path: Path, out_dir: Path, opts: OptimizeOptions,
             progress.info(f"measured {measured.median_ms:.3f} ms > budget {budget:.3f} ms; "
                           "tightening and re-solving")
             points.append((raw, measured.median_ms, mel))
-            cal = fit_calibration(*zip(*points))
+            cal = fit_calibration(*zip(*points), overhead=table.overhead(family))
             target = target * budget / measured.median_ms * 0.99
         assert best is not None
         plan, pruned, measured_ms, p90_ms, dense, budget = best
@@ -552,19 +576,19 @@ def _write_outputs(out_dir: Path, pruned: onnx.ModelProto, plan: Plan, report: d
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def predict_model(model_path: Path, lut_path: Path | None, threads: int = 1) -> dict:
+def predict_model(model_path: Path, lut_path: Path | None, threads: int = 1, timing: str = "in-graph") -> dict:
     """Predicted latency (ms) of any model whose layer signatures the table covers."""
     model = load_model(model_path)
     data = Path(model_path).read_bytes()
     analysis = analyse(model, model_name=Path(model_path).stem)
     prob = analysis.problem
-    table = open_table(lut_path, threads)
+    table = open_table(lut_path, threads, timing)
     try:
         missing = [layer.name for layer in prob.layers if not table.cells(layer.spec.signature())]
         if missing:
             raise InputError(
                 f"the table lacks {len(missing)} of {len(prob.layers)} layers (e.g. {missing[0]}); "
-                f"run: latprune profile {model_path} --lut {table.path}")
+                f"run: latprune profile {model_path} --lut {table.path} --timing {timing}")
         dense = {g.id: g.size for g in prob.groups}
         raw = sum(layer_ms(table, layer, layer.c_in.width(dense), layer.c_out.width(dense))
                   for layer in prob.layers)
@@ -577,16 +601,16 @@ def predict_model(model_path: Path, lut_path: Path | None, threads: int = 1) -> 
 
 
 def profile_model(model_path: Path, lut_path: Path | None, threads: int = 1, points: int = 5,
-                  progress: Progress | None = None) -> dict:
+                  progress: Progress | None = None, timing: str = "in-graph") -> dict:
     """Fill the table with the cells this model needs, and record its calibration points."""
     progress = progress or Progress()
     model, data, analysis = prepare(model_path)
     prob = analysis.problem
-    table = open_table(lut_path, threads)
+    table = open_table(lut_path, threads, timing)
     try:
-        n = ensure_profiled(prob, table, threads, points, progress)
-        progress.stage("measuring end to end for calibration")
         family = model_family(model, data)
+        n = ensure_profiled(prob, table, threads, points, progress, analysis, family)
+        progress.stage("measuring end to end for calibration")
         if any(g.prunable for g in prob.groups):
             work = Path(tempfile.mkdtemp(prefix="latprune-"))
             try:

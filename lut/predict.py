@@ -31,6 +31,12 @@ def _sample(values: list[int], points: int) -> list[int]:
     return [values[i] for i in idx]
 
 
+def group_grid(group, points: int = 5) -> list[int]:
+    """The widths of `group` that the table measures (`points` of its candidate widths,
+    always the smallest and the dense width)."""
+    return _sample(sorted(group.candidate_widths or [group.size]), points)
+
+
 def required_cells(problem: Problem, points: int = 5) -> list[tuple[LayerSpec, int, int]]:
     """The (spec, c_in, c_out) grid the table must hold for this problem: up to `points`
     widths per axis (always the smallest and the dense width), a diagonal for depthwise."""

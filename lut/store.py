@@ -125,6 +125,19 @@ class LatencyTable:
                         "VALUES (?, ?, ?, ?, ?, ?)", (self.fp_id, family, raw_ms, measured_ms, time.time(), melements))
         self.db.commit()
 
+    def add_overhead_point(self, family: str, raw_ms: float, measured_ms: float, melements: float = 0.0) -> None:
+        """One in-graph profile run: the table's layer sum and the end-to-end time at the same
+        machine speed (profiler.ingraph), kept as family + OVERHEAD_SUFFIX."""
+        self.add_calibration(family + OVERHEAD_SUFFIX, raw_ms, measured_ms, melements)
+
+    def overhead(self, family: str) -> tuple[float, float] | None:
+        """(ms, ms per Melement) outside the layers, from the family's in-graph profile runs
+        (fit_overhead), or None without any."""
+        rows = self.db.execute(
+            "SELECT raw_ms, melements, measured_ms FROM calibration WHERE fingerprint=? AND family=?",
+            (self.fp_id, family + OVERHEAD_SUFFIX)).fetchall()
+        return fit_overhead([r[0] for r in rows], [r[2] for r in rows], [r[1] for r in rows]) if rows else None
+
     def calibration(self, family: str) -> Calibration | None:
         """The family's fit (see fit_calibration), or None without measurements."""
         rows = self.db.execute(
@@ -134,35 +147,68 @@ class LatencyTable:
             rows = [r for r in rows if r[1] > 0]
         if not rows:
             return None
-        return fit_calibration([r[0] for r in rows], [r[2] for r in rows], [r[1] for r in rows])
+        return fit_calibration([r[0] for r in rows], [r[2] for r in rows], [r[1] for r in rows],
+                               self.overhead(family))
 
 
 MIN_POINTS_3TERM = 5
+OVERHEAD_SUFFIX = "/in-graph-overhead"
 
 
-def fit_calibration(raw: list[float], measured: list[float], melements: list[float] | None = None) -> Calibration:
+def fit_overhead(raw: list[float], measured: list[float], melements: list[float]) -> tuple[float, float]:
+    """Time outside the layers, measured − layer sum ≈ a + b·Melements, from in-graph profile
+    runs (both terms at the same machine speed): least squares with at least MIN_POINTS_3TERM
+    points when a, b ≥ 0, else the median difference (never below 0)."""
+    import numpy as np
+
+    diff = np.asarray(measured, float) - np.asarray(raw, float)
+    mel = np.asarray(melements, float)
+    if len(diff) >= MIN_POINTS_3TERM and np.ptp(mel) > 0:
+        (b, a), *_ = np.linalg.lstsq(np.column_stack([mel, np.ones(len(mel))]), diff, rcond=None)
+        if a >= 0 and b >= 0:
+            return float(a), float(b)
+    return max(float(np.median(diff)), 0.0), 0.0
+
+
+def fit_calibration(raw: list[float], measured: list[float], melements: list[float] | None = None,
+                    overhead: tuple[float, float] | None = None) -> Calibration:
     """Least-squares fit of measured ≈ scale·raw + ms_per_melement·melements + offset.
 
     The three-term model is fitted only when it is over-determined (at least MIN_POINTS_3TERM
-    points, not collinear) and comes out physical (scale ≥ 0.2, cost per element ≥ 0): an
-    exact fit through three uniform-width points extrapolated wildly to other widths (see
-    bench/lut_fidelity.py). Otherwise scale·raw + offset; with one distinct point, the offset."""
+    points, not collinear) and comes out physical (scale ≥ 0.2, cost per element ≥ 0, offset
+    ≥ 0): an exact fit through three uniform-width points extrapolated wildly to other widths
+    (see bench/lut_fidelity.py). Otherwise scale·raw + offset, or scale·raw alone when the
+    offset comes out negative (a noisy fit with a negative offset predicted latencies near zero
+    for tiny widths and let an impossible budget pass as feasible); with one distinct point,
+    the offset.
+
+    With `overhead` (a, b) from in-graph profile runs (fit_overhead), the shape is known and
+    only the machine's speed now is fitted: measured ≈ scale·(raw + a + b·Melements), scale
+    by least squares through the origin. One parameter over the points averages their noise;
+    two or three parameters through three noisy points did not (bench/lut_fidelity.py)."""
     import numpy as np
 
     raw_a, meas_a = np.asarray(raw, float), np.asarray(measured, float)
     mel_a = np.asarray(melements if melements is not None else [0.0] * len(raw), float)
     n = len(raw_a)
+    if overhead is not None:
+        a, b = overhead
+        base = raw_a + a + b * mel_a
+        scale = float(base @ meas_a / (base @ base))
+        return Calibration(scale, scale * b, scale * a, n)
     if n >= MIN_POINTS_3TERM and np.ptp(mel_a) > 0:
         design = np.column_stack([raw_a, mel_a, np.ones(n)])
         if np.linalg.matrix_rank(design) == 3:
             (scale, per_mel, offset), *_ = np.linalg.lstsq(design, meas_a, rcond=None)
-            if scale >= 0.2 and per_mel >= 0:
+            if scale >= 0.2 and per_mel >= 0 and offset >= 0:
                 return Calibration(float(scale), float(per_mel), float(offset), n)
     if len(set(np.round(raw_a, 6))) < 2:
         return Calibration(1.0, 0.0, float(np.mean(meas_a - raw_a)), n)
     scale, offset = np.polyfit(raw_a, meas_a, 1)
     if scale <= 0.2:
         return Calibration(1.0, 0.0, float(np.mean(meas_a - raw_a)), n)
+    if offset < 0:  # time outside the layers cannot be negative: through the origin instead
+        return Calibration(float(raw_a @ meas_a / (raw_a @ raw_a)), 0.0, 0.0, n)
     return Calibration(float(scale), 0.0, float(offset), n)
 
 

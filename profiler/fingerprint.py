@@ -6,7 +6,9 @@ import json
 import platform
 
 
-TIMING_METHOD = "iobinding-minus-call-overhead/2"
+TIMING_METHOD = "iobinding-minus-call-overhead/2"  # isolated layers (profiler/layers.py)
+TIMING_IN_GRAPH = "ort-profile-in-graph/1"  # kernels inside whole models (profiler/ingraph.py)
+TIMINGS = {"in-graph": TIMING_IN_GRAPH, "isolated": TIMING_METHOD}
 
 
 def cpu_model() -> str:
@@ -38,8 +40,12 @@ def preferred_channel_step() -> int:
     return 16 if "avx512f" in cpu_flags() else 8
 
 
-def cpu_fingerprint(threads: int = 1, batch: int = 1, precision: str = "float32") -> dict:
-    """Fingerprint of ONNX Runtime on this CPU."""
+def cpu_fingerprint(threads: int = 1, batch: int = 1, precision: str = "float32",
+                    timing: str = "isolated") -> dict:
+    """Fingerprint of ONNX Runtime on this CPU; `timing` ('in-graph' or 'isolated') names how
+    its cells are measured, so cells of the two methods live in separate tables."""
+    if timing not in TIMINGS:
+        raise ValueError(f"timing must be one of {', '.join(TIMINGS)}, not {timing!r}")
     import onnxruntime as ort
 
     return {
@@ -52,7 +58,7 @@ def cpu_fingerprint(threads: int = 1, batch: int = 1, precision: str = "float32"
         "batch": batch,
         "precision": precision,
         # how cells are timed; bumped when the method changes so old cells are not mixed in
-        "timing": TIMING_METHOD,
+        "timing": TIMINGS[timing],
     }
 
 

@@ -44,35 +44,99 @@ def _record(settings: Settings, device: str, source: str, cells: int, drift: dic
 
 def reprofile_device(settings: Settings, device: str, options: dict, progress) -> dict:
     """Re-measure (up to options['max_cells'], default 200, evenly spread) the cells of this
-    machine's fingerprint in the device's table, replace their values, and report the drift.
-    Runs on the device itself (in-process worker or its agent)."""
-    from latprune.lut.store import LatencyTable
+    machine's fingerprints in the device's table, replace their values, and report the drift.
+    Cells timed alone are re-timed alone; in-graph cells are re-timed inside pruned copies of
+    the models this device last profiled or optimised (up to 3; cells of no such model are
+    left as they are). Runs on the device itself (in-process worker or its agent)."""
     from latprune.profiler.fingerprint import cpu_fingerprint, fingerprint_id
-    from latprune.profiler.layers import measure_layer
 
     path = Storage(settings.data_path).lut_path(device)
     threads = int(options.get("threads") or 1)
-    fp = cpu_fingerprint(threads=threads)
-    fp_id = fingerprint_id(fp)
-    old = {k: v for k, v in _existing_cells(path).items() if k[0] == fp_id}
-    if not old:
+    max_cells = int(options.get("max_cells") or 200)
+    existing = _existing_cells(path)
+    fps = {timing: cpu_fingerprint(threads=threads, timing=timing) for timing in ("isolated", "in-graph")}
+    old = {timing: {k: v for k, v in existing.items() if k[0] == fingerprint_id(fp)} for timing, fp in fps.items()}
+    if not any(old.values()):
+        fp = fps["in-graph"]
         raise InputError(f"device {device} has no table cells for this machine's fingerprint "
                          f"({fp['cpu']}, {fp['runtime']}, {threads} thread(s)) to re-profile")
-    keys = even_sample(old, int(options.get("max_cells") or 200))
-    progress.stage(f"re-profiling {len(keys)} of {len(old)} cells")
+    new: dict = {}
+    try:
+        if old["isolated"]:
+            new.update(_retime_isolated(path, fps["isolated"], even_sample(old["isolated"], max_cells), progress))
+        if old["in-graph"]:
+            new.update(_retime_in_graph(settings, device, path, fps["in-graph"],
+                                        even_sample(old["in-graph"], max_cells), threads, progress))
+    except sqlite3.DatabaseError as exc:
+        raise InputError(f"the device table could not be written: {exc}") from None
+    old = {k: v for part in old.values() for k, v in part.items()}
+    drift = compare(old, new, settings.drift_threshold)
+    _record(settings, device, "nightly", len(new), drift)
+    return {"cells": len(new), "drift": drift, "flagged": drift["flagged"]}
+
+
+def _retime_isolated(path, fp: dict, keys: list, progress) -> dict:
+    from latprune.lut.store import LatencyTable
+    from latprune.profiler.layers import measure_layer
+
+    progress.stage(f"re-profiling {len(keys)} cells one layer at a time")
     table = LatencyTable(path, fp)
     new = {}
     try:
         for i, key in enumerate(keys):
             _, sig, c_in, c_out = key
-            stats = measure_layer(LayerSpec(**json.loads(sig)), c_in, c_out, threads)
+            stats = measure_layer(LayerSpec(**json.loads(sig)), c_in, c_out, fp["threads"])
             table.put(sig, c_in, c_out, stats.median_ms, stats.runs)
             new[key] = stats.median_ms
             progress.advance(i + 1, len(keys))
-    except sqlite3.DatabaseError as exc:
-        raise InputError(f"the device table could not be written: {exc}") from None
     finally:
         table.close()
-    drift = compare(old, new, settings.drift_threshold)
-    _record(settings, device, "nightly", len(new), drift)
-    return {"cells": len(new), "drift": drift, "flagged": drift["flagged"]}
+    return new
+
+
+def _device_models(settings: Settings, device: str, limit: int = 3) -> list:
+    """Files of the models this device's last succeeded profile/optimize jobs used (newest first)."""
+    from latprune.service.db import Job
+
+    storage = Storage(settings.data_path)
+    paths: list = []
+    with session_scope(settings.db_url) as s:
+        rows = (s.query(Job.model_id).filter(Job.device == device, Job.state == "succeeded",
+                                             Job.kind.in_(("profile", "optimize")), Job.model_id.isnot(None))
+                .order_by(Job.finished_at.desc()).limit(50).all())
+    for (model_id,) in rows:
+        p = storage.model_path(model_id)
+        if p.is_file() and p not in paths:
+            paths.append(p)
+    return paths[:limit]
+
+
+def _retime_in_graph(settings: Settings, device: str, path, fp: dict, keys: list, threads: int, progress) -> dict:
+    from latprune.lut.predict import required_cells
+    from latprune.lut.store import LatencyTable
+    from latprune.pipeline import prepare
+    from latprune.profiler.ingraph import profile_in_graph
+
+    wanted = {(sig, ci, co) for _, sig, ci, co in keys}
+    fp_id = keys[0][0]
+    table = LatencyTable(path, fp)
+    new = {}
+    try:
+        for model_path in _device_models(settings, device):
+            if not wanted:
+                break
+            _, _, analysis = prepare(model_path)
+            cells = [c for c in required_cells(analysis.problem) if (c[0].signature(), c[1], c[2]) in wanted]
+            if not cells:
+                continue
+            progress.stage(f"re-profiling {len(cells)} cells inside pruned copies of a model")
+            profile_in_graph(table, analysis, cells, threads, progress=progress.advance, remeasure=True)
+            for spec, ci, co in cells:
+                sig = spec.signature()
+                value = dict(table.cells(sig).get(ci, [])).get(co)
+                if value is not None:
+                    new[(fp_id, sig, ci, co)] = value
+                wanted.discard((sig, ci, co))
+    finally:
+        table.close()
+    return new

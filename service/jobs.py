@@ -27,7 +27,7 @@ from latprune.types import InputError, LatpruneError
 # Options a job may set, passed to pipeline.OptimizeOptions under the same names.
 OPTION_FIELDS = ("budget_ms", "speedup", "flops_ratio", "params_ratio", "method", "objective", "importance",
                  "distortion", "repair", "step", "threads", "max_candidates", "time_limit_s", "remove_blocks",
-                 "rounds", "calib_samples")
+                 "rounds", "calib_samples", "timing")
 
 
 class JobProgress:
@@ -171,7 +171,8 @@ def _execute(settings: Settings, storage: Storage, job: Job, device: Device, wor
     model_path = storage.model_path(job.model_id)
     if job.kind == "profile":
         threads = int(job.options.get("threads") or 1)
-        result = pipeline.profile_model(model_path, lut_path, threads=threads, progress=progress)
+        result = pipeline.profile_model(model_path, lut_path, threads=threads, progress=progress,
+                                        timing=job.options.get("timing") or "in-graph")
         result["lut"] = f"device {job.device}"
         (work / "profile.json").write_text(json.dumps(result, indent=1))
         return result

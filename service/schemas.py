@@ -129,6 +129,8 @@ class JobCreate(BaseModel):
     time_limit_s: float = Field(60.0, gt=0, le=86_400, description="solver time limit, seconds")
     remove_blocks: Literal["auto", "yes", "no"] = "auto"
     rounds: int = Field(4, ge=1, le=50, description="measure/recalibrate rounds")
+    timing: Literal["in-graph", "isolated"] = Field(
+        "in-graph", description="how table cells are timed: inside pruned copies of the model, or one layer alone")
 
 
 class ArtifactOut(BaseModel):

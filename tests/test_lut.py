@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from latprune.lut.store import LatencyTable, fit_calibration
+from latprune.lut.store import LatencyTable, fit_calibration, fit_overhead
 from latprune.types import InputError
 
 FP_A = {"device": "cpu", "cpu": "test-a", "threads": 1}
@@ -147,6 +147,38 @@ def test_table_calibration_uses_family_points(table):
     c = table.calibration("fam")
     scale, offset = c.scale, c.offset_ms
     assert scale == pytest.approx(3.0) and offset == pytest.approx(0.25)
+
+
+def test_negative_offset_falls_back_to_a_fit_through_the_origin():
+    """Time outside the layers is never negative: a noisy fit with offset < 0 would predict ~0 ms
+    for tiny widths and let an impossible budget look feasible."""
+    raw, meas = [10.0, 7.5, 5.0], [20.5, 14.0, 9.2]  # slope 2.26, offset -2.1
+    c = fit_calibration(raw, meas)
+    assert c.offset_ms == 0.0 and c.scale == pytest.approx(np.dot(raw, meas) / np.dot(raw, raw))
+    assert c.predict(0.01) > 0
+
+
+def test_overhead_fit_and_speed_only_calibration():
+    raw = [10.0, 6.0, 3.0, 8.0, 5.0, 4.0]
+    mel = [2.0, 1.5, 1.0, 1.2, 1.9, 0.7]
+    assert fit_overhead(raw, [r + 0.3 + 0.1 * m for r, m in zip(raw, mel)], mel) == pytest.approx((0.3, 0.1))
+    # an unphysical slope falls back to the median difference; never below zero
+    assert fit_overhead(raw, [r + 0.5 - 0.2 * m for r, m in zip(raw, mel)], mel)[1] == 0.0
+    assert fit_overhead(raw, [r - 1.0 for r in raw], mel) == (0.0, 0.0)
+    # the end-to-end points then only fit the machine's speed: measured = 1.3·(raw + 0.3 + 0.1·mel)
+    meas = [1.3 * (r + 0.3 + 0.1 * m) for r, m in zip(raw[:3], mel[:3])]
+    c = fit_calibration(raw[:3], meas, mel[:3], overhead=(0.3, 0.1))
+    assert (c.scale, c.offset_ms, c.ms_per_melement) == pytest.approx((1.3, 0.39, 0.13))
+
+
+def test_table_calibration_uses_its_in_graph_overhead(table):
+    for raw, mel in ((10.0, 2.0), (6.0, 1.5), (3.0, 1.0), (8.0, 1.2), (5.0, 1.9)):
+        table.add_overhead_point("fam", raw, raw + 0.3 + 0.1 * mel, mel)
+    assert table.overhead("fam") == pytest.approx((0.3, 0.1))
+    assert table.overhead("other") is None
+    table.add_calibration("fam", 10.0, 2.0 * (10.0 + 0.3 + 0.1 * 2.0), 2.0)
+    c = table.calibration("fam")
+    assert c.scale == pytest.approx(2.0) and c.predict(5.0, 1.0) == pytest.approx(2.0 * (5.0 + 0.3 + 0.1))
 
 
 def test_not_a_table_is_input_error(tmp_path):

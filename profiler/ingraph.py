@@ -1,0 +1,297 @@
+"""In-graph layer timing: whole pruned models run under ONNX Runtime's profiler, each kernel's
+time attributed to the layer it computes.
+
+Why: a layer timed alone (profiler/layers.py) pays layout reorders at its input and output
+and runs on a cold cache, which a layer inside the model does not; on this AVX-512 CPU the sum
+of isolated layers missed whole-model latency by 6-44% (NOTES.md). ONNX Runtime's profiler
+reports every kernel of a run with the name of the node it executes; after fusion that name
+is derived from the conv's output, or from the output of the activation/Add fused into it,
+so `layer_names` maps each name of that chain to its layer. A kernel that maps to no layer
+(pooling, reorders, flatten) is overhead, which the calibration models.
+
+One profiled run of a model at chosen group widths measures a cell (c_in, c_out) of every
+layer at once. `design_configs` picks group widths on the table's grid so that few runs cover
+every cell the table lacks (greedy set cover over random candidates).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from latprune.types import LayerSpec, Problem
+
+# Ops ONNX Runtime fuses into the conv before them (conv+activation, NCHWc conv+sum+activation).
+_FUSABLE = {"Relu", "Clip", "Add", "Sum", "BatchNormalization", "HardSigmoid", "HardSwish",
+            "LeakyRelu", "Sigmoid", "Tanh"}
+
+
+@dataclass
+class ConfigTiming:
+    """One model configuration, profiled: ms per layer index (kernel medians), overhead ms of
+    kernels no layer claims, and the unprofiled end-to-end median (ms)."""
+
+    widths: dict[int, int]
+    layer_ms: dict[int, float]
+    unmapped_ms: float
+    end_to_end_ms: float
+    unmapped: list[str] = field(default_factory=list)
+    phase_ms: float = 0.0  # the dense model's time around this run (profile_in_graph)
+
+
+def layer_names(model: onnx.ModelProto, problem: Problem) -> dict[str, int]:
+    """Node and tensor names that ONNX Runtime may give a layer's (fused) kernel -> layer index.
+    The chain follows single consumers through activations and residual Adds."""
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    by_name = {n.name: n for n in model.graph.node}
+    names: dict[str, int] = {}
+    for index, layer in enumerate(problem.layers):
+        node = by_name.get(layer.name)
+        if node is None:
+            continue
+        names.setdefault(node.name, index)
+        tensor = node.output[0]
+        for _ in range(4):  # conv -> (BN) -> (Add) -> activation at most
+            names.setdefault(tensor, index)
+            nxt = consumers.get(tensor, [])
+            if len(nxt) != 1 or nxt[0].op_type not in _FUSABLE:
+                break
+            names.setdefault(nxt[0].name, index)
+            tensor = nxt[0].output[0]
+    return names
+
+
+def _kernel_name(event_name: str) -> str:
+    base = event_name[: -len("_kernel_time")]
+    return base[: -len("_nchwc")] if base.endswith("_nchwc") else base
+
+
+def profile_config(model: onnx.ModelProto | bytes, names: dict[str, int], threads: int = 1,
+                   runs: int = 10, warmup: int = 3, widths: dict[int, int] | None = None) -> ConfigTiming:
+    """Profile `model` (`runs` timed runs after `warmup`), attribute kernels to layers through
+    `names`, and time it unprofiled in a second session (`runs` runs) for the end-to-end median."""
+    import onnxruntime as ort
+
+    from latprune.profiler.onnxrt import make_session, random_feed, time_session
+
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    with tempfile.TemporaryDirectory(prefix="latprune-prof-") as tmp:
+        opts = _session_options(threads)
+        opts.enable_profiling = True
+        opts.profile_file_prefix = os.path.join(tmp, "ort")
+        session = ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
+        feed = random_feed(session)
+        for _ in range(warmup):
+            session.run(None, feed)
+        for _ in range(runs):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    kernel_us: dict[str, list[float]] = defaultdict(list)
+    for ev in events:
+        if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
+            kernel_us[ev["name"]].append(float(ev["dur"]))
+    layer_ms: dict[int, float] = defaultdict(float)
+    unmapped_ms, unmapped = 0.0, []
+    for name, durs in kernel_us.items():
+        ms = float(np.median(durs[-runs:])) / 1e3  # the timed runs only
+        index = names.get(_kernel_name(name))
+        if index is None:
+            unmapped_ms += ms
+            unmapped.append(_kernel_name(name))
+        else:
+            layer_ms[index] += ms
+    plain = make_session(data, threads)
+    e2e = time_session(plain, random_feed(plain), warmup=warmup, min_runs=runs, min_seconds=0.0).median_ms
+    return ConfigTiming(dict(widths or {}), dict(layer_ms), unmapped_ms, e2e, unmapped)
+
+
+def _session_options(threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if threads == 1:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
+def config_cells(problem: Problem, widths: dict[int, int]) -> list[tuple[int, int, int]]:
+    """(layer index, c_in, c_out) of every layer at the given group widths (dense elsewhere)."""
+    full = {g.id: widths.get(g.id, g.size) for g in problem.groups}
+    out = []
+    for index, layer in enumerate(problem.layers):
+        c_in, c_out = layer.c_in.width(full), layer.c_out.width(full)
+        out.append((index, c_in, c_in if layer.spec.depthwise else c_out))
+    return out
+
+
+def design_configs(problem: Problem, needed: set[tuple[str, int, int]], grids: dict[int, list[int]],
+                   max_configs: int = 400, candidates: int = 48, seed: int = 0) -> list[dict[int, int]]:
+    """Group widths (each from its grid) for runs that together cover the `needed`
+    (signature, c_in, c_out) cells: each step keeps the candidate that covers most cells still
+    uncovered. Candidates are random, plus some aimed at one uncovered cell (its layer's
+    single-group input and output set to the cell's widths), so rare combinations are reached
+    too; stops when no candidate covers a new cell."""
+    rng = np.random.default_rng(seed)
+    sigs = [layer.spec.signature() for layer in problem.layers]
+    todo = set(needed)
+    configs: list[dict[int, int]] = []
+    prunable = [g.id for g in problem.groups if g.prunable and grids.get(g.id)]
+    # cell -> group settings that produce it (layers whose input/output spaces are one group each)
+    aims: dict[tuple[str, int, int], list[dict[int, int]]] = defaultdict(list)
+    for index, layer in enumerate(problem.layers):
+        spaces = [layer.c_in] if layer.spec.depthwise else [layer.c_in, layer.c_out]
+        if not all(sp.fixed == 0 and len(sp.terms) == 1 and sp.terms[0][1] == 1 and sp.terms[0][0] in grids
+                   for sp in spaces):
+            continue
+        gin = layer.c_in.terms[0][0]
+        gout = gin if layer.spec.depthwise else layer.c_out.terms[0][0]
+        for ci in grids[gin]:
+            for co in ([ci] if layer.spec.depthwise else grids[gout]):
+                if gin == gout and ci != co:
+                    continue
+                aims[(sigs[index], ci, co)].append({gin: ci, gout: co})
+    while todo and len(configs) < max_configs:
+        pool = []
+        for _ in range(candidates):
+            pool.append({gid: int(rng.choice(grids[gid])) for gid in prunable})
+        aimable = [c for c in todo if c in aims]
+        for j in rng.permutation(len(aimable))[: candidates // 4]:
+            options = aims[aimable[j]]
+            widths = {gid: int(rng.choice(grids[gid])) for gid in prunable}
+            widths.update(options[int(rng.integers(len(options)))])
+            pool.append(widths)
+        best, best_new = None, set()
+        for widths in pool:
+            new = {(sigs[i], ci, co) for i, ci, co in config_cells(problem, widths)} & todo
+            if len(new) > len(best_new):
+                best, best_new = widths, new
+        if best is None:
+            break
+        configs.append(best)
+        todo -= best_new
+    return configs
+
+
+def first_channels_plan(problem: Problem, widths: dict[int, int]):
+    """A plan keeping the first widths[g] channels of each group (which ones does not change
+    the latency)."""
+    from latprune.types import Plan
+
+    kept = {gid: list(range(w)) for gid, w in widths.items() if w != problem.groups[gid].size}
+    return Plan(kept=kept, widths=dict(widths), method="profile")
+
+
+SLOW_PHASE = 1.08  # a run whose dense bursts are this much slower than the fastest seen is redone
+MAX_TRIES = 3
+
+
+def profile_configs(analysis, configs: list[dict[int, int]], threads: int = 1, runs: int = 10,
+                    on_config: Callable[[ConfigTiming, float], None] | None = None) -> list[ConfigTiming]:
+    """Profile pruned copies of the model at each of `configs` (group widths), with times at
+    the machine's fast state.
+
+    A shared machine runs in phases: the same session timed 26 ms for seconds, then 32 ms
+    (NOTES.md), and the few runs of one configuration fall inside one phase. So each
+    configuration is bracketed by short bursts of the dense model (its phase); a run whose
+    phase is more than SLOW_PHASE times the fastest phase seen is redone (up to MAX_TRIES,
+    keeping the fastest), and times are scaled by (fastest phase) / (the run's phase).
+    `on_config(timing, scale)` is called after each configuration with the scale known so far;
+    the returned timings use the final one."""
+    from latprune.profiler.onnxrt import make_session, random_feed
+    from latprune.pruner.surgery import apply_plan
+
+    prob = analysis.problem
+    names = layer_names(analysis.model, prob)
+    reference = make_session(analysis.model.SerializeToString(), threads)
+    ref_feed = random_feed(reference)
+    fastest = _burst_ms(reference, ref_feed, 5)
+    timings: list[ConfigTiming] = []
+    for widths in configs:
+        model = apply_plan(analysis, first_channels_plan(prob, widths), check=False)
+        best = None
+        for _ in range(MAX_TRIES):
+            before = _burst_ms(reference, ref_feed)
+            timing = profile_config(model, names, threads, runs, widths=widths)
+            timing.phase_ms = float(np.median([before, _burst_ms(reference, ref_feed)]))
+            fastest = min(fastest, timing.phase_ms)
+            if best is None or timing.phase_ms < best.phase_ms:
+                best = timing
+            if best.phase_ms <= SLOW_PHASE * fastest:
+                break
+        timings.append(best)
+        if on_config:
+            on_config(best, fastest / best.phase_ms)
+    for timing in timings:
+        scale = fastest / timing.phase_ms
+        timing.layer_ms = {i: v * scale for i, v in timing.layer_ms.items()}
+        timing.unmapped_ms *= scale
+        timing.end_to_end_ms *= scale
+    return timings
+
+
+def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], threads: int = 1,
+                     grid_points: int = 5, progress: Callable[[int, int], None] | None = None,
+                     runs: int = 10, remeasure: bool = False) -> tuple[int, list[ConfigTiming]]:
+    """Measure the (spec, c_in, c_out) `cells` the table lacks (all of them with `remeasure`)
+    by profiling pruned copies of the model (profile_configs) chosen by design_configs. Each
+    run's cells are committed as soon as it finishes (an interrupted profile resumes) and
+    rescaled to the whole profile's fastest phase at the end. Cells no run could reach are
+    left out (the caller times them alone). Returns (cells stored, the runs)."""
+    from latprune.lut.predict import group_grid
+
+    prob = analysis.problem
+    needed = {(spec.signature(), ci, co) for spec, ci, co in cells
+              if remeasure or not table.has(spec.signature(), ci, co)}
+    if not needed:
+        return 0, []
+    grids = {g.id: group_grid(g, grid_points) for g in prob.groups if g.prunable}
+    configs = design_configs(prob, needed, grids)
+    sigs = [layer.spec.signature() for layer in prob.layers]
+    written: list[list[tuple[str, int, int]]] = []  # per run: the cells it stored
+
+    def cell_values(timing: ConfigTiming) -> dict[tuple[str, int, int], tuple[float, int]]:
+        samples: dict[tuple[str, int, int], list[float]] = defaultdict(list)
+        for index, ci, co in config_cells(prob, timing.widths):
+            if index in timing.layer_ms:
+                samples[(sigs[index], ci, co)].append(timing.layer_ms[index])
+        return {k: (float(np.median(v)), runs * len(v)) for k, v in samples.items()}
+
+    def store(timing: ConfigTiming, scale: float) -> None:
+        mine = []
+        for key, (ms, n) in cell_values(timing).items():
+            if key in needed:
+                table.put(*key, ms * scale, n)
+                mine.append(key)
+                needed.discard(key)
+        written.append(mine)
+        if progress:
+            progress(len(written), len(configs))
+
+    timings = profile_configs(analysis, configs, threads, runs, store)
+    for timing, keys in zip(timings, written):  # the final scale (timings come back rescaled)
+        values = cell_values(timing)
+        for key in keys:
+            table.put(*key, *values[key])
+    return sum(len(v) for v in written), timings
+
+
+def _burst_ms(session, feed, runs: int = 3) -> float:
+    """Median of `runs` runs (ms) after one warm-up run."""
+    from latprune.profiler.onnxrt import _timed_runs
+
+    return float(np.median(_timed_runs(session, feed, 1, runs, 0.0)))

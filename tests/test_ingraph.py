@@ -1,0 +1,92 @@
+"""In-graph layer timing (profiler/ingraph.py): ONNX Runtime's profiler attributes every kernel
+of a whole model to its layer; few pruned copies cover the table's grid."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from latprune.lut.predict import group_grid, required_cells
+from latprune.pruner.analysis import analyse
+from latprune.pruner.model_io import normalise
+from latprune.profiler.fingerprint import TIMING_IN_GRAPH, cpu_fingerprint, fingerprint_id
+from latprune.profiler.ingraph import config_cells, design_configs, layer_names, profile_config, profile_in_graph
+from latprune.lut.store import LatencyTable
+from onnx_builders import depthwise_cnn, residual_cnn
+
+
+def _analysis(model, step=8):
+    return analyse(normalise(model), step=step)
+
+
+@pytest.mark.parametrize("build", [residual_cnn, depthwise_cnn], ids=["residual", "depthwise"])
+def test_every_layer_kernel_is_attributed(build):
+    """Convs fused with BN, activations and residual Adds, depthwise convs and the Gemm head
+    all map to their layer; only pooling/flatten/reorders are left as overhead."""
+    analysis = _analysis(build())
+    prob = analysis.problem
+    timing = profile_config(analysis.model, layer_names(analysis.model, prob), runs=3)
+    assert sorted(timing.layer_ms) == list(range(len(prob.layers)))
+    assert all(ms > 0 for ms in timing.layer_ms.values())
+    assert timing.end_to_end_ms > 0
+    assert all("Conv" not in name and "Gemm" not in name for name in timing.unmapped), timing.unmapped
+
+
+def test_design_covers_every_reachable_cell_with_fewer_runs_than_cells():
+    prob = _analysis(residual_cnn(blocks=2, width=32)).problem
+    grids = {g.id: group_grid(g, 3) for g in prob.groups if g.prunable}
+    needed = {(s.signature(), ci, co) for s, ci, co in required_cells(prob, 3)}
+    configs = design_configs(prob, needed, grids)
+    sigs = [layer.spec.signature() for layer in prob.layers]
+    covered = {(sigs[i], ci, co) for w in configs for i, ci, co in config_cells(prob, w)}
+    # brute force over every combination of grid widths: what any design could reach
+    ids = sorted(grids)
+    reachable = set()
+    for combo in itertools.product(*(grids[g] for g in ids)):
+        reachable |= {(sigs[i], ci, co) for i, ci, co in config_cells(prob, dict(zip(ids, combo)))}
+    assert needed & reachable <= covered
+    assert len(configs) < len(needed)
+    assert all(w[g] in grids[g] for w in configs for g in w)
+
+
+def test_profile_in_graph_fills_resumes_and_remeasures(tmp_path):
+    analysis = _analysis(residual_cnn(blocks=1, width=16))
+    prob = analysis.problem
+    fp = cpu_fingerprint(threads=1, timing="in-graph")
+    assert fp["timing"] == TIMING_IN_GRAPH
+    assert fingerprint_id(fp) != fingerprint_id(cpu_fingerprint(threads=1))  # never mixed with isolated cells
+    table = LatencyTable(tmp_path / "t.sqlite", fp)
+    cells = required_cells(prob, 3)
+    stored, runs = profile_in_graph(table, analysis, cells, grid_points=3, runs=3)
+    assert stored == len({(s.signature(), ci, co) for s, ci, co in cells}) == table.count()
+    assert 0 < len(runs) < stored
+    again, runs2 = profile_in_graph(table, analysis, cells, grid_points=3, runs=3)
+    assert (again, runs2) == (0, [])
+    before = {s.signature(): table.cells(s.signature()) for s, _, _ in cells}
+    redo, _ = profile_in_graph(table, analysis, cells, grid_points=3, runs=3, remeasure=True)
+    assert redo == stored and table.count() == stored
+    after = {s.signature(): table.cells(s.signature()) for s, _, _ in cells}
+    assert after.keys() == before.keys() and after != before  # new timings replaced the old
+    table.close()
+
+
+def test_profile_model_in_graph_and_isolated_tables_are_separate(tmp_path):
+    import onnx
+
+    from latprune.pipeline import predict_model, profile_model
+
+    path = tmp_path / "m.onnx"
+    onnx.save(residual_cnn(blocks=1, width=16), str(path))
+    lut = tmp_path / "lut.sqlite"
+    out = profile_model(path, lut, points=3)
+    assert out["cells_measured"] > 0
+    pred = predict_model(path, lut)
+    assert pred["calibrated"] and pred["predicted_ms"] > 0
+    from latprune.types import InputError
+    with pytest.raises(InputError, match="--timing isolated"):  # no isolated cells yet
+        predict_model(path, lut, timing="isolated")
+    iso = profile_model(path, lut, points=3, timing="isolated")
+    assert iso["cells_measured"] == out["cells_measured"]
+    assert iso["cells_total"] == out["cells_total"]  # counts are per fingerprint
+    with pytest.raises(InputError, match="--timing"):
+        predict_model(path, lut, timing="sideways")
