@@ -66,6 +66,10 @@ class _RichProgress:
             self.bar = None
 
 
+TIMING_OPTION = typer.Option("in-graph", "--timing", help="how table cells are timed: in-graph "
+                           "(kernels inside pruned copies of the model, ONNX Runtime's profiler) | isolated (one-layer models)")
+
+
 @app.command()
 def optimize(
     model: Path = typer.Argument(..., help="ONNX model to prune"),
@@ -75,6 +79,7 @@ def optimize(
     device: str = typer.Option("cpu", "--device", help="target device (cpu: ONNX Runtime here)"),
     threads: int = typer.Option(1, "--threads", help="intra-op threads for every timing"),
     lut: Optional[Path] = typer.Option(None, "--lut", help="latency table (SQLite); default ~/.cache/latprune/lut.sqlite"),
+    timing: str = TIMING_OPTION,
     flops_ratio: Optional[float] = typer.Option(None, "--flops-ratio", help="budget: this share (0-1] of the dense FLOPs"),
     params_ratio: Optional[float] = typer.Option(None, "--params-ratio", help="budget: this share (0-1] of the dense parameters"),
     calib: Optional[str] = typer.Option(None, "--calib", help="calibration inputs: FILE.npz (array x: float model "
@@ -109,7 +114,8 @@ def optimize(
                                remove_blocks=remove_blocks, rounds=rounds,
                                time_limit_s=time_limit, importance=importance, objective=objective,
                                distortion=distortion, calib=calib, calib_samples=calib_samples,
-                               repair=repair, flops_ratio=flops_ratio, params_ratio=params_ratio)
+                               repair=repair, flops_ratio=flops_ratio, params_ratio=params_ratio,
+                               timing=timing)
         report = run(model, out, opts, _RichProgress(quiet, show_progress))
     except LatpruneError as exc:
         _fail(exc)
@@ -160,13 +166,14 @@ def predict(
     model: Path = typer.Argument(...),
     lut: Optional[Path] = typer.Option(None, "--lut"),
     threads: int = typer.Option(1, "--threads"),
+    timing: str = TIMING_OPTION,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Predicted latency of MODEL from the latency table (any model the table covers)."""
     from latprune.pipeline import predict_model
 
     try:
-        out = predict_model(model, lut, threads)
+        out = predict_model(model, lut, threads, timing)
     except LatpruneError as exc:
         _fail(exc)
         return
@@ -181,6 +188,7 @@ def profile(
     device: str = typer.Option("cpu", "--device"),
     threads: int = typer.Option(1, "--threads"),
     points: int = typer.Option(5, "--points", help="measured widths per axis of each layer"),
+    timing: str = TIMING_OPTION,
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     show_progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
 ) -> None:
@@ -190,7 +198,7 @@ def profile(
     try:
         if device != "cpu":
             raise LatpruneError(f"--device {device}: only 'cpu' is available")
-        out = profile_model(model, lut, threads, points, _RichProgress(quiet, show_progress))
+        out = profile_model(model, lut, threads, points, _RichProgress(quiet, show_progress), timing)
     except LatpruneError as exc:
         _fail(exc)
         return
@@ -287,6 +295,64 @@ def lut_validate(lut: Path = typer.Argument(...)) -> None:
         err.print(f"[yellow]warning:[/] {w}", highlight=False)
     if res["errors"]:
         raise typer.Exit(1)
+
+
+@lut_app.command("heatmap")
+def lut_heatmap(lut: Path = typer.Argument(..., help="SQLite latency table"),
+                model: Path = typer.Option(..., "--model", help="ONNX model whose layer to show"),
+                layer: Optional[str] = typer.Option(None, "--layer", help="node name of the layer "
+                                                    "(default: the slowest layer at dense widths)"),
+                out: Path = typer.Option(Path("heatmap.png"), "--out", help="PNG file"),
+                threads: int = typer.Option(1, "--threads"),
+                timing: str = TIMING_OPTION) -> None:
+    """PNG heatmap of one layer's latency table over its (c_in, c_out) candidate widths."""
+    from latprune.lut.plots import layer_heatmap
+    from latprune.lut.predict import layer_ms, space_values
+    from latprune.pipeline import open_table, prepare
+
+    try:
+        _, _, analysis = prepare(model)
+        prob = analysis.problem
+        table = open_table(lut, threads, timing)
+        try:
+            covered = [ly for ly in prob.layers if table.cells(ly.spec.signature())]
+            if not covered:
+                raise LatpruneError(f"the table has no cells for any layer of {model}; run: latprune profile "
+                                    f"{model} --lut {lut} --timing {timing}")
+            if layer is None:
+                dense = {g.id: g.size for g in prob.groups}
+                chosen = max(covered, key=lambda ly: layer_ms(table, ly, ly.c_in.width(dense), ly.c_out.width(dense)))
+            else:
+                named = [ly for ly in prob.layers if ly.name == layer]
+                if not named:
+                    raise LatpruneError(f"{model} has no prunable conv/gemm layer named {layer!r} "
+                                        f"(e.g. {', '.join(ly.name for ly in prob.layers[:3])})")
+                chosen = named[0]
+                if chosen not in covered:
+                    raise LatpruneError(f"the table has no cells for layer {layer!r}; run latprune profile first")
+            ins = space_values(prob, chosen.c_in)
+            outs = ins if chosen.spec.depthwise else space_values(prob, chosen.c_out)
+            res = layer_heatmap(table, chosen, ins, outs, out)
+        finally:
+            table.close()
+    except LatpruneError as exc:
+        _fail(exc)
+        return
+    print(json.dumps({"layer": chosen.name, **res}))
+
+
+@lut_app.command("scatter")
+def lut_scatter(sources: list[Path] = typer.Argument(..., help="report.json files (their re-solve rounds) "
+                                                     "or bench/out/lut_fidelity.json"),
+                out: Path = typer.Option(Path("scatter.png"), "--out", help="PNG file")) -> None:
+    """PNG scatter of predicted vs measured latency, with the error summary."""
+    from latprune.lut.plots import scatter, scatter_points
+
+    try:
+        points = [p for src in sources for p in scatter_points(src)]
+        print(json.dumps(scatter(points, out)))
+    except LatpruneError as exc:
+        _fail(exc)
 
 
 @app.command("demo-model")

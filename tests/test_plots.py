@@ -1,0 +1,71 @@
+"""`latprune lut heatmap` and `latprune lut scatter`: PNG files from the CLI (lut/plots.py)."""
+from __future__ import annotations
+
+import json
+import struct
+
+import onnx
+import pytest
+
+from onnx_builders import residual_cnn
+from test_cli import assert_one_line_error, cli
+
+pytest.importorskip("matplotlib")
+
+
+def _png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG file"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("plots")
+    model = tmp / "m.onnx"
+    onnx.save(residual_cnn(blocks=1, width=16), str(model))
+    lut = tmp / "lut.sqlite"
+    proc = cli("profile", model, "--lut", lut, "--points", "3", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return model, lut
+
+
+def test_heatmap_of_the_slowest_layer_and_of_a_named_one(profiled, tmp_path):
+    model, lut = profiled
+    out = tmp_path / "h.png"
+    proc = cli("lut", "heatmap", lut, "--model", model, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    w, h = _png_size(out)
+    assert w > 300 and h > 300
+    assert res["cells_measured"] > 0 and res["cells_shown"] >= res["cells_measured"]
+    assert 0 < res["min_ms"] <= res["max_ms"]
+    named = cli("lut", "heatmap", lut, "--model", model, "--layer", res["layer"], "--out", tmp_path / "n.png")
+    assert named.returncode == 0 and json.loads(named.stdout)["layer"] == res["layer"]
+
+
+def test_heatmap_errors_are_one_line(profiled, tmp_path):
+    model, lut = profiled
+    assert_one_line_error(cli("lut", "heatmap", lut, "--model", model, "--layer", "nope", "--out", tmp_path / "x.png"),
+                          "no prunable conv/gemm layer named")
+    assert_one_line_error(cli("lut", "heatmap", tmp_path / "empty.sqlite", "--model", model, "--out", tmp_path / "x.png"),
+                          "latprune profile")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_scatter_from_report_rounds_and_bad_input(tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"model": "m.onnx", "rounds": [
+        {"predicted_ms": 4.0, "measured_ms": 4.2}, {"predicted_ms": 3.0, "measured_ms": 2.9},
+        {"predicted_ms": 2.0, "measured_ms": 2.5}]}))
+    out = tmp_path / "s.png"
+    proc = cli("lut", "scatter", report, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    assert res["points"] == 3 and res["within_10pct"] == pytest.approx(2 / 3)
+    assert res["median_abs_err"] == pytest.approx(abs(4.0 - 4.2) / 4.2)
+    assert _png_size(out)[0] > 300
+    (tmp_path / "bad.json").write_text("{not json")
+    assert_one_line_error(cli("lut", "scatter", tmp_path / "bad.json", "--out", tmp_path / "b.png"), "not a readable JSON")
+    (tmp_path / "empty.json").write_text(json.dumps({"rounds": [{"predicted_ms": "x"}]}))
+    assert_one_line_error(cli("lut", "scatter", tmp_path / "empty.json", "--out", tmp_path / "b.png"), "no predicted/measured")
