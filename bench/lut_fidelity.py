@@ -21,13 +21,15 @@ so every model is measured in `--rounds` short bursts, interleaved over all of t
 configuration's latency is the median over its bursts, and the spread of those bursts is
 reported too.
 
-Part 2, the table for ResNet-50: wall time to profile every layer into a fresh in-graph table,
-cells measured vs the full grid of candidate widths (multiples of the preferred step: 16 with
-AVX-512), and interpolation error on held-out cells: kernels of random pruned models whose
-(c_in, c_out) the table did not measure.
+Part 2, the table for ResNet-50: wall time to profile every layer into a fresh in-graph table
+(with 1 and 3 measurements per cell: --passes), cells measured vs the full grid of candidate
+widths (multiples of the preferred step: 16 with AVX-512), and interpolation error on held-out
+cells: kernels of random pruned models whose (c_in, c_out) the table did not measure, each the
+median of --truth-runs measurements (one in-graph measurement repeats within ~8% here).
 
     python bench/lut_fidelity.py [--models resnet18,resnet50,mobilenet_v2] [--configs 30]
-                                 [--heldout 200] [--widths step16] [--rounds 10] [--skip-build]
+                                 [--heldout 200] [--widths step16] [--rounds 20]
+                                 [--passes 1,3] [--truth-runs 3] [--skip-build | --skip-models]
 
 Prints tables and writes bench/out/lut_fidelity.json.
 """
@@ -93,7 +95,8 @@ def measure_interleaved(models: list, rounds: int, runs: int = 3) -> list[dict]:
     return out
 
 
-def whole_model_errors(name: str, n_configs: int, lut: Path, mode: str, rounds: int, seed: int = 0) -> dict:
+def whole_model_errors(name: str, n_configs: int, lut: Path, mode: str, rounds: int, seed: int = 0,
+                       profile_passes: int = 1) -> dict:
     from latprune.lut.predict import overhead_elements, predict_raw
     from latprune.lut.store import fit_calibration
     from latprune.pipeline import model_family, open_table, prepare, profile_model
@@ -105,7 +108,7 @@ def whole_model_errors(name: str, n_configs: int, lut: Path, mode: str, rounds: 
     build_s = {}
     for timing in TIMINGS:  # cells missing from the table (none when it was built before)
         t0 = time.perf_counter()
-        out = profile_model(path, lut, threads=1, timing=timing)
+        out = profile_model(path, lut, threads=1, timing=timing, passes=profile_passes if timing == "in-graph" else 1)
         build_s[timing] = {"seconds": time.perf_counter() - t0, "cells_measured": out["cells_measured"]}
         print(f"  {name}: {timing} table: {out['cells_measured']} cells measured in {build_s[timing]['seconds']:.0f} s",
               flush=True)
@@ -126,6 +129,7 @@ def whole_model_errors(name: str, n_configs: int, lut: Path, mode: str, rounds: 
     rows = [{"widths": {str(k): v for k, v in w.items()}, "measured_ms": t["ms"], "measured_fast_ms": t["fast_ms"],
              "spread": t["spread"], "off_grid": 0} for w, t in zip(configs, timed[nu:])]
     result = {"model": name, "widths": mode, "configs": rows, "build": build_s, "predictors": {},
+              "profile_passes": profile_passes,
               "uniform_measured_ms": [t["ms"] for t in timed[:nu]],
               "measurement_spread_median": float(np.median([t["spread"] for t in timed]))}
     family = model_family(model, data)
@@ -163,8 +167,9 @@ def errors(pred: np.ndarray, meas: np.ndarray) -> dict:
             "within_10pct": float(np.mean(err <= 0.10)), "median_signed_err": float(np.median((pred - meas) / meas))}
 
 
-def table_build(heldout: int, seed: int = 0) -> dict:
-    """Profile ResNet-50 into a fresh in-graph table; interpolation error on held-out cells."""
+def table_build(heldout: int, passes: int, truth_runs: int, seed: int = 0) -> dict:
+    """Profile ResNet-50 into a fresh in-graph table (`passes` measurements per cell);
+    interpolation error on held-out cells, each measured `truth_runs` times (median)."""
     from latprune.lut.predict import layer_ms, space_values
     from latprune.pipeline import ensure_profiled, open_table, prepare, Progress
     from latprune.profiler.fingerprint import preferred_channel_step
@@ -176,7 +181,7 @@ def table_build(heldout: int, seed: int = 0) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         table = open_table(Path(tmp) / "lut.sqlite", 1, "in-graph")
         t0 = time.perf_counter()
-        measured = ensure_profiled(prob, table, 1, 5, Progress(), analysis)
+        measured = ensure_profiled(prob, table, 1, 5, Progress(), analysis, passes=passes)
         wall = time.perf_counter() - t0
         full = set()
         for layer in prob.layers:
@@ -187,29 +192,32 @@ def table_build(heldout: int, seed: int = 0) -> dict:
             sig = layer.spec.signature()
             full |= {(sig, c, c) for c in ins} if layer.spec.depthwise else {(sig, i, o) for i in ins for o in outs}
         rng = np.random.default_rng(seed)
-        truth: list[tuple[float, float]] = []  # (lookup, measured) of held-out cells
-        seen: set = set()
+        truth: dict[tuple, list[float]] = {}  # held-out cell -> its measurements
+        lookup: dict[tuple, float] = {}
         t1 = time.perf_counter()
         while len(truth) < heldout:
             configs = [random_widths(prob, rng, f"step{step}") for _ in range(4)]
-            for timing in profile_configs(analysis, configs, 1):
+            for timing in profile_configs(analysis, configs * truth_runs, 1):
                 full_w = {g.id: timing.widths.get(g.id, g.size) for g in prob.groups}
                 for index, ci, co in config_cells(prob, timing.widths):
                     layer = prob.layers[index]
                     key = (layer.spec.signature(), ci, co)
-                    if key in seen or table.has(*key) or index not in timing.layer_ms:
+                    if table.has(*key) or index not in timing.layer_ms:
                         continue
-                    seen.add(key)
-                    truth.append((layer_ms(table, layer, layer.c_in.width(full_w), layer.c_out.width(full_w)),
-                                  timing.layer_ms[index]))
+                    if key not in truth and len(truth) >= heldout:
+                        continue
+                    truth.setdefault(key, []).append(timing.layer_ms[index])
+                    lookup[key] = layer_ms(table, layer, layer.c_in.width(full_w), layer.c_out.width(full_w))
         heldout_s = time.perf_counter() - t1
         table.close()
-    look, meas = np.array(truth[:heldout]).T
+    look = np.array([lookup[k] for k in truth])
+    meas = np.array([np.median(v) for v in truth.values()])
     err = np.abs(look - meas) / meas
     speed = float(np.median(meas / look))  # the machine's speed then vs while building
     err_adj = np.abs(look * speed - meas) / meas
-    return {"wall_s": wall, "cells_measured": measured, "cells_full_grid": len(full), "layers": len(prob.layers),
-            "heldout": int(len(err)), "heldout_seconds": heldout_s,
+    return {"wall_s": wall, "passes": passes, "truth_runs": truth_runs, "cells_measured": measured,
+            "cells_full_grid": len(full), "layers": len(prob.layers), "heldout": int(len(err)),
+            "heldout_seconds": heldout_s,
             "interp_median_abs_err": float(np.median(err)), "interp_p95_abs_err": float(np.percentile(err, 95)),
             "interp_within_10pct": float(np.mean(err <= 0.1)), "speed_factor": speed,
             "interp_median_abs_err_speed_adjusted": float(np.median(err_adj)),
@@ -224,17 +232,25 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=20, help="interleaved measurement bursts per model")
     ap.add_argument("--lut", default=str(OUT / "lut.sqlite"))
     ap.add_argument("--skip-build", action="store_true")
+    ap.add_argument("--skip-models", action="store_true", help="only the ResNet-50 table build")
+    ap.add_argument("--passes", default="1,3", help="comma-separated: table builds with this many "
+                    "measurements per cell")
+    ap.add_argument("--profile-passes", type=int, default=1, help="passes when profiling the models' "
+                    "in-graph cells that the table lacks (part 1)")
+    ap.add_argument("--truth-runs", type=int, default=3, help="measurements (median) of each held-out cell")
     ap.add_argument("--widths", default="step16", help="comma-separated: stepK (multiples of K; 16 is the "
                     "solver's default on AVX-512) or any (arbitrary integers)")
     ap.add_argument("--out", default=str(OUT / "lut_fidelity.json"))
     args = ap.parse_args()
-    result = {"whole_model": [], "table_build": None}
-    for mode in args.widths.split(","):
+    result = {"whole_model": [], "table_build": []}
+    for mode in args.widths.split(",") if not args.skip_models else []:
         for name in args.models.split(","):
-            result["whole_model"].append(whole_model_errors(name, args.configs, Path(args.lut), mode, args.rounds))
+            result["whole_model"].append(whole_model_errors(name, args.configs, Path(args.lut), mode, args.rounds,
+                                                            profile_passes=args.profile_passes))
             Path(args.out).write_text(json.dumps(result, indent=1))
-    if not args.skip_build:
-        result["table_build"] = table_build(args.heldout)
+    for passes in [] if args.skip_build else [int(p) for p in args.passes.split(",")]:
+        result["table_build"].append(table_build(args.heldout, passes, args.truth_runs))
+        Path(args.out).write_text(json.dumps(result, indent=1))
     Path(args.out).write_text(json.dumps(result, indent=1))
     print("\nmodel | widths | predictor | measured as | median |err| | p95 |err| | within ±10% | median signed err")
     for r in result["whole_model"]:
@@ -245,10 +261,11 @@ def main() -> int:
                   f"{100 * s['within_10pct']:.0f}% | {100 * s['median_signed_err']:+.1f}%")
         print(f"{r['model']} | measurement spread (p10-p90 of bursts, median over models): "
               f"{100 * r['measurement_spread_median']:.1f}%")
-    if result["table_build"]:
-        b = result["table_build"]
-        print(f"\nResNet-50 in-graph table: {b['cells_measured']} cells measured of {b['cells_full_grid']} in the full grid "
-              f"({b['layers']} layers) in {b['wall_s']:.0f} s; interpolation on {b['heldout']} held-out cells: "
+    for b in result["table_build"]:
+        print(f"\nResNet-50 in-graph table, {b['passes']} pass(es): {b['cells_measured']} cells measured of "
+              f"{b['cells_full_grid']} in the full grid "
+              f"({b['layers']} layers) in {b['wall_s']:.0f} s; interpolation on {b['heldout']} held-out cells "
+              f"(each the median of {b['truth_runs']} measurements): "
               f"median {100 * b['interp_median_abs_err']:.1f}%, p95 {100 * b['interp_p95_abs_err']:.1f}%, "
               f"within ±10% {100 * b['interp_within_10pct']:.0f}% (machine speed then/while building "
               f"{b['speed_factor']:.3f}; adjusted for it: median {100 * b['interp_median_abs_err_speed_adjusted']:.1f}%, "

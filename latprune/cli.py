@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -66,6 +67,27 @@ class _RichProgress:
             self.bar = None
 
 
+CPUS_OPTION = typer.Option(None, "--cpus", help="pin this process and its timing processes to these "
+                           "CPUs, e.g. 0 or 0,2-3 (default: no pinning)")
+
+
+def _pin(cpus: Optional[str]) -> None:
+    """Pin the process to the CPUs in `cpus` ('0,2-3'); child processes inherit it."""
+    if not cpus:
+        return
+    wanted: set[int] = set()
+    try:
+        for part in cpus.split(","):
+            lo, _, hi = part.strip().partition("-")
+            wanted |= set(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise LatpruneError(f"--cpus {cpus!r}: expected CPU numbers like 0 or 0,2-3") from None
+    allowed = os.sched_getaffinity(0)
+    if not wanted or not wanted <= allowed:
+        raise LatpruneError(f"--cpus {cpus!r}: this process may use CPUs {sorted(allowed)} only")
+    os.sched_setaffinity(0, wanted)
+
+
 TIMING_OPTION = typer.Option("in-graph", "--timing", help="how table cells are timed: in-graph "
                            "(kernels inside pruned copies of the model, ONNX Runtime's profiler) | isolated (one-layer models)")
 
@@ -80,6 +102,7 @@ def optimize(
     threads: int = typer.Option(1, "--threads", help="intra-op threads for every timing"),
     lut: Optional[Path] = typer.Option(None, "--lut", help="latency table (SQLite); default ~/.cache/latprune/lut.sqlite"),
     timing: str = TIMING_OPTION,
+    cpus: Optional[str] = CPUS_OPTION,
     flops_ratio: Optional[float] = typer.Option(None, "--flops-ratio", help="budget: this share (0-1] of the dense FLOPs"),
     params_ratio: Optional[float] = typer.Option(None, "--params-ratio", help="budget: this share (0-1] of the dense parameters"),
     calib: Optional[str] = typer.Option(None, "--calib", help="calibration inputs: FILE.npz (array x: float model "
@@ -109,6 +132,7 @@ def optimize(
     try:
         if device != "cpu":
             raise LatpruneError(f"--device {device}: only 'cpu' (ONNX Runtime on this machine) is available")
+        _pin(cpus)
         opts = OptimizeOptions(budget_ms=budget_ms, speedup=speedup, threads=threads, lut_path=lut,
                                method=method, step=step, max_candidates=max_candidates,
                                remove_blocks=remove_blocks, rounds=rounds,
@@ -140,6 +164,7 @@ def optimize(
 def measure(
     model: Path = typer.Argument(...),
     threads: int = typer.Option(1, "--threads"),
+    cpus: Optional[str] = CPUS_OPTION,
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Median and p90 end-to-end latency of MODEL with ONNX Runtime on this CPU."""
@@ -149,6 +174,7 @@ def measure(
     try:
         if threads < 1:
             raise LatpruneError(f"--threads must be at least 1, not {threads}")
+        _pin(cpus)
         load_model(model)
         stats = measure_model(model.read_bytes(), threads)
     except LatpruneError as exc:
@@ -189,6 +215,9 @@ def profile(
     threads: int = typer.Option(1, "--threads"),
     points: int = typer.Option(5, "--points", help="measured widths per axis of each layer"),
     timing: str = TIMING_OPTION,
+    cpus: Optional[str] = CPUS_OPTION,
+    passes: int = typer.Option(1, "--passes", help="in-graph: measure every cell in this many "
+                               "different runs and keep the median (a noisy machine: 2-3)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     show_progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
 ) -> None:
@@ -198,7 +227,8 @@ def profile(
     try:
         if device != "cpu":
             raise LatpruneError(f"--device {device}: only 'cpu' is available")
-        out = profile_model(model, lut, threads, points, _RichProgress(quiet, show_progress), timing)
+        _pin(cpus)
+        out = profile_model(model, lut, threads, points, _RichProgress(quiet, show_progress), timing, passes)
     except LatpruneError as exc:
         _fail(exc)
         return
@@ -275,6 +305,41 @@ def lut_merge(lut: Path = typer.Argument(..., help="destination SQLite table"),
         print(json.dumps(merge_files(lut, sources)))
     except LatpruneError as exc:
         _fail(exc)
+
+
+@lut_app.command("coverage")
+def lut_coverage(lut: Path = typer.Argument(..., help="SQLite latency table"),
+                 model: Path = typer.Option(..., "--model", help="ONNX model"),
+                 points: int = typer.Option(5, "--points", help="grid widths per axis (as profile --points)"),
+                 threads: int = typer.Option(1, "--threads"),
+                 timing: str = TIMING_OPTION,
+                 as_json: bool = typer.Option(False, "--json")) -> None:
+    """Which of MODEL's layers and grid cells the table holds (exit 1 when a layer cannot be predicted)."""
+    from latprune.lut.predict import coverage
+    from latprune.pipeline import open_table, prepare
+
+    try:
+        _, _, analysis = prepare(model)
+        table = open_table(lut, threads, timing)
+        try:
+            res = coverage(analysis.problem, table, points)
+        finally:
+            table.close()
+    except LatpruneError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        print(json.dumps(res))
+    else:
+        t = Table(title=f"{lut} ({timing}) for {model.name}: {res['measured']}/{res['grid_cells']} grid cells")
+        for col in ("layer", "op", "grid cells", "measured", "predictable"):
+            t.add_column(col)
+        for r in res["layers"]:
+            op = f"{r['op']} {'x'.join(map(str, r['kernel']))}{' dw' if r['depthwise'] else ''}"
+            t.add_row(r["layer"], op, str(r["grid_cells"]), str(r["measured"]), "yes" if r["predictable"] else "[red]no[/]")
+        Console().print(t)
+    if res["unpredictable_layers"]:
+        raise typer.Exit(1)
 
 
 @lut_app.command("validate")

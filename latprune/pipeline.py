@@ -261,7 +261,8 @@ def open_table(lut_path: Path | None, threads: int, timing: str = "in-graph") ->
 
 
 def ensure_profiled(problem: Problem, table: LatencyTable, threads: int, points: int,
-                    progress: Progress, analysis: Analysis | None = None, family: str | None = None) -> int:
+                    progress: Progress, analysis: Analysis | None = None, family: str | None = None,
+                    passes: int = 1) -> int:
     """Measure the grid cells the table lacks for `problem`: inside whole pruned models when
     the table is an in-graph one (needs `analysis`), and alone for any cell no run reached.
     The in-graph runs also record the time outside the layers for `family` (table.overhead)."""
@@ -274,7 +275,7 @@ def ensure_profiled(problem: Problem, table: LatencyTable, threads: int, points:
         from latprune.profiler.ingraph import profile_in_graph
 
         progress.stage(f"profiling {len(todo)} layer cells inside pruned copies of the model")
-        n, runs = profile_in_graph(table, analysis, todo, threads, points, progress.advance)
+        n, runs = profile_in_graph(table, analysis, todo, threads, points, progress.advance, passes=passes)
         todo = missing_cells(problem, table, points)
         for run in runs if family and not todo else []:
             table.add_overhead_point(family, predict_raw(problem, table, run.widths), run.end_to_end_ms,
@@ -601,7 +602,7 @@ def predict_model(model_path: Path, lut_path: Path | None, threads: int = 1, tim
 
 
 def profile_model(model_path: Path, lut_path: Path | None, threads: int = 1, points: int = 5,
-                  progress: Progress | None = None, timing: str = "in-graph") -> dict:
+                  progress: Progress | None = None, timing: str = "in-graph", passes: int = 1) -> dict:
     """Fill the table with the cells this model needs, and record its calibration points."""
     progress = progress or Progress()
     model, data, analysis = prepare(model_path)
@@ -609,7 +610,9 @@ def profile_model(model_path: Path, lut_path: Path | None, threads: int = 1, poi
     table = open_table(lut_path, threads, timing)
     try:
         family = model_family(model, data)
-        n = ensure_profiled(prob, table, threads, points, progress, analysis, family)
+        if passes < 1:
+            raise InputError(f"--passes must be at least 1, not {passes}")
+        n = ensure_profiled(prob, table, threads, points, progress, analysis, family, passes)
         progress.stage("measuring end to end for calibration")
         if any(g.prunable for g in prob.groups):
             work = Path(tempfile.mkdtemp(prefix="latprune-"))

@@ -54,6 +54,26 @@ def missing_cells(problem: Problem, table: LatencyTable, points: int = 5):
     return [c for c in required_cells(problem, points) if not table.has(c[0].signature(), c[1], c[2])]
 
 
+def coverage(problem: Problem, table: LatencyTable, points: int = 5) -> dict:
+    """How much of `problem`'s grid the table holds: per layer the grid cells measured, and
+    whether the layer can be predicted at all (any cell of its signature)."""
+    layers = []
+    for layer in problem.layers:
+        sig = layer.spec.signature()
+        ins = _sample(space_values(problem, layer.c_in), points)
+        outs = _sample(space_values(problem, layer.c_out), points)
+        grid = [(c, c) for c in ins] if layer.spec.depthwise else [(i, o) for i in ins for o in outs]
+        have = sum(table.has(sig, ci, co) for ci, co in grid)
+        layers.append({"layer": layer.name, "op": layer.spec.op, "kernel": layer.spec.kernel,
+                       "depthwise": layer.spec.depthwise, "grid_cells": len(grid), "measured": have,
+                       "predictable": bool(table.cells(sig))})
+    grid_total = sum(r["grid_cells"] for r in layers)
+    measured = sum(r["measured"] for r in layers)
+    return {"layers": layers, "grid_cells": grid_total, "measured": measured,
+            "share": measured / grid_total if grid_total else 1.0,
+            "unpredictable_layers": sum(not r["predictable"] for r in layers)}
+
+
 @dataclass
 class LayerCost:
     """Latency (ms) of one layer over its input widths × output widths."""

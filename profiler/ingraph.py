@@ -246,12 +246,17 @@ def profile_configs(analysis, configs: list[dict[int, int]], threads: int = 1, r
 
 def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], threads: int = 1,
                      grid_points: int = 5, progress: Callable[[int, int], None] | None = None,
-                     runs: int = 10, remeasure: bool = False) -> tuple[int, list[ConfigTiming]]:
+                     runs: int = 10, remeasure: bool = False, passes: int = 1) -> tuple[int, list[ConfigTiming]]:
     """Measure the (spec, c_in, c_out) `cells` the table lacks (all of them with `remeasure`)
-    by profiling pruned copies of the model (profile_configs) chosen by design_configs. Each
-    run's cells are committed as soon as it finishes (an interrupted profile resumes) and
-    rescaled to the whole profile's fastest phase at the end. Cells no run could reach are
-    left out (the caller times them alone). Returns (cells stored, the runs)."""
+    by profiling pruned copies of the model (profile_configs) chosen by design_configs, once
+    per pass (each pass its own design, so a cell is measured in `passes` different models
+    and moments; a cell's value is the median). Cells are committed as soon as a run measures
+    them (an interrupted profile resumes), and rescaled to the whole profile's fastest phase
+    at the end. Cells no run could reach are left out (the caller times them alone).
+    Returns (cells stored, the runs).
+
+    On this VM one in-graph measurement of a cell repeats within ~8% (median; two runs of the
+    same model), so a table cell is good to about that much per pass."""
     from latprune.lut.predict import group_grid
 
     prob = analysis.problem
@@ -260,34 +265,35 @@ def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], t
     if not needed:
         return 0, []
     grids = {g.id: group_grid(g, grid_points) for g in prob.groups if g.prunable}
-    configs = design_configs(prob, needed, grids)
+    configs = [w for p in range(max(1, passes)) for w in design_configs(prob, needed, grids, seed=p)]
     sigs = [layer.spec.signature() for layer in prob.layers]
-    written: list[list[tuple[str, int, int]]] = []  # per run: the cells it stored
+    written: list[list[tuple[str, int, int]]] = []  # per run: the cells it measured
+    samples: dict[tuple[str, int, int], list[float]] = defaultdict(list)
 
-    def cell_values(timing: ConfigTiming) -> dict[tuple[str, int, int], tuple[float, int]]:
-        samples: dict[tuple[str, int, int], list[float]] = defaultdict(list)
+    def cell_values(timing: ConfigTiming) -> dict[tuple[str, int, int], float]:
+        values: dict[tuple[str, int, int], list[float]] = defaultdict(list)
         for index, ci, co in config_cells(prob, timing.widths):
             if index in timing.layer_ms:
-                samples[(sigs[index], ci, co)].append(timing.layer_ms[index])
-        return {k: (float(np.median(v)), runs * len(v)) for k, v in samples.items()}
+                values[(sigs[index], ci, co)].append(timing.layer_ms[index])
+        return {k: float(np.median(v)) for k, v in values.items() if k in needed}
 
     def store(timing: ConfigTiming, scale: float) -> None:
-        mine = []
-        for key, (ms, n) in cell_values(timing).items():
-            if key in needed:
-                table.put(*key, ms * scale, n)
-                mine.append(key)
-                needed.discard(key)
-        written.append(mine)
+        values = cell_values(timing)
+        for key, ms in values.items():
+            samples[key].append(ms * scale)
+            table.put(*key, float(np.median(samples[key])), runs * len(samples[key]))
+        written.append(list(values))
         if progress:
             progress(len(written), len(configs))
 
     timings = profile_configs(analysis, configs, threads, runs, store)
-    for timing, keys in zip(timings, written):  # the final scale (timings come back rescaled)
-        values = cell_values(timing)
-        for key in keys:
-            table.put(*key, *values[key])
-    return sum(len(v) for v in written), timings
+    final: dict[tuple[str, int, int], list[float]] = defaultdict(list)
+    for timing in timings:  # the final scale (timings come back rescaled)
+        for key, ms in cell_values(timing).items():
+            final[key].append(ms)
+    for key, values in final.items():
+        table.put(*key, float(np.median(values)), runs * len(values))
+    return len(final), timings
 
 
 def _burst_ms(session, feed, runs: int = 3) -> float:

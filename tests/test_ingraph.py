@@ -90,3 +90,22 @@ def test_profile_model_in_graph_and_isolated_tables_are_separate(tmp_path):
     assert iso["cells_total"] == out["cells_total"]  # counts are per fingerprint
     with pytest.raises(InputError, match="--timing"):
         predict_model(path, lut, timing="sideways")
+
+
+def test_passes_measure_every_cell_in_several_runs(tmp_path):
+    """Each pass has its own design; a cell's value is the median of its measurements and
+    its `runs` count grows with the passes."""
+    analysis = _analysis(residual_cnn(blocks=1, width=16))
+    prob = analysis.problem
+    cells = required_cells(prob, 3)
+    counts = {}
+    for passes in (1, 2):
+        table = LatencyTable(tmp_path / f"p{passes}.sqlite", cpu_fingerprint(threads=1, timing="in-graph"))
+        stored, runs = profile_in_graph(table, analysis, cells, grid_points=3, runs=3, passes=passes)
+        assert stored == table.count() == len({(s.signature(), ci, co) for s, ci, co in cells})
+        counts[passes] = (len(runs), dict(table.db.execute("SELECT signature || c_in || '/' || c_out, runs FROM cells")))
+        table.close()
+    assert counts[2][0] > counts[1][0]
+    # runs = 3 timed runs per measurement: every cell measured at least once, resp. twice
+    assert min(counts[1][1].values()) >= 3 and min(counts[2][1].values()) >= 2 * 3
+    assert sum(counts[2][1].values()) > sum(counts[1][1].values())

@@ -1,4 +1,5 @@
-"""`latprune lut heatmap` and `latprune lut scatter`: PNG files from the CLI (lut/plots.py)."""
+"""`latprune lut heatmap`, `lut scatter` (PNG files, lut/plots.py), `lut coverage` and `--cpus`,
+on one small model profiled once."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,9 @@ import pytest
 from onnx_builders import residual_cnn
 from test_cli import assert_one_line_error, cli
 
-pytest.importorskip("matplotlib")
+
+def _need_matplotlib():
+    pytest.importorskip("matplotlib")
 
 
 def _png_size(path) -> tuple[int, int]:
@@ -31,6 +34,7 @@ def profiled(tmp_path_factory):
 
 
 def test_heatmap_of_the_slowest_layer_and_of_a_named_one(profiled, tmp_path):
+    _need_matplotlib()
     model, lut = profiled
     out = tmp_path / "h.png"
     proc = cli("lut", "heatmap", lut, "--model", model, "--out", out)
@@ -45,6 +49,7 @@ def test_heatmap_of_the_slowest_layer_and_of_a_named_one(profiled, tmp_path):
 
 
 def test_heatmap_errors_are_one_line(profiled, tmp_path):
+    _need_matplotlib()
     model, lut = profiled
     assert_one_line_error(cli("lut", "heatmap", lut, "--model", model, "--layer", "nope", "--out", tmp_path / "x.png"),
                           "no prunable conv/gemm layer named")
@@ -54,6 +59,7 @@ def test_heatmap_errors_are_one_line(profiled, tmp_path):
 
 
 def test_scatter_from_report_rounds_and_bad_input(tmp_path):
+    _need_matplotlib()
     report = tmp_path / "report.json"
     report.write_text(json.dumps({"model": "m.onnx", "rounds": [
         {"predicted_ms": 4.0, "measured_ms": 4.2}, {"predicted_ms": 3.0, "measured_ms": 2.9},
@@ -69,3 +75,29 @@ def test_scatter_from_report_rounds_and_bad_input(tmp_path):
     assert_one_line_error(cli("lut", "scatter", tmp_path / "bad.json", "--out", tmp_path / "b.png"), "not a readable JSON")
     (tmp_path / "empty.json").write_text(json.dumps({"rounds": [{"predicted_ms": "x"}]}))
     assert_one_line_error(cli("lut", "scatter", tmp_path / "empty.json", "--out", tmp_path / "b.png"), "no predicted/measured")
+
+
+def test_coverage_report(profiled, tmp_path):
+    model, lut = profiled
+    proc = cli("lut", "coverage", lut, "--model", model, "--points", "3", "--json")
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    assert res["measured"] == res["grid_cells"] > 0 and res["share"] == 1.0
+    assert res["unpredictable_layers"] == 0 and all(r["predictable"] for r in res["layers"])
+    isolated = cli("lut", "coverage", lut, "--model", model, "--timing", "isolated", "--json")  # never profiled so
+    assert isolated.returncode == 1 and json.loads(isolated.stdout)["measured"] == 0
+    empty = cli("lut", "coverage", tmp_path / "none.sqlite", "--model", model, "--json")
+    assert empty.returncode == 1
+    assert json.loads(empty.stdout)["unpredictable_layers"] == len(res["layers"])
+
+
+def test_cpus_pins_the_process_or_says_why_not(profiled):
+    import os
+
+    model, _ = profiled
+    first = min(os.sched_getaffinity(0))
+    proc = cli("measure", model, "--cpus", str(first), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["median_ms"] > 0
+    assert_one_line_error(cli("measure", model, "--cpus", "9999"), "may use CPUs")
+    assert_one_line_error(cli("measure", model, "--cpus", "a-b"), "expected CPU numbers")
