@@ -414,8 +414,15 @@ def optimize(model_path: Path, out_dir: Path, opts: OptimizeOptions,
 
 
 def _solve_input(prob, costs, target, cal, allow_blocks, opts, scoring) -> SolveInput:
-    return SolveInput(prob, costs, target, cal.scale, cal.offset_ms, allow_blocks, opts.time_limit_s,
-                      ms_per_melement=cal.ms_per_melement, objective=scoring.objective)
+    inp = SolveInput(prob, costs, target, cal.scale, cal.offset_ms, allow_blocks, opts.time_limit_s,
+                     ms_per_melement=cal.ms_per_melement, objective=scoring.objective)
+    if inp.offset_ms < 0:
+        # An in-graph table's overhead constant is negative when the profiler's per-kernel cost
+        # outweighs the dispatch cost (lut.store.fit_overhead). It is fitted on whole models; at
+        # the smallest widths, with blocks removed, it must not predict ~0 ms and let an
+        # impossible budget look feasible: it may take at most half of the smallest layer sum.
+        inp.offset_ms = max(inp.offset_ms, -0.5 * inp.scale * min_raw_latency(inp))
+    return inp
 
 
 def _repaired(analysis: Analysis, plan: Plan, scoring: Scoring, progress: Progress) -> onnx.ModelProto:

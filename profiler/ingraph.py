@@ -43,7 +43,7 @@ class ConfigTiming:
     unmapped_ms: float
     end_to_end_ms: float
     unmapped: list[str] = field(default_factory=list)
-    phase_ms: float = 0.0  # the dense model's time around this run (profile_in_graph)
+    phase_ms: float = 0.0  # the dense model's time around this run (profile_configs)
 
 
 def layer_names(model: onnx.ModelProto, problem: Problem) -> dict[str, int]:
@@ -80,16 +80,14 @@ def profile_config(model: onnx.ModelProto | bytes, names: dict[str, int], thread
                    runs: int = 10, warmup: int = 3, widths: dict[int, int] | None = None) -> ConfigTiming:
     """Profile `model` (`runs` timed runs after `warmup`), attribute kernels to layers through
     `names`, and time it unprofiled in a second session (`runs` runs) for the end-to-end median."""
-    import onnxruntime as ort
-
-    from latprune.profiler.onnxrt import make_session, random_feed, time_session
+    from latprune.profiler.onnxrt import make_session, random_feed, session_options, time_session
 
     data = model if isinstance(model, bytes) else model.SerializeToString()
     with tempfile.TemporaryDirectory(prefix="latprune-prof-") as tmp:
-        opts = _session_options(threads)
+        opts = session_options(threads)
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(tmp, "ort")
-        session = ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
+        session = make_session(data, threads, opts)
         feed = random_feed(session)
         for _ in range(warmup):
             session.run(None, feed)
@@ -113,20 +111,6 @@ def profile_config(model: onnx.ModelProto | bytes, names: dict[str, int], thread
     plain = make_session(data, threads)
     e2e = time_session(plain, random_feed(plain), warmup=warmup, min_runs=runs, min_seconds=0.0).median_ms
     return ConfigTiming(dict(widths or {}), dict(layer_ms), unmapped_ms, e2e, unmapped)
-
-
-def _session_options(threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    if threads == 1:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return opts
 
 
 def config_cells(problem: Problem, widths: dict[int, int]) -> list[tuple[int, int, int]]:

@@ -21,8 +21,9 @@ _NP_TYPES = {
 }
 
 
-def make_session(model: onnx.ModelProto | bytes, threads: int = 1):
-    """An ONNX Runtime CPU session with `threads` intra-op threads and full graph optimisation."""
+def session_options(threads: int = 1):
+    """CPU session options: `threads` intra-op threads, sequential, full graph optimisation,
+    no spinning with one thread."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -33,6 +34,15 @@ def make_session(model: onnx.ModelProto | bytes, threads: int = 1):
     opts.log_severity_level = 3
     if threads == 1:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
+def make_session(model: onnx.ModelProto | bytes, threads: int = 1, opts=None):
+    """An ONNX Runtime CPU session with `threads` intra-op threads and full graph optimisation
+    (or the given session options)."""
+    import onnxruntime as ort
+
+    opts = opts or session_options(threads)
     data = model if isinstance(model, bytes) else model.SerializeToString()
     return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
 

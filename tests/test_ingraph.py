@@ -109,3 +109,34 @@ def test_passes_measure_every_cell_in_several_runs(tmp_path):
     # runs = 3 timed runs per measurement: every cell measured at least once, resp. twice
     assert min(counts[1][1].values()) >= 3 and min(counts[2][1].values()) >= 2 * 3
     assert sum(counts[2][1].values()) > sum(counts[1][1].values())
+
+
+def test_a_negative_overhead_never_makes_an_impossible_budget_feasible(tmp_path):
+    """The overhead constant of an in-graph table may be negative (the profiler's per-kernel
+    cost); the solver still refuses a budget below half the smallest layer sum."""
+    from types import SimpleNamespace
+
+    from latprune.lut.predict import layer_costs
+    from latprune.lut.store import Calibration
+    import onnx
+
+    from latprune.pipeline import OptimizeOptions, _solve_input, prepare
+    from latprune.solver.problem_costs import assert_feasible_budget, min_raw_latency
+    from latprune.solver.objective import importance_objective
+    from latprune.types import InputError
+
+    onnx.save(residual_cnn(blocks=1, width=16), str(tmp_path / "m.onnx"))
+    _, _, analysis = prepare(tmp_path / "m.onnx", step=8)
+    prob = analysis.problem
+    table = LatencyTable(tmp_path / "t.sqlite", cpu_fingerprint(threads=1, timing="in-graph"))
+    profile_in_graph(table, analysis, required_cells(prob, 3), grid_points=3, runs=3)
+    costs = layer_costs(prob, table)
+    scoring = SimpleNamespace(objective=importance_objective(prob))
+    inp = _solve_input(prob, costs, 1e-6, Calibration(1.0, 0.0, -1e3), True, OptimizeOptions(), scoring)
+    smallest = min_raw_latency(inp)
+    assert inp.offset_ms == pytest.approx(-0.5 * smallest)
+    with pytest.raises(InputError, match="smallest reachable latency"):
+        assert_feasible_budget(inp)
+    kept = _solve_input(prob, costs, 1.0, Calibration(1.0, 0.0, -0.1 * smallest), True, OptimizeOptions(), scoring)
+    assert kept.offset_ms == pytest.approx(-0.1 * smallest)  # a small negative constant stays
+    table.close()
