@@ -100,7 +100,7 @@ def whole_model_errors(name: str, n_configs: int, lut: Path, mode: str, rounds: 
     from latprune.lut.predict import overhead_elements, predict_raw
     from latprune.lut.store import fit_calibration
     from latprune.pipeline import model_family, open_table, prepare, profile_model
-    from latprune.profiler.ingraph import first_channels_plan
+    from latprune.ingraph_profile import first_channels_plan
     from latprune.pruner.surgery import apply_plan
     from latprune.solver.uniform import uniform_widths
 
@@ -173,7 +173,7 @@ def table_build(heldout: int, passes: int, truth_runs: int, seed: int = 0) -> di
     from latprune.lut.predict import layer_ms, space_values
     from latprune.pipeline import ensure_profiled, open_table, prepare, Progress
     from latprune.profiler.fingerprint import preferred_channel_step
-    from latprune.profiler.ingraph import config_cells, profile_configs
+    from latprune.ingraph_profile import config_cells, profile_configs
 
     _, _, analysis = prepare(exported("resnet50"))
     prob = analysis.problem

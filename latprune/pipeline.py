@@ -272,7 +272,7 @@ def ensure_profiled(problem: Problem, table: LatencyTable, threads: int, points:
     if todo and in_graph and analysis is None:
         raise ValueError("an in-graph table is profiled through the model: pass its analysis")
     if todo and in_graph:
-        from latprune.profiler.ingraph import profile_in_graph
+        from latprune.ingraph_profile import profile_in_graph
 
         progress.stage(f"profiling {len(todo)} layer cells inside pruned copies of the model")
         n, runs = profile_in_graph(table, analysis, todo, threads, points, progress.advance, passes=passes)

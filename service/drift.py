@@ -115,7 +115,7 @@ def _retime_in_graph(settings: Settings, device: str, path, fp: dict, keys: list
     from latprune.lut.predict import required_cells
     from latprune.lut.store import LatencyTable
     from latprune.pipeline import prepare
-    from latprune.profiler.ingraph import profile_in_graph
+    from latprune.ingraph_profile import profile_in_graph
 
     wanted = {(sig, ci, co) for _, sig, ci, co in keys}
     fp_id = keys[0][0]

@@ -1,4 +1,4 @@
-"""In-graph layer timing (profiler/ingraph.py): ONNX Runtime's profiler attributes every kernel
+"""In-graph layer timing (profiler/ingraph.py, latprune/ingraph_profile.py): ONNX Runtime's profiler attributes every kernel
 of a whole model to its layer; few pruned copies cover the table's grid."""
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from latprune.lut.predict import group_grid, required_cells
 from latprune.pruner.analysis import analyse
 from latprune.pruner.model_io import normalise
 from latprune.profiler.fingerprint import TIMING_IN_GRAPH, cpu_fingerprint, fingerprint_id
-from latprune.profiler.ingraph import config_cells, design_configs, layer_names, profile_config, profile_in_graph
+from latprune.ingraph_profile import config_cells, design_configs, layer_names, profile_in_graph
+from latprune.profiler.ingraph import profile_config
 from latprune.lut.store import LatencyTable
 from onnx_builders import depthwise_cnn, residual_cnn
 

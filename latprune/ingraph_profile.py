@@ -1,0 +1,182 @@
+"""In-graph profiling of a model's latency table: pruned copies of the model at widths chosen
+to cover the table's grid, timed kernel by kernel (profiler/ingraph.py), each kernel's time
+stored as its layer's cell.
+
+One profiled run of a model at chosen group widths measures a cell (c_in, c_out) of every
+layer at once. `design_configs` picks group widths on the table's grid so that few runs cover
+every cell the table lacks (greedy set cover over random candidates). This module wires the
+pruner (graph names, surgery), the profiler and the table, as the pipeline does.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from latprune.profiler.ingraph import ConfigTiming, profile_bracketed
+from latprune.types import LayerSpec, Problem
+
+# Ops ONNX Runtime fuses into the conv before them (conv+activation, NCHWc conv+sum+activation).
+_FUSABLE = {"Relu", "Clip", "Add", "Sum", "BatchNormalization", "HardSigmoid", "HardSwish",
+            "LeakyRelu", "Sigmoid", "Tanh"}
+
+
+def layer_names(model: onnx.ModelProto, problem: Problem) -> dict[str, int]:
+    """Node and tensor names that ONNX Runtime may give a layer's (fused) kernel -> layer index.
+    The chain follows single consumers through activations and residual Adds."""
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    by_name = {n.name: n for n in model.graph.node}
+    names: dict[str, int] = {}
+    for index, layer in enumerate(problem.layers):
+        node = by_name.get(layer.name)
+        if node is None:
+            continue
+        names.setdefault(node.name, index)
+        tensor = node.output[0]
+        for _ in range(4):  # conv -> (BN) -> (Add) -> activation at most
+            names.setdefault(tensor, index)
+            nxt = consumers.get(tensor, [])
+            if len(nxt) != 1 or nxt[0].op_type not in _FUSABLE:
+                break
+            names.setdefault(nxt[0].name, index)
+            tensor = nxt[0].output[0]
+    return names
+
+
+def config_cells(problem: Problem, widths: dict[int, int]) -> list[tuple[int, int, int]]:
+    """(layer index, c_in, c_out) of every layer at the given group widths (dense elsewhere)."""
+    full = {g.id: widths.get(g.id, g.size) for g in problem.groups}
+    out = []
+    for index, layer in enumerate(problem.layers):
+        c_in, c_out = layer.c_in.width(full), layer.c_out.width(full)
+        out.append((index, c_in, c_in if layer.spec.depthwise else c_out))
+    return out
+
+
+def design_configs(problem: Problem, needed: set[tuple[str, int, int]], grids: dict[int, list[int]],
+                   max_configs: int = 400, candidates: int = 48, seed: int = 0) -> list[dict[int, int]]:
+    """Group widths (each from its grid) for runs that together cover the `needed`
+    (signature, c_in, c_out) cells: each step keeps the candidate that covers most cells still
+    uncovered. Candidates are random, plus some aimed at one uncovered cell (its layer's
+    single-group input and output set to the cell's widths), so rare combinations are reached
+    too; stops when no candidate covers a new cell."""
+    rng = np.random.default_rng(seed)
+    sigs = [layer.spec.signature() for layer in problem.layers]
+    todo = set(needed)
+    configs: list[dict[int, int]] = []
+    prunable = [g.id for g in problem.groups if g.prunable and grids.get(g.id)]
+    # cell -> group settings that produce it (layers whose input/output spaces are one group each)
+    aims: dict[tuple[str, int, int], list[dict[int, int]]] = defaultdict(list)
+    for index, layer in enumerate(problem.layers):
+        spaces = [layer.c_in] if layer.spec.depthwise else [layer.c_in, layer.c_out]
+        if not all(sp.fixed == 0 and len(sp.terms) == 1 and sp.terms[0][1] == 1 and sp.terms[0][0] in grids
+                   for sp in spaces):
+            continue
+        gin = layer.c_in.terms[0][0]
+        gout = gin if layer.spec.depthwise else layer.c_out.terms[0][0]
+        for ci in grids[gin]:
+            for co in ([ci] if layer.spec.depthwise else grids[gout]):
+                if gin == gout and ci != co:
+                    continue
+                aims[(sigs[index], ci, co)].append({gin: ci, gout: co})
+    while todo and len(configs) < max_configs:
+        pool = []
+        for _ in range(candidates):
+            pool.append({gid: int(rng.choice(grids[gid])) for gid in prunable})
+        aimable = [c for c in todo if c in aims]
+        for j in rng.permutation(len(aimable))[: candidates // 4]:
+            options = aims[aimable[j]]
+            widths = {gid: int(rng.choice(grids[gid])) for gid in prunable}
+            widths.update(options[int(rng.integers(len(options)))])
+            pool.append(widths)
+        best, best_new = None, set()
+        for widths in pool:
+            new = {(sigs[i], ci, co) for i, ci, co in config_cells(problem, widths)} & todo
+            if len(new) > len(best_new):
+                best, best_new = widths, new
+        if best is None:
+            break
+        configs.append(best)
+        todo -= best_new
+    return configs
+
+
+def first_channels_plan(problem: Problem, widths: dict[int, int]):
+    """A plan keeping the first widths[g] channels of each group (which ones does not change
+    the latency)."""
+    from latprune.types import Plan
+
+    kept = {gid: list(range(w)) for gid, w in widths.items() if w != problem.groups[gid].size}
+    return Plan(kept=kept, widths=dict(widths), method="profile")
+
+
+def profile_configs(analysis, configs: list[dict[int, int]], threads: int = 1, runs: int = 10,
+                    on_config: Callable[[ConfigTiming, float], None] | None = None) -> list[ConfigTiming]:
+    """Profile pruned copies of the model at each of `configs` (group widths), bracketed by the
+    dense model (profiler.ingraph.profile_bracketed: times at the machine's fast state)."""
+    from latprune.pruner.surgery import apply_plan
+
+    prob = analysis.problem
+
+    def build(widths: dict[int, int]) -> bytes:
+        return apply_plan(analysis, first_channels_plan(prob, widths), check=False).SerializeToString()
+
+    return profile_bracketed(configs, build, analysis.model.SerializeToString(),
+                             layer_names(analysis.model, prob), threads, runs, on_config)
+
+
+def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], threads: int = 1,
+                     grid_points: int = 5, progress: Callable[[int, int], None] | None = None,
+                     runs: int = 10, remeasure: bool = False, passes: int = 1) -> tuple[int, list[ConfigTiming]]:
+    """Measure the (spec, c_in, c_out) `cells` the table lacks (all of them with `remeasure`)
+    by profiling pruned copies of the model (profile_configs) chosen by design_configs, once
+    per pass (each pass its own design, so a cell is measured in `passes` different models
+    and moments; a cell's value is the median). Cells are committed as soon as a run measures
+    them (an interrupted profile resumes), and rescaled to the whole profile's fastest phase
+    at the end. Cells no run could reach are left out (the caller times them alone).
+    Returns (cells stored, the runs).
+
+    On this VM one in-graph measurement of a cell repeats within ~8% (median; two runs of the
+    same model), so a table cell is good to about that much per pass."""
+    from latprune.lut.predict import group_grid
+
+    prob = analysis.problem
+    needed = {(spec.signature(), ci, co) for spec, ci, co in cells
+              if remeasure or not table.has(spec.signature(), ci, co)}
+    if not needed:
+        return 0, []
+    grids = {g.id: group_grid(g, grid_points) for g in prob.groups if g.prunable}
+    configs = [w for p in range(max(1, passes)) for w in design_configs(prob, needed, grids, seed=p)]
+    sigs = [layer.spec.signature() for layer in prob.layers]
+    written: list[list[tuple[str, int, int]]] = []  # per run: the cells it measured
+    samples: dict[tuple[str, int, int], list[float]] = defaultdict(list)
+
+    def cell_values(timing: ConfigTiming) -> dict[tuple[str, int, int], float]:
+        values: dict[tuple[str, int, int], list[float]] = defaultdict(list)
+        for index, ci, co in config_cells(prob, timing.widths):
+            if index in timing.layer_ms:
+                values[(sigs[index], ci, co)].append(timing.layer_ms[index])
+        return {k: float(np.median(v)) for k, v in values.items() if k in needed}
+
+    def store(timing: ConfigTiming, scale: float) -> None:
+        values = cell_values(timing)
+        for key, ms in values.items():
+            samples[key].append(ms * scale)
+            table.put(*key, float(np.median(samples[key])), runs * len(samples[key]))
+        written.append(list(values))
+        if progress:
+            progress(len(written), len(configs))
+
+    timings = profile_configs(analysis, configs, threads, runs, store)
+    final: dict[tuple[str, int, int], list[float]] = defaultdict(list)
+    for timing in timings:  # the final scale (timings come back rescaled)
+        for key, ms in cell_values(timing).items():
+            final[key].append(ms)
+    for key, values in final.items():
+        table.put(*key, float(np.median(values)), runs * len(values))
+    return len(final), timings
