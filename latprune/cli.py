@@ -319,6 +319,9 @@ def lut_coverage(lut: Path = typer.Argument(..., help="SQLite latency table"),
     from latprune.pipeline import open_table, prepare
 
     try:
+        if points < 1:
+            raise LatpruneError(f"--points must be at least 1, not {points}")
+        _existing_table(lut)
         _, _, analysis = prepare(model)
         table = open_table(lut, threads, timing)
         try:
@@ -362,6 +365,11 @@ def lut_validate(lut: Path = typer.Argument(...)) -> None:
         raise typer.Exit(1)
 
 
+def _existing_table(lut: Path) -> None:
+    if not lut.is_file():
+        raise LatpruneError(f"{lut}: no such latency table (latprune profile MODEL --lut {lut} makes one)")
+
+
 @lut_app.command("heatmap")
 def lut_heatmap(lut: Path = typer.Argument(..., help="SQLite latency table"),
                 model: Path = typer.Option(..., "--model", help="ONNX model whose layer to show"),
@@ -376,6 +384,7 @@ def lut_heatmap(lut: Path = typer.Argument(..., help="SQLite latency table"),
     from latprune.pipeline import open_table, prepare
 
     try:
+        _existing_table(lut)
         _, _, analysis = prepare(model)
         prob = analysis.problem
         table = open_table(lut, threads, timing)

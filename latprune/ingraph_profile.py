@@ -88,7 +88,7 @@ def design_configs(problem: Problem, needed: set[tuple[str, int, int]], grids: d
         pool = []
         for _ in range(candidates):
             pool.append({gid: int(rng.choice(grids[gid])) for gid in prunable})
-        aimable = [c for c in todo if c in aims]
+        aimable = sorted(c for c in todo if c in aims)  # sorted: set order varies with hash seeds
         for j in rng.permutation(len(aimable))[: candidates // 4]:
             options = aims[aimable[j]]
             widths = {gid: int(rng.choice(grids[gid])) for gid in prunable}
@@ -104,6 +104,12 @@ def design_configs(problem: Problem, needed: set[tuple[str, int, int]], grids: d
         configs.append(best)
         todo -= best_new
     return configs
+
+
+def measured_cells(problem: Problem, timings: list[ConfigTiming]) -> set[tuple[str, int, int]]:
+    """(signature, c_in, c_out) of every cell some run attributed a kernel time to."""
+    sigs = [layer.spec.signature() for layer in problem.layers]
+    return {(sigs[i], ci, co) for t in timings for i, ci, co in config_cells(problem, t.widths) if i in t.layer_ms}
 
 
 def first_channels_plan(problem: Problem, widths: dict[int, int]):

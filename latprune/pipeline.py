@@ -277,12 +277,14 @@ def ensure_profiled(problem: Problem, table: LatencyTable, threads: int, points:
         progress.stage(f"profiling {len(todo)} layer cells inside pruned copies of the model")
         n, runs = profile_in_graph(table, analysis, todo, threads, points, progress.advance, passes=passes)
         todo = missing_cells(problem, table, points)
-        for run in runs if family and not todo else []:
-            table.add_overhead_point(family, predict_raw(problem, table, run.widths), run.end_to_end_ms,
-                                     overhead_elements(problem, run.widths))
+    else:
+        runs = []
     if todo:
         progress.stage(f"profiling {len(todo)} layer cells one layer at a time")
         n += profile_cells(table, todo, threads, progress.advance)
+    for run in runs if family else []:  # every cell is in the table now
+        table.add_overhead_point(family, predict_raw(problem, table, run.widths), run.end_to_end_ms,
+                                 overhead_elements(problem, run.widths))
     return n
 
 
@@ -360,7 +362,7 @@ def optimize(model_path: Path, out_dir: Path, opts: OptimizeOptions,
         for rnd in range(1, opts.rounds + 1):
             if opts.remove_blocks == "auto" and prob.blocks and not allow_blocks:
                 probe = _solve_input(prob, costs, target, cal, False, opts, scoring)
-                if cal.scale * min_raw_latency(probe) + cal.offset_ms > target:
+                if probe.scale * min_raw_latency(probe) + probe.offset_ms > target:
                     allow_blocks = True
                     progress.info("the target cannot be met by narrowing channels alone; "
                                   "removing whole residual blocks is allowed")

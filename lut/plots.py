@@ -11,6 +11,16 @@ import numpy as np
 from latprune.types import InputError
 
 
+def _save(fig, plt, out: Path) -> None:
+    """Write the PNG; a folder that does not exist (or cannot be written) is a clear error."""
+    try:
+        fig.savefig(out, dpi=110)
+    except OSError as exc:
+        raise InputError(f"{out}: cannot write the PNG ({exc.strerror or exc})") from None
+    finally:
+        plt.close(fig)
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -47,8 +57,7 @@ def layer_heatmap(table, layer, in_values: list[int], out_values: list[int], out
     ax.set_ylabel("input channels")
     ax.set_title(title or f"{layer.name}: {layer.spec.op} {'x'.join(map(str, layer.spec.kernel))}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, plt, out)
     return {"png": str(out), "cells_shown": int(ms.size), "cells_measured": len(pts),
             "min_ms": float(ms.min()), "max_ms": float(ms.max())}
 
@@ -75,8 +84,9 @@ def scatter_points(path: Path) -> list[tuple[str, float, float]]:
                 points.append((label, float(r["predicted_ms"]), float(r["measured_ms"])))
     elif isinstance(data, dict) and isinstance(data.get("whole_model"), list):  # the fidelity bench
         for m in data["whole_model"]:
-            for c in m.get("configs", []):
-                pred = c.get("in-graph_calibrated_ms")
+            configs = m.get("configs") if isinstance(m, dict) else None
+            for c in configs if isinstance(configs, list) else []:
+                pred = c.get("in-graph_calibrated_ms") if isinstance(c, dict) else None
                 if _num(pred) and _num(c.get("measured_ms")):
                     points.append((str(m.get("model")), float(pred), float(c["measured_ms"])))
     if not points:
@@ -112,7 +122,6 @@ def scatter(points: list[tuple[str, float, float]], out: Path, title: str = "pre
                  fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, plt, out)
     return {"png": str(out), "points": len(points), "median_abs_err": float(np.median(err)),
             "p95_abs_err": float(np.percentile(err, 95)), "within_10pct": float(np.mean(err <= 0.1))}

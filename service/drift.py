@@ -43,8 +43,8 @@ def _record(settings: Settings, device: str, source: str, cells: int, drift: dic
 
 
 def reprofile_device(settings: Settings, device: str, options: dict, progress) -> dict:
-    """Re-measure (up to options['max_cells'], default 200, evenly spread) the cells of this
-    machine's fingerprints in the device's table, replace their values, and report the drift.
+    """Re-measure (up to options['max_cells'], default 200, evenly spread, per timing method)
+    the cells of this machine's fingerprints in the device's table, replace their values, and report the drift.
     Cells timed alone are re-timed alone; in-graph cells are re-timed inside pruned copies of
     the models this device last profiled or optimised (up to 3; cells of no such model are
     left as they are). Runs on the device itself (in-process worker or its agent)."""
@@ -69,6 +69,9 @@ def reprofile_device(settings: Settings, device: str, options: dict, progress) -
                                         even_sample(old["in-graph"], max_cells), threads, progress))
     except sqlite3.DatabaseError as exc:
         raise InputError(f"the device table could not be written: {exc}") from None
+    if not new:
+        raise InputError(f"device {device}: none of its table cells could be re-timed (in-graph cells are "
+                         "re-timed through the models of its last succeeded profile/optimize jobs; none is left)")
     old = {k: v for part in old.values() for k, v in part.items()}
     drift = compare(old, new, settings.drift_threshold)
     _record(settings, device, "nightly", len(new), drift)
@@ -112,10 +115,10 @@ def _device_models(settings: Settings, device: str, limit: int = 3) -> list:
 
 
 def _retime_in_graph(settings: Settings, device: str, path, fp: dict, keys: list, threads: int, progress) -> dict:
+    from latprune.ingraph_profile import measured_cells, profile_in_graph
     from latprune.lut.predict import required_cells
     from latprune.lut.store import LatencyTable
     from latprune.pipeline import prepare
-    from latprune.ingraph_profile import profile_in_graph
 
     wanted = {(sig, ci, co) for _, sig, ci, co in keys}
     fp_id = keys[0][0]
@@ -125,18 +128,24 @@ def _retime_in_graph(settings: Settings, device: str, path, fp: dict, keys: list
         for model_path in _device_models(settings, device):
             if not wanted:
                 break
-            _, _, analysis = prepare(model_path)
-            cells = [c for c in required_cells(analysis.problem) if (c[0].signature(), c[1], c[2]) in wanted]
-            if not cells:
+            try:
+                _, _, analysis = prepare(model_path)
+                cells = [c for c in required_cells(analysis.problem) if (c[0].signature(), c[1], c[2]) in wanted]
+                if not cells:
+                    continue
+                progress.stage(f"re-profiling {len(cells)} cells inside pruned copies of a model")
+                _, runs = profile_in_graph(table, analysis, cells, threads, progress=progress.advance, remeasure=True)
+            except sqlite3.DatabaseError:
+                raise
+            except Exception as exc:  # one unusable model must not lose the night's run
+                progress.info(f"skipped a model: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
                 continue
-            progress.stage(f"re-profiling {len(cells)} cells inside pruned copies of a model")
-            profile_in_graph(table, analysis, cells, threads, progress=progress.advance, remeasure=True)
-            for spec, ci, co in cells:
-                sig = spec.signature()
+            asked = {(c[0].signature(), c[1], c[2]) for c in cells}
+            for sig, ci, co in measured_cells(analysis.problem, runs) & asked:  # only what was re-timed
                 value = dict(table.cells(sig).get(ci, [])).get(co)
                 if value is not None:
                     new[(fp_id, sig, ci, co)] = value
-                wanted.discard((sig, ci, co))
+                    wanted.discard((sig, ci, co))
     finally:
         table.close()
     return new

@@ -56,6 +56,8 @@ def test_heatmap_errors_are_one_line(profiled, tmp_path):
     assert_one_line_error(cli("lut", "heatmap", tmp_path / "empty.sqlite", "--model", model, "--out", tmp_path / "x.png"),
                           "latprune profile")
     assert not (tmp_path / "x.png").exists()
+    assert_one_line_error(cli("lut", "heatmap", lut, "--model", model, "--out", tmp_path / "no" / "x.png"),
+                          "cannot write the PNG")
 
 
 def test_scatter_from_report_rounds_and_bad_input(tmp_path):
@@ -73,6 +75,8 @@ def test_scatter_from_report_rounds_and_bad_input(tmp_path):
     assert _png_size(out)[0] > 300
     (tmp_path / "bad.json").write_text("{not json")
     assert_one_line_error(cli("lut", "scatter", tmp_path / "bad.json", "--out", tmp_path / "b.png"), "not a readable JSON")
+    (tmp_path / "odd.json").write_text(json.dumps({"whole_model": [1, {"configs": [2, {"measured_ms": 1}]}]}))
+    assert_one_line_error(cli("lut", "scatter", tmp_path / "odd.json", "--out", tmp_path / "b.png"), "no predicted/measured")
     (tmp_path / "empty.json").write_text(json.dumps({"rounds": [{"predicted_ms": "x"}]}))
     assert_one_line_error(cli("lut", "scatter", tmp_path / "empty.json", "--out", tmp_path / "b.png"), "no predicted/measured")
 
@@ -86,9 +90,9 @@ def test_coverage_report(profiled, tmp_path):
     assert res["unpredictable_layers"] == 0 and all(r["predictable"] for r in res["layers"])
     isolated = cli("lut", "coverage", lut, "--model", model, "--timing", "isolated", "--json")  # never profiled so
     assert isolated.returncode == 1 and json.loads(isolated.stdout)["measured"] == 0
-    empty = cli("lut", "coverage", tmp_path / "none.sqlite", "--model", model, "--json")
-    assert empty.returncode == 1
-    assert json.loads(empty.stdout)["unpredictable_layers"] == len(res["layers"])
+    assert_one_line_error(cli("lut", "coverage", tmp_path / "none.sqlite", "--model", model), "no such latency table")
+    assert not (tmp_path / "none.sqlite").exists()
+    assert_one_line_error(cli("lut", "coverage", lut, "--model", model, "--points", "0"), "--points")
 
 
 def test_cpus_pins_the_process_or_says_why_not(profiled):

@@ -81,6 +81,25 @@ def test_profile_job_runs_in_a_child_process(settings):
     assert Storage(settings.data_path).lut_path(settings.local_device).is_file()
 
 
+def test_nightly_reprofile_retimes_in_graph_cells_through_the_devices_models(settings):
+    """In-graph cells are re-timed inside pruned copies of the model the device profiled; with
+    that model gone, the job says so instead of reporting a drift of nothing."""
+    from latprune.pipeline import Progress
+    from latprune.service.drift import reprofile_device
+    from latprune.types import InputError
+
+    job_id = _model_job(settings, "profile")
+    assert worker.claim(settings, job_id, "w")
+    assert worker.run_claimed(settings, job_id, "w") == "succeeded"
+    out = reprofile_device(settings, settings.local_device, {"threads": 1, "max_cells": 50}, Progress())
+    assert 0 < out["cells"] <= 50 and out["drift"]["compared"] == out["cells"]
+    with session_scope(settings.db_url) as s:
+        model_id = s.get(Job, job_id).model_id
+    Storage(settings.data_path).model_path(model_id).unlink()
+    with pytest.raises(InputError, match="could be re-timed"):
+        reprofile_device(settings, settings.local_device, {"threads": 1}, Progress())
+
+
 def _stage(settings, job_id) -> str:
     with session_scope(settings.db_url) as s:
         return s.get(Job, job_id).stage
