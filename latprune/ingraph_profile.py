@@ -147,8 +147,8 @@ def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], t
     at the end. Cells no run could reach are left out (the caller times them alone).
     Returns (cells stored, the runs).
 
-    On this VM one in-graph measurement of a cell repeats within ~8% (median; two runs of the
-    same model), so a table cell is good to about that much per pass."""
+    On this VM one in-graph measurement of a cell lies 2.3% (median) and 11.6% (p95) from the
+    median of 3 (bench/lut_fidelity.py), so single-pass cells are noisy."""
     from latprune.lut.predict import group_grid
 
     prob = analysis.problem
@@ -159,7 +159,7 @@ def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], t
     grids = {g.id: group_grid(g, grid_points) for g in prob.groups if g.prunable}
     configs = [w for p in range(max(1, passes)) for w in design_configs(prob, needed, grids, seed=p)]
     sigs = [layer.spec.signature() for layer in prob.layers]
-    written: list[list[tuple[str, int, int]]] = []  # per run: the cells it measured
+    done = 0  # runs finished
     samples: dict[tuple[str, int, int], list[float]] = defaultdict(list)
 
     def cell_values(timing: ConfigTiming) -> dict[tuple[str, int, int], float]:
@@ -170,13 +170,13 @@ def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], t
         return {k: float(np.median(v)) for k, v in values.items() if k in needed}
 
     def store(timing: ConfigTiming, scale: float) -> None:
-        values = cell_values(timing)
-        for key, ms in values.items():
+        nonlocal done
+        for key, ms in cell_values(timing).items():
             samples[key].append(ms * scale)
             table.put(*key, float(np.median(samples[key])), runs * len(samples[key]))
-        written.append(list(values))
+        done += 1
         if progress:
-            progress(len(written), len(configs))
+            progress(done, len(configs))
 
     timings = profile_configs(analysis, configs, threads, runs, store)
     final: dict[tuple[str, int, int], list[float]] = defaultdict(list)

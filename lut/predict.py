@@ -37,15 +37,22 @@ def group_grid(group, points: int = 5) -> list[int]:
     return _sample(sorted(group.candidate_widths or [group.size]), points)
 
 
+def layer_grid(problem: Problem, layer: Layer, points: int = 5) -> list[tuple[int, int]]:
+    """The (c_in, c_out) cells the table measures for `layer`: up to `points` widths per axis
+    (always the smallest and the dense width), a diagonal for depthwise."""
+    ins = _sample(space_values(problem, layer.c_in), points)
+    if layer.spec.depthwise:
+        return [(c, c) for c in ins]
+    outs = _sample(space_values(problem, layer.c_out), points)
+    return [(i, o) for i in ins for o in outs]
+
+
 def required_cells(problem: Problem, points: int = 5) -> list[tuple[LayerSpec, int, int]]:
-    """The (spec, c_in, c_out) grid the table must hold for this problem: up to `points`
-    widths per axis (always the smallest and the dense width), a diagonal for depthwise."""
+    """The (spec, c_in, c_out) grid the table must hold for this problem (layer_grid of every
+    layer, each cell once)."""
     cells: dict[tuple[str, int, int], tuple[LayerSpec, int, int]] = {}
     for layer in problem.layers:
-        ins = _sample(space_values(problem, layer.c_in), points)
-        outs = _sample(space_values(problem, layer.c_out), points)
-        pairs = [(c, c) for c in ins] if layer.spec.depthwise else [(i, o) for i in ins for o in outs]
-        for ci, co in pairs:
+        for ci, co in layer_grid(problem, layer, points):
             cells[(layer.spec.signature(), ci, co)] = (layer.spec, ci, co)
     return list(cells.values())
 
@@ -60,9 +67,7 @@ def coverage(problem: Problem, table: LatencyTable, points: int = 5) -> dict:
     layers = []
     for layer in problem.layers:
         sig = layer.spec.signature()
-        ins = _sample(space_values(problem, layer.c_in), points)
-        outs = _sample(space_values(problem, layer.c_out), points)
-        grid = [(c, c) for c in ins] if layer.spec.depthwise else [(i, o) for i in ins for o in outs]
+        grid = layer_grid(problem, layer, points)
         have = sum(table.has(sig, ci, co) for ci, co in grid)
         layers.append({"layer": layer.name, "op": layer.spec.op, "kernel": layer.spec.kernel,
                        "depthwise": layer.spec.depthwise, "grid_cells": len(grid), "measured": have,

@@ -105,11 +105,9 @@ DEFAULT_RECTIFY_UNTIL = 0.5
 
 
 def _torch():
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise InputError("DPM needs PyTorch: pip install torch") from None
-    return torch
+    from latprune.pruner.torch_frontend import _torch as require_torch
+
+    return require_torch("DPM")
 
 
 @dataclass

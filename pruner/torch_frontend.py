@@ -79,11 +79,12 @@ from latprune.pruner.analysis import BINARY_ELEMENTWISE, Analysis, _attr, analys
 OPSET = 17
 
 
-def _torch():
+def _torch(purpose: str = "the torch frontend"):
+    """torch, or a clear InputError saying what needs it."""
     try:
         import torch
     except ImportError:  # pragma: no cover - depends on the environment
-        raise InputError("the torch frontend needs PyTorch: pip install torch") from None
+        raise InputError(f"{purpose} needs PyTorch: pip install 'latprune[torch]'") from None
     return torch
 
 
