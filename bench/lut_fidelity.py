@@ -28,7 +28,7 @@ cells: kernels of random pruned models whose (c_in, c_out) the table did not mea
 median of --truth-runs measurements; it also reports how far one measurement lies from that median.
 
     python bench/lut_fidelity.py [--models resnet18,resnet50,mobilenet_v2] [--configs 30]
-                                 [--heldout 200] [--widths step16] [--rounds 20]
+                                 [--heldout 200] [--widths step16] [--rounds 60]
                                  [--passes 1,3] [--truth-runs 3] [--skip-build | --skip-models]
 
 Prints tables and writes bench/out/lut_fidelity.json.
@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -70,7 +69,7 @@ def random_widths(prob, rng, mode: str) -> dict[int, int]:
     return widths
 
 
-def measure_in_rounds(models: list, rounds: int, runs: int = 3) -> list[dict]:
+def measure_in_rounds(models: list, rounds: int, runs: int = 1) -> list[dict]:
     """Median, fastest burst median and spread (p10-p90 of burst medians, relative) of each
     model's latency (ms), timed in `rounds` bursts of `runs`, interleaved over all models in a
     new random order each round."""
@@ -178,26 +177,30 @@ def table_build(heldout: int, passes: int, truth_runs: int, seed: int = 0) -> di
     _, _, analysis = prepare(exported("resnet50"))
     prob = analysis.problem
     step = preferred_channel_step()
-    with tempfile.TemporaryDirectory() as tmp:
-        table = open_table(Path(tmp) / "lut.sqlite", 1, "in-graph")
-        t0 = time.perf_counter()
-        measured = ensure_profiled(prob, table, 1, 5, Progress(), analysis, passes=passes)
-        wall = time.perf_counter() - t0
-        full = set()
-        for layer in prob.layers:
-            def step_values(sp):
-                return sorted({v for v in range(1, max(space_values(prob, sp)) + 1) if v % step == 0}
-                              | set(space_values(prob, sp)))
-            ins, outs = step_values(layer.c_in), step_values(layer.c_out)
-            sig = layer.spec.signature()
-            full |= {(sig, c, c) for c in ins} if layer.spec.depthwise else {(sig, i, o) for i in ins for o in outs}
-        rng = np.random.default_rng(seed)
-        truth: dict[tuple, list[float]] = {}  # held-out cell -> its measurements
-        lookup: dict[tuple, float] = {}
-        t1 = time.perf_counter()
-        while len(truth) < heldout:
-            configs = [random_widths(prob, rng, f"step{step}") for _ in range(4)]
-            for timing in profile_configs(analysis, configs * truth_runs, 1):
+    path = OUT / f"lut_resnet50_build_{passes}pass.sqlite"  # kept for inspection (lut heatmap)
+    path.unlink(missing_ok=True)
+    table = open_table(path, 1, "in-graph")
+    t0 = time.perf_counter()
+    measured = ensure_profiled(prob, table, 1, 5, Progress(), analysis, passes=passes)
+    wall = time.perf_counter() - t0
+    full = set()
+    for layer in prob.layers:
+        def step_values(sp):
+            return sorted({v for v in range(1, max(space_values(prob, sp)) + 1) if v % step == 0}
+                          | set(space_values(prob, sp)))
+        ins, outs = step_values(layer.c_in), step_values(layer.c_out)
+        sig = layer.spec.signature()
+        full |= {(sig, c, c) for c in ins} if layer.spec.depthwise else {(sig, i, o) for i in ins for o in outs}
+    rng = np.random.default_rng(seed)
+    truth: dict[tuple, list[float]] = {}  # held-out cell -> its measurements
+    lookup: dict[tuple, float] = {}
+    t1 = time.perf_counter()
+    while len(truth) < heldout:
+        configs = [random_widths(prob, rng, f"step{step}") for _ in range(8)]
+        # each measurement in its own profiling sessions and rounds (a repeat in the same
+        # rounds would share their moments)
+        for rep in range(truth_runs):
+            for timing in profile_configs(analysis, configs, 1, seed=rep):
                 full_w = {g.id: timing.widths.get(g.id, g.size) for g in prob.groups}
                 for index, ci, co in config_cells(prob, timing.widths):
                     layer = prob.layers[index]
@@ -206,10 +209,12 @@ def table_build(heldout: int, passes: int, truth_runs: int, seed: int = 0) -> di
                         continue
                     if key not in truth and len(truth) >= heldout:
                         continue
+                    if len(truth.get(key, ())) > rep:  # one value per measurement
+                        continue
                     truth.setdefault(key, []).append(timing.layer_ms[index])
                     lookup[key] = layer_ms(table, layer, layer.c_in.width(full_w), layer.c_out.width(full_w))
-        heldout_s = time.perf_counter() - t1
-        table.close()
+    heldout_s = time.perf_counter() - t1
+    table.close()
     look = np.array([lookup[k] for k in truth])
     meas = np.array([np.median(v) for v in truth.values()])
     # repeatability: how far one measurement of a cell falls from the median of its measurements
@@ -217,7 +222,8 @@ def table_build(heldout: int, passes: int, truth_runs: int, seed: int = 0) -> di
     err = np.abs(look - meas) / meas
     speed = float(np.median(meas / look))  # the machine's speed then vs while building
     err_adj = np.abs(look * speed - meas) / meas
-    return {"wall_s": wall, "passes": passes, "truth_runs": truth_runs, "cells_measured": measured,
+    return {"wall_s": wall, "passes": passes, "table": str(path),
+            "cells": [{"key": list(k), "measurements": v, "interpolated": lookup[k]} for k, v in truth.items()], "truth_runs": truth_runs, "cells_measured": measured,
             "cells_full_grid": len(full), "layers": len(prob.layers), "heldout": int(len(err)),
             "heldout_seconds": heldout_s,
             "one_measurement_median_abs_dev": float(np.median(repeat)) if len(repeat) else None,
@@ -233,7 +239,7 @@ def main() -> int:
     ap.add_argument("--models", default="resnet18,resnet50,mobilenet_v2")
     ap.add_argument("--configs", type=int, default=30)
     ap.add_argument("--heldout", type=int, default=200)
-    ap.add_argument("--rounds", type=int, default=20, help="interleaved measurement bursts per model")
+    ap.add_argument("--rounds", type=int, default=60, help="interleaved measurement rounds per model (one run each)")
     ap.add_argument("--lut", default=str(OUT / "lut.sqlite"))
     ap.add_argument("--skip-build", action="store_true")
     ap.add_argument("--skip-models", action="store_true", help="only the ResNet-50 table build")

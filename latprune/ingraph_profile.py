@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from latprune.profiler.ingraph import ConfigTiming, profile_bracketed
+from latprune.profiler.ingraph import MIN_SECONDS, ConfigTiming, profile_interleaved
 from latprune.types import LayerSpec, Problem
 
 # Ops ONNX Runtime fuses into the conv before them (conv+activation, NCHWc conv+sum+activation).
@@ -121,10 +121,12 @@ def first_channels_plan(problem: Problem, widths: dict[int, int]):
     return Plan(kept=kept, widths=dict(widths), method="profile")
 
 
-def profile_configs(analysis, configs: list[dict[int, int]], threads: int = 1, runs: int = 10,
-                    on_config: Callable[[ConfigTiming, float], None] | None = None) -> list[ConfigTiming]:
-    """Profile pruned copies of the model at each of `configs` (group widths), bracketed by the
-    dense model (profiler.ingraph.profile_bracketed: times at the machine's fast state)."""
+def profile_configs(analysis, configs: list[dict[int, int]], threads: int = 1,
+                    on_config: Callable[[ConfigTiming, float], None] | None = None,
+                    min_seconds: float = MIN_SECONDS, seed: int = 0) -> list[ConfigTiming]:
+    """Profile pruned copies of the model at each of `configs` (group widths), in interleaved
+    rounds beside the dense model (profiler.ingraph.profile_interleaved: times at the machine's
+    median speed over the profile)."""
     from latprune.pruner.surgery import apply_plan
 
     prob = analysis.problem
@@ -132,23 +134,26 @@ def profile_configs(analysis, configs: list[dict[int, int]], threads: int = 1, r
     def build(widths: dict[int, int]) -> bytes:
         return apply_plan(analysis, first_channels_plan(prob, widths), check=False).SerializeToString()
 
-    return profile_bracketed(configs, build, analysis.model.SerializeToString(),
-                             layer_names(analysis.model, prob), threads, runs, on_config)
+    return profile_interleaved(configs, build, analysis.model.SerializeToString(),
+                               layer_names(analysis.model, prob), threads, min_seconds=min_seconds,
+                               on_config=on_config, seed=seed)
 
 
 def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], threads: int = 1,
                      grid_points: int = 5, progress: Callable[[int, int], None] | None = None,
-                     runs: int = 10, remeasure: bool = False, passes: int = 1) -> tuple[int, list[ConfigTiming]]:
+                     remeasure: bool = False, passes: int = 1,
+                     min_seconds: float = MIN_SECONDS) -> tuple[int, list[ConfigTiming]]:
     """Measure the (spec, c_in, c_out) `cells` the table lacks (all of them with `remeasure`)
     by profiling pruned copies of the model (profile_configs) chosen by design_configs, once
     per pass (each pass its own design, so a cell is measured in `passes` different models
     and moments; a cell's value is the median). Cells are committed as soon as a run measures
-    them (an interrupted profile resumes), and rescaled to the whole profile's fastest phase
+    them (an interrupted profile resumes), and rescaled to the whole profile's median phase
     at the end. Cells no run could reach are left out (the caller times them alone).
     Returns (cells stored, the runs).
 
-    On this VM one in-graph measurement of a cell lies 2.3% (median) and 11.6% (p95) from the
-    median of 3 (bench/lut_fidelity.py), so single-pass cells are noisy."""
+    On this VM one in-graph measurement of a cell lies 0.7% (median) and 3.5% (p95) from the
+    median of 3 (bench/lut_fidelity.py); passes average over designs and moments.
+    """
     from latprune.lut.predict import group_grid
 
     prob = analysis.problem
@@ -159,7 +164,7 @@ def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], t
     grids = {g.id: group_grid(g, grid_points) for g in prob.groups if g.prunable}
     configs = [w for p in range(max(1, passes)) for w in design_configs(prob, needed, grids, seed=p)]
     sigs = [layer.spec.signature() for layer in prob.layers]
-    done = 0  # runs finished
+    done = 0  # models profiled
     samples: dict[tuple[str, int, int], list[float]] = defaultdict(list)
 
     def cell_values(timing: ConfigTiming) -> dict[tuple[str, int, int], float]:
@@ -173,16 +178,18 @@ def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], t
         nonlocal done
         for key, ms in cell_values(timing).items():
             samples[key].append(ms * scale)
-            table.put(*key, float(np.median(samples[key])), runs * len(samples[key]))
+            table.put(*key, float(np.median(samples[key])), timing.runs * len(samples[key]))
         done += 1
         if progress:
             progress(done, len(configs))
 
-    timings = profile_configs(analysis, configs, threads, runs, store)
+    timings = profile_configs(analysis, configs, threads, store, min_seconds)
     final: dict[tuple[str, int, int], list[float]] = defaultdict(list)
+    runs: dict[tuple[str, int, int], int] = defaultdict(int)
     for timing in timings:  # the final scale (timings come back rescaled)
         for key, ms in cell_values(timing).items():
             final[key].append(ms)
+            runs[key] += timing.runs
     for key, values in final.items():
-        table.put(*key, float(np.median(values)), runs * len(values))
+        table.put(*key, float(np.median(values)), runs[key])
     return len(final), timings

@@ -7,7 +7,9 @@ import platform
 
 
 TIMING_METHOD = "iobinding-minus-call-overhead/2"  # isolated layers (profiler/layers.py)
-TIMING_IN_GRAPH = "ort-profile-in-graph/1"  # kernels inside whole models (profiler/ingraph.py)
+# kernels inside whole models (profiler/ingraph.py); /2: interleaved rounds scaled to the median
+# phase (/1 bracketed bursts scaled to the fastest: its cells are not comparable)
+TIMING_IN_GRAPH = "ort-profile-in-graph/2"
 TIMINGS = {"in-graph": TIMING_IN_GRAPH, "isolated": TIMING_METHOD}
 
 

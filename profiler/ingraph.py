@@ -1,6 +1,5 @@
 """In-graph kernel timing: a whole model runs under ONNX Runtime's profiler and each kernel's
-time is attributed to a layer by name; runs are bracketed by a reference model to undo the
-machine's slow phases.
+time is attributed to a layer by name.
 
 Why: a layer timed alone (profiler/layers.py) pays layout reorders at its input and output
 and runs on a cold cache, which a layer inside the model does not; on this AVX-512 CPU the sum
@@ -8,7 +7,8 @@ of isolated layers missed whole-model latency by 6-44% (NOTES.md). ONNX Runtime'
 reports every kernel of a run with the name of the node it executes (after fusion: the output
 of the last node fused into it, plus `_nchwc` for blocked convs). The caller gives the names
 that belong to each layer (latprune/ingraph_profile.py builds them from the graph analysis); a
-kernel that maps to no layer (pooling, reorders, flatten) is overhead.
+kernel that maps to no layer (pooling, reorders, flatten) is overhead. Models are profiled
+in interleaved rounds beside a reference model, whose time undoes the machine's slow phases.
 
 Nothing here knows about pruning: it times the models it is given.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,16 +29,17 @@ import onnx
 
 @dataclass
 class ConfigTiming:
-    """One model, profiled: ms per layer index (kernel medians), overhead ms of kernels no layer
-    claims, and the unprofiled end-to-end median (ms). `widths` is the caller's label of the
-    model (the group widths of a pruned copy)."""
+    """One model, profiled: ms per layer index (kernel medians over `runs` runs), overhead ms
+    of kernels no layer claims, and the unprofiled end-to-end median (ms). `widths` is the
+    caller's label of the model (the group widths of a pruned copy)."""
 
     widths: dict[int, int]
     layer_ms: dict[int, float]
     unmapped_ms: float
     end_to_end_ms: float
     unmapped: list[str] = field(default_factory=list)
-    phase_ms: float = 0.0  # the reference model's time around this run (profile_bracketed)
+    phase_ms: float = 0.0  # the reference model's kernel time in the same rounds (profile_interleaved)
+    runs: int = 0  # profiled runs behind each kernel median
 
 
 def _kernel_name(event_name: str) -> str:
@@ -45,90 +47,126 @@ def _kernel_name(event_name: str) -> str:
     return base[: -len("_nchwc")] if base.endswith("_nchwc") else base
 
 
-def profile_config(model: onnx.ModelProto | bytes, names: dict[str, int], threads: int = 1,
-                   runs: int = 10, warmup: int = 3, widths: dict[int, int] | None = None) -> ConfigTiming:
-    """Profile `model` (`runs` timed runs after `warmup`), attribute kernels to layers through
-    `names`, and time it unprofiled in a second session (`runs` runs) for the end-to-end median."""
-    from latprune.profiler.onnxrt import make_session, random_feed, session_options, time_session
+class _Profiled:
+    """One model open twice: under ONNX Runtime's profiler (kernel times) and plain (end-to-end
+    time of the same moments)."""
 
-    data = model if isinstance(model, bytes) else model.SerializeToString()
-    with tempfile.TemporaryDirectory(prefix="latprune-prof-") as tmp:
+    def __init__(self, data: bytes, threads: int, prefix: str):
+        from latprune.profiler.onnxrt import make_session, random_feed, session_options
+
         opts = session_options(threads)
         opts.enable_profiling = True
-        opts.profile_file_prefix = os.path.join(tmp, "ort")
-        session = make_session(data, threads, opts)
-        feed = random_feed(session)
-        for _ in range(warmup):
-            session.run(None, feed)
-        for _ in range(runs):
-            session.run(None, feed)
-        events = json.loads(Path(session.end_profiling()).read_text())
-    kernel_us: dict[str, list[float]] = defaultdict(list)
-    for ev in events:
-        if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
-            kernel_us[ev["name"]].append(float(ev["dur"]))
-    layer_ms: dict[int, float] = defaultdict(float)
-    unmapped_ms, unmapped = 0.0, []
-    for name, durs in kernel_us.items():
-        ms = float(np.median(durs[-runs:])) / 1e3  # the timed runs only
-        index = names.get(_kernel_name(name))
-        if index is None:
-            unmapped_ms += ms
-            unmapped.append(_kernel_name(name))
-        else:
-            layer_ms[index] += ms
-    plain = make_session(data, threads)
-    e2e = time_session(plain, random_feed(plain), warmup=warmup, min_runs=runs, min_seconds=0.0).median_ms
-    return ConfigTiming(dict(widths or {}), dict(layer_ms), unmapped_ms, e2e, unmapped)
+        opts.profile_file_prefix = prefix
+        self.profiled = make_session(data, threads, opts)
+        self.feed = random_feed(self.profiled)
+        self.plain = make_session(data, threads)
+        self.plain_feed = random_feed(self.plain)
+        self.plain_ms: list[float] = []
+        self.runs = 0
+
+    def run(self, timed: bool = True) -> float:
+        """One profiled run and one plain run (counted unless warming up); the plain run's ms."""
+        self.profiled.run(None, self.feed)
+        t0 = time.perf_counter()
+        self.plain.run(None, self.plain_feed)
+        ms = (time.perf_counter() - t0) * 1e3
+        if timed:
+            self.plain_ms.append(ms)
+            self.runs += 1
+        return ms
+
+    def finish(self, names: dict[str, int], widths: dict[int, int] | None) -> ConfigTiming:
+        """Kernel medians over the timed runs, attributed to layers through `names`."""
+        events = json.loads(Path(self.profiled.end_profiling()).read_text())
+        kernel_us: dict[str, list[float]] = defaultdict(list)
+        for ev in events:
+            if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
+                kernel_us[ev["name"]].append(float(ev["dur"]))
+        layer_ms: dict[int, float] = defaultdict(float)
+        unmapped_ms, unmapped = 0.0, []
+        for name, durs in kernel_us.items():
+            ms = float(np.median(durs[-self.runs:])) / 1e3  # the timed runs only
+            index = names.get(_kernel_name(name))
+            if index is None:
+                unmapped_ms += ms
+                unmapped.append(_kernel_name(name))
+            else:
+                layer_ms[index] += ms
+        return ConfigTiming(dict(widths or {}), dict(layer_ms), unmapped_ms, float(np.median(self.plain_ms)),
+                            unmapped, runs=self.runs)
 
 
-SLOW_PHASE = 1.08  # a run whose dense bursts are this much slower than the fastest seen is redone
-MAX_TRIES = 3
+def profile_config(model: onnx.ModelProto | bytes, names: dict[str, int], threads: int = 1,
+                   runs: int = 10, warmup: int = 3, widths: dict[int, int] | None = None) -> ConfigTiming:
+    """Profile `model` alone (`runs` timed runs after `warmup`), attribute kernels to layers
+    through `names`; the end-to-end median comes from a plain session run alongside."""
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    with tempfile.TemporaryDirectory(prefix="latprune-prof-") as tmp:
+        member = _Profiled(data, threads, os.path.join(tmp, "ort"))
+        for i in range(warmup + runs):
+            member.run(timed=i >= warmup)
+        return member.finish(names, widths)
 
 
-def profile_bracketed(items: Sequence, build: Callable[[object], bytes], reference: bytes,
-                      names: dict[str, int], threads: int = 1, runs: int = 10,
-                      on_config: Callable[[ConfigTiming, float], None] | None = None) -> list[ConfigTiming]:
+# How long each model is profiled: at least MIN_SECONDS of runs, between MIN_RUNS and MAX_RUNS
+# rounds. With models interleaved run by run, 40 rounds of ResNet-50 repeat a kernel's median
+# within 0.75% (median; p95 3%), where 10 runs in a row repeated within 1.6% (p95 9%) and a
+# 5 ms MobileNetV2 within 4% (p95 22%): a burst of one model falls into one of the machine's
+# phases, rounds spread it over many (NOTES.md, issue 3).
+MIN_SECONDS = 2.0
+MIN_RUNS = 20
+MAX_RUNS = 100
+BATCH = 8  # models open at once (each twice): memory vs how far apart one model's runs lie
+BATCH_BYTES = 2 << 30  # fewer at once for big models: sessions hold about their weights each
+
+
+def profile_interleaved(items: Sequence, build: Callable[[object], bytes], reference: bytes,
+                        names: dict[str, int], threads: int = 1, min_seconds: float = MIN_SECONDS,
+                        min_runs: int = MIN_RUNS, max_runs: int = MAX_RUNS, batch: int | None = None,
+                        on_config: Callable[[ConfigTiming, float], None] | None = None,
+                        seed: int = 0) -> list[ConfigTiming]:
     """Profile the model `build(item)` for each item (group widths, for the caller), with times
-    at the machine's fast state.
+    at the machine's median speed over the whole profile.
 
-    A shared machine runs in phases: the same session timed 26 ms for seconds, then 32 ms
-    (NOTES.md), and the few runs of one model fall inside one phase. So each model is bracketed
-    by short bursts of `reference` (its phase); a run whose phase is more than SLOW_PHASE times
-    the fastest phase seen is redone (up to MAX_TRIES, keeping the fastest), and times are
-    scaled by (fastest phase) / (the run's phase). `on_config(timing, scale)` is called after
-    each model with the scale known so far; the returned timings use the final one."""
-    from latprune.profiler.onnxrt import make_session, random_feed
-
-    ref = make_session(reference, threads)
-    ref_feed = random_feed(ref)
-    fastest = _burst_ms(ref, ref_feed, 5)
+    A shared machine runs in phases (the same session at 26 ms, then 32 ms; slow drifts over
+    tens of seconds too), and a burst of runs of one model falls into one of them. So `batch`
+    models (default BATCH, fewer for big models) and `reference` are open at once and run in
+    rounds, one run each per round in a new random order, until each has run `min_seconds`
+    unprofiled (min_runs..max_runs rounds): a kernel's median then spans the phases of the
+    whole batch. The reference's kernel time in the same
+    rounds is the batch's phase; times are scaled by (median phase) / (the batch's phase). The
+    median, not the fastest: the minimum over more batches is lower, so a long profile would
+    come out faster than a short one (a 5-batch table read 5% below 1-batch measurements).
+    `on_config(timing, scale)` is called for each model after its batch with the scale known
+    so far; the returned timings use the final one."""
+    if batch is None:  # BATCH, fewer where the sessions of BATCH copies would pass BATCH_BYTES
+        batch = int(np.clip(BATCH_BYTES // (2 * max(len(reference), 1)) - 1, 1, BATCH))
+    rng = np.random.default_rng(seed)
+    phases: list[float] = []
     timings: list[ConfigTiming] = []
-    for item in items:
-        model = build(item)
-        best = None
-        for _ in range(MAX_TRIES):
-            before = _burst_ms(ref, ref_feed)
-            timing = profile_config(model, names, threads, runs, widths=item)
-            timing.phase_ms = float(np.median([before, _burst_ms(ref, ref_feed)]))
-            fastest = min(fastest, timing.phase_ms)
-            if best is None or timing.phase_ms < best.phase_ms:
-                best = timing
-            if best.phase_ms <= SLOW_PHASE * fastest:
-                break
-        timings.append(best)
-        if on_config:
-            on_config(best, fastest / best.phase_ms)
+    for start in range(0, len(items), max(1, batch)):
+        chunk = list(items[start:start + max(1, batch)])
+        with tempfile.TemporaryDirectory(prefix="latprune-prof-") as tmp:
+            members = [_Profiled(data, threads, os.path.join(tmp, f"ort{j}"))
+                       for j, data in enumerate([reference] + [build(item) for item in chunk])]
+            # warm-up; the models' plain run time sizes the rounds
+            run_ms = float(np.median([min(m.run(timed=False) for _ in range(3)) for m in members]))
+            rounds = int(np.clip(np.ceil(min_seconds * 1e3 / max(run_ms, 1e-3)), min_runs, max_runs))
+            for _ in range(rounds):
+                for j in rng.permutation(len(members)):  # no model always first in a round
+                    members[j].run()
+            results = [m.finish(names, item) for m, item in zip(members, [None] + chunk)]
+        ref = results[0]
+        phase = sum(ref.layer_ms.values()) + ref.unmapped_ms
+        phases.append(phase)
+        for timing in results[1:]:
+            timing.phase_ms = phase
+            timings.append(timing)
+            if on_config:
+                on_config(timing, float(np.median(phases)) / phase)
     for timing in timings:
-        scale = fastest / timing.phase_ms
+        scale = float(np.median(phases)) / timing.phase_ms
         timing.layer_ms = {i: v * scale for i, v in timing.layer_ms.items()}
         timing.unmapped_ms *= scale
         timing.end_to_end_ms *= scale
     return timings
-
-
-def _burst_ms(session, feed, runs: int = 3) -> float:
-    """Median of `runs` runs (ms) after one warm-up run."""
-    from latprune.profiler.onnxrt import _timed_runs
-
-    return float(np.median(_timed_runs(session, feed, 1, runs, 0.0)))

@@ -11,7 +11,7 @@ from latprune.pruner.analysis import analyse
 from latprune.pruner.model_io import normalise
 from latprune.profiler.fingerprint import TIMING_IN_GRAPH, cpu_fingerprint, fingerprint_id
 from latprune.ingraph_profile import config_cells, design_configs, layer_names, profile_in_graph
-from latprune.profiler.ingraph import profile_config
+from latprune.profiler.ingraph import MIN_RUNS, profile_config
 from latprune.lut.store import LatencyTable
 from onnx_builders import depthwise_cnn, residual_cnn
 
@@ -58,13 +58,13 @@ def test_profile_in_graph_fills_resumes_and_remeasures(tmp_path):
     assert fingerprint_id(fp) != fingerprint_id(cpu_fingerprint(threads=1))  # never mixed with isolated cells
     table = LatencyTable(tmp_path / "t.sqlite", fp)
     cells = required_cells(prob, 3)
-    stored, runs = profile_in_graph(table, analysis, cells, grid_points=3, runs=3)
+    stored, runs = profile_in_graph(table, analysis, cells, grid_points=3, min_seconds=0)
     assert stored == len({(s.signature(), ci, co) for s, ci, co in cells}) == table.count()
     assert 0 < len(runs) < stored
-    again, runs2 = profile_in_graph(table, analysis, cells, grid_points=3, runs=3)
+    again, runs2 = profile_in_graph(table, analysis, cells, grid_points=3, min_seconds=0)
     assert (again, runs2) == (0, [])
     before = {s.signature(): table.cells(s.signature()) for s, _, _ in cells}
-    redo, _ = profile_in_graph(table, analysis, cells, grid_points=3, runs=3, remeasure=True)
+    redo, _ = profile_in_graph(table, analysis, cells, grid_points=3, min_seconds=0, remeasure=True)
     assert redo == stored and table.count() == stored
     after = {s.signature(): table.cells(s.signature()) for s, _, _ in cells}
     assert after.keys() == before.keys() and after != before  # new timings replaced the old
@@ -102,13 +102,13 @@ def test_passes_measure_every_cell_in_several_runs(tmp_path):
     counts = {}
     for passes in (1, 2):
         table = LatencyTable(tmp_path / f"p{passes}.sqlite", cpu_fingerprint(threads=1, timing="in-graph"))
-        stored, runs = profile_in_graph(table, analysis, cells, grid_points=3, runs=3, passes=passes)
+        stored, runs = profile_in_graph(table, analysis, cells, grid_points=3, min_seconds=0, passes=passes)
         assert stored == table.count() == len({(s.signature(), ci, co) for s, ci, co in cells})
         counts[passes] = (len(runs), dict(table.db.execute("SELECT signature || c_in || '/' || c_out, runs FROM cells")))
         table.close()
     assert counts[2][0] > counts[1][0]
-    # runs = 3 timed runs per measurement: every cell measured at least once, resp. twice
-    assert min(counts[1][1].values()) >= 3 and min(counts[2][1].values()) >= 2 * 3
+    # MIN_RUNS timed runs per measurement (min_seconds=0): every cell measured at least once, resp. twice
+    assert min(counts[1][1].values()) >= MIN_RUNS and min(counts[2][1].values()) >= 2 * MIN_RUNS
     assert sum(counts[2][1].values()) > sum(counts[1][1].values())
 
 
@@ -130,7 +130,7 @@ def test_a_negative_overhead_never_makes_an_impossible_budget_feasible(tmp_path)
     _, _, analysis = prepare(tmp_path / "m.onnx", step=8)
     prob = analysis.problem
     table = LatencyTable(tmp_path / "t.sqlite", cpu_fingerprint(threads=1, timing="in-graph"))
-    profile_in_graph(table, analysis, required_cells(prob, 3), grid_points=3, runs=3)
+    profile_in_graph(table, analysis, required_cells(prob, 3), grid_points=3, min_seconds=0)
     costs = layer_costs(prob, table)
     scoring = SimpleNamespace(objective=importance_objective(prob))
     inp = _solve_input(prob, costs, 1e-6, Calibration(1.0, 0.0, -1e3), True, OptimizeOptions(), scoring)
@@ -141,3 +141,32 @@ def test_a_negative_overhead_never_makes_an_impossible_budget_feasible(tmp_path)
     kept = _solve_input(prob, costs, 1.0, Calibration(1.0, 0.0, -0.1 * smallest), True, OptimizeOptions(), scoring)
     assert kept.offset_ms == pytest.approx(-0.1 * smallest)  # a small negative constant stays
     table.close()
+
+
+def test_interleaved_rounds_are_sized_by_time_and_scaled_to_the_median_phase():
+    """Models run in rounds beside the reference: min_runs..max_runs rounds, sized by
+    min_seconds; every timing is scaled by the median batch phase / its batch's phase."""
+    import numpy as np
+
+    from latprune.profiler.ingraph import profile_interleaved
+
+    analysis = _analysis(residual_cnn(blocks=1, width=16))
+    prob = analysis.problem
+    names = layer_names(analysis.model, prob)
+    data = analysis.model.SerializeToString()
+    items = [{"i": i} for i in range(5)]
+    seen = []
+    common = dict(names=names, reference=data, build=lambda item: data, batch=2,
+                  on_config=lambda t, scale: seen.append((dict(t.widths), dict(t.layer_ms), scale)))
+    quick = profile_interleaved(items, min_seconds=0, min_runs=4, max_runs=6, **common)
+    assert [t.widths for t in quick] == items and [w for w, _, _ in seen] == items  # order kept, one call each
+    assert {t.runs for t in quick} == {4}
+    phases = [quick[0].phase_ms, quick[2].phase_ms, quick[4].phase_ms]  # batches of 2
+    assert [t.phase_ms for t in quick] == [phases[0]] * 2 + [phases[1]] * 2 + [phases[2]]
+    for k, (t, (_, raw, scale_then)) in enumerate(zip(quick, seen)):
+        assert sorted(t.layer_ms) == sorted(raw) == list(range(len(prob.layers)))
+        # the callback saw raw times and the scale known then; the final times use all batches
+        assert scale_then == pytest.approx(np.median(phases[: k // 2 + 1]) / t.phase_ms)
+        for index, ms in t.layer_ms.items():
+            assert ms == pytest.approx(raw[index] * np.median(phases) / t.phase_ms)
+    assert {t.runs for t in profile_interleaved(items[:1], min_seconds=60, min_runs=4, max_runs=6, **common)} == {6}
