@@ -16,20 +16,21 @@ first with `latprune profile`:
                        fitted to the same 3 uniform models
   isolated sum         the naive sum of isolated layers
 
-This machine is shared and runs in phases (the same session at 26 ms for seconds, then 33 ms),
-so every model is measured in `--rounds` short bursts, interleaved over all of them; a
-configuration's latency is the median over its bursts, and the spread of those bursts is
-reported too.
+This machine is shared and runs in phases (the same session at 26 ms, then 33 ms, switching
+every few hundred ms, and drifting over tens of seconds), so every model is measured in
+`--rounds` rounds of one run, interleaved over all of them in a new random order each round;
+a configuration's latency is the median of its runs, and the spread of the runs is reported
+too.
 
 Part 2, the table for ResNet-50: wall time to profile every layer into a fresh in-graph table
-(with 1 and 3 measurements per cell: --passes), cells measured vs the full grid of candidate
+(--passes measurements per cell; --refine adds widths where interpolation bends), cells measured vs the full grid of candidate
 widths (multiples of the preferred step: 16 with AVX-512), and interpolation error on held-out
 cells: kernels of random pruned models whose (c_in, c_out) the table did not measure, each the
 median of --truth-runs measurements; it also reports how far one measurement lies from that median.
 
     python bench/lut_fidelity.py [--models resnet18,resnet50,mobilenet_v2] [--configs 30]
                                  [--heldout 200] [--widths step16] [--rounds 60]
-                                 [--passes 1,3] [--truth-runs 3] [--skip-build | --skip-models]
+                                 [--passes 1] [--truth-runs 3] [--refine] [--skip-build | --skip-models]
 
 Prints tables and writes bench/out/lut_fidelity.json.
 """
@@ -48,11 +49,10 @@ sys.path.insert(0, str(HERE))
 from models import exported  # noqa: E402  (bench/models.py)
 OUT = HERE / "out"
 TIMINGS = ("in-graph", "isolated")
-# What "measured" is: the median of a model's runs, or the fastest of its burst medians. This
-# machine switches between a fast and a slow state for seconds at a time (dense ResNet-18:
-# 26 or 32 ms); the median then depends on how long each state lasted while that model ran,
-# the fastest burst is the fast state's time (as the table is). Both are reported.
-TRUTHS = ("ms", "fast_ms")
+# What "measured" is: the median of a model's runs. (A "fastest burst" truth was dropped when
+# tables moved to the median phase and the rounds to single runs: the minimum of 60 single runs
+# is an outlier statistic.)
+TRUTHS = ("ms",)
 UNIFORM = (1.0, 0.75, 0.5)
 
 
@@ -70,9 +70,9 @@ def random_widths(prob, rng, mode: str) -> dict[int, int]:
 
 
 def measure_in_rounds(models: list, rounds: int, runs: int = 1) -> list[dict]:
-    """Median, fastest burst median and spread (p10-p90 of burst medians, relative) of each
-    model's latency (ms), timed in `rounds` bursts of `runs`, interleaved over all models in a
-    new random order each round."""
+    """Median and spread (p10-p90 of burst medians, relative) of each model's latency (ms),
+    timed in `rounds` bursts of `runs`, interleaved over all models in a new random order each
+    round."""
     from latprune.profiler.onnxrt import _timed_runs, make_session, random_feed
 
     sessions = [make_session(m, 1) for m in models]
@@ -89,13 +89,13 @@ def measure_in_rounds(models: list, rounds: int, runs: int = 1) -> list[dict]:
     out = []
     for smp, b in zip(samples, bursts):
         med = float(np.median(smp))
-        out.append({"ms": med, "fast_ms": float(np.min(b)),
+        out.append({"ms": med,
                     "spread": float((np.percentile(b, 90) - np.percentile(b, 10)) / med)})
     return out
 
 
 def whole_model_errors(name: str, n_configs: int, lut: Path, mode: str, rounds: int, seed: int = 0,
-                       profile_passes: int = 1) -> dict:
+                       profile_passes: int = 1, refine: bool = False) -> dict:
     from latprune.lut.predict import overhead_elements, predict_raw
     from latprune.lut.store import fit_calibration
     from latprune.pipeline import model_family, open_table, prepare, profile_model
@@ -107,7 +107,8 @@ def whole_model_errors(name: str, n_configs: int, lut: Path, mode: str, rounds: 
     build_s = {}
     for timing in TIMINGS:  # cells missing from the table (none when it was built before)
         t0 = time.perf_counter()
-        out = profile_model(path, lut, threads=1, timing=timing, passes=profile_passes if timing == "in-graph" else 1)
+        out = profile_model(path, lut, threads=1, timing=timing, passes=profile_passes if timing == "in-graph" else 1,
+                            refine=refine)
         build_s[timing] = {"seconds": time.perf_counter() - t0, "cells_measured": out["cells_measured"]}
         print(f"  {name}: {timing} table: {out['cells_measured']} cells measured in {build_s[timing]['seconds']:.0f} s",
               flush=True)
@@ -125,10 +126,10 @@ def whole_model_errors(name: str, n_configs: int, lut: Path, mode: str, rounds: 
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
     mel = [overhead_elements(prob, w) for w in everything]
     nu = len(uniform)
-    rows = [{"widths": {str(k): v for k, v in w.items()}, "measured_ms": t["ms"], "measured_fast_ms": t["fast_ms"],
+    rows = [{"widths": {str(k): v for k, v in w.items()}, "measured_ms": t["ms"],
              "spread": t["spread"], "off_grid": 0} for w, t in zip(configs, timed[nu:])]
     result = {"model": name, "widths": mode, "configs": rows, "build": build_s, "predictors": {},
-              "profile_passes": profile_passes,
+              "profile_passes": profile_passes, "refine": refine,
               "uniform_measured_ms": [t["ms"] for t in timed[:nu]],
               "measurement_spread_median": float(np.median([t["spread"] for t in timed]))}
     family = model_family(model, data)
@@ -166,55 +167,58 @@ def errors(pred: np.ndarray, meas: np.ndarray) -> dict:
             "within_10pct": float(np.mean(err <= 0.10)), "median_signed_err": float(np.median((pred - meas) / meas))}
 
 
-def table_build(heldout: int, passes: int, truth_runs: int, seed: int = 0) -> dict:
+def table_build(heldout: int, passes: int, truth_runs: int, seed: int = 0, refine: bool = False) -> dict:
     """Profile ResNet-50 into a fresh in-graph table (`passes` measurements per cell);
     interpolation error on held-out cells, each measured `truth_runs` times (median)."""
     from latprune.lut.predict import layer_ms, space_values
     from latprune.pipeline import ensure_profiled, open_table, prepare, Progress
     from latprune.profiler.fingerprint import preferred_channel_step
-    from latprune.ingraph_profile import config_cells, profile_configs
+    from latprune.ingraph_profile import config_cells, profile_configs, reference_key
 
     _, _, analysis = prepare(exported("resnet50"))
     prob = analysis.problem
     step = preferred_channel_step()
-    path = OUT / f"lut_resnet50_build_{passes}pass.sqlite"  # kept for inspection (lut heatmap)
+    path = OUT / f"lut_resnet50_build_{passes}pass{'_refined' if refine else ''}.sqlite"  # kept (lut heatmap)
     path.unlink(missing_ok=True)
     table = open_table(path, 1, "in-graph")
-    t0 = time.perf_counter()
-    measured = ensure_profiled(prob, table, 1, 5, Progress(), analysis, passes=passes)
-    wall = time.perf_counter() - t0
-    full = set()
-    for layer in prob.layers:
-        def step_values(sp):
-            return sorted({v for v in range(1, max(space_values(prob, sp)) + 1) if v % step == 0}
-                          | set(space_values(prob, sp)))
-        ins, outs = step_values(layer.c_in), step_values(layer.c_out)
-        sig = layer.spec.signature()
-        full |= {(sig, c, c) for c in ins} if layer.spec.depthwise else {(sig, i, o) for i in ins for o in outs}
-    rng = np.random.default_rng(seed)
-    truth: dict[tuple, list[float]] = {}  # held-out cell -> its measurements
-    lookup: dict[tuple, float] = {}
-    t1 = time.perf_counter()
-    while len(truth) < heldout:
-        configs = [random_widths(prob, rng, f"step{step}") for _ in range(8)]
-        # each measurement in its own profiling sessions and rounds (a repeat in the same
-        # rounds would share their moments)
-        for rep in range(truth_runs):
-            for timing in profile_configs(analysis, configs, 1, seed=rep):
-                full_w = {g.id: timing.widths.get(g.id, g.size) for g in prob.groups}
-                for index, ci, co in config_cells(prob, timing.widths):
-                    layer = prob.layers[index]
-                    key = (layer.spec.signature(), ci, co)
-                    if table.has(*key) or index not in timing.layer_ms:
-                        continue
-                    if key not in truth and len(truth) >= heldout:
-                        continue
-                    if len(truth.get(key, ())) > rep:  # one value per measurement
-                        continue
-                    truth.setdefault(key, []).append(timing.layer_ms[index])
-                    lookup[key] = layer_ms(table, layer, layer.c_in.width(full_w), layer.c_out.width(full_w))
-    heldout_s = time.perf_counter() - t1
-    table.close()
+    try:
+        t0 = time.perf_counter()
+        measured = ensure_profiled(prob, table, 1, 5, Progress(), analysis, passes=passes, refine=refine)
+        phase = table.reference_phase(reference_key(analysis.model))  # the table's scale
+        wall = time.perf_counter() - t0
+        full = set()
+        for layer in prob.layers:
+            def step_values(sp):
+                return sorted({v for v in range(1, max(space_values(prob, sp)) + 1) if v % step == 0}
+                              | set(space_values(prob, sp)))
+            ins, outs = step_values(layer.c_in), step_values(layer.c_out)
+            sig = layer.spec.signature()
+            full |= {(sig, c, c) for c in ins} if layer.spec.depthwise else {(sig, i, o) for i in ins for o in outs}
+        rng = np.random.default_rng(seed)
+        truth: dict[tuple, list[float]] = {}  # held-out cell -> its measurements
+        lookup: dict[tuple, float] = {}
+        t1 = time.perf_counter()
+        while len(truth) < heldout:
+            configs = [random_widths(prob, rng, f"step{step}") for _ in range(8)]
+            # each measurement in its own profiling sessions and rounds (a repeat in the same
+            # rounds would share their moments)
+            for rep in range(truth_runs):
+                for timing in profile_configs(analysis, configs, 1, seed=rep, phase_ms=phase):
+                    full_w = {g.id: timing.widths.get(g.id, g.size) for g in prob.groups}
+                    for index, ci, co in config_cells(prob, timing.widths):
+                        layer = prob.layers[index]
+                        key = (layer.spec.signature(), ci, co)
+                        if table.has(*key) or index not in timing.layer_ms:
+                            continue
+                        if key not in truth and len(truth) >= heldout:
+                            continue
+                        if len(truth.get(key, ())) > rep:  # one value per measurement
+                            continue
+                        truth.setdefault(key, []).append(timing.layer_ms[index])
+                        lookup[key] = layer_ms(table, layer, layer.c_in.width(full_w), layer.c_out.width(full_w))
+            heldout_s = time.perf_counter() - t1
+    finally:
+        table.close()
     look = np.array([lookup[k] for k in truth])
     meas = np.array([np.median(v) for v in truth.values()])
     # repeatability: how far one measurement of a cell falls from the median of its measurements
@@ -222,7 +226,7 @@ def table_build(heldout: int, passes: int, truth_runs: int, seed: int = 0) -> di
     err = np.abs(look - meas) / meas
     speed = float(np.median(meas / look))  # the machine's speed then vs while building
     err_adj = np.abs(look * speed - meas) / meas
-    return {"wall_s": wall, "passes": passes, "table": str(path),
+    return {"wall_s": wall, "passes": passes, "refine": refine, "table": str(path),
             "cells": [{"key": list(k), "measurements": v, "interpolated": lookup[k]} for k, v in truth.items()], "truth_runs": truth_runs, "cells_measured": measured,
             "cells_full_grid": len(full), "layers": len(prob.layers), "heldout": int(len(err)),
             "heldout_seconds": heldout_s,
@@ -243,7 +247,8 @@ def main() -> int:
     ap.add_argument("--lut", default=str(OUT / "lut.sqlite"))
     ap.add_argument("--skip-build", action="store_true")
     ap.add_argument("--skip-models", action="store_true", help="only the ResNet-50 table build")
-    ap.add_argument("--passes", default="1,3", help="comma-separated: table builds with this many "
+    ap.add_argument("--refine", action="store_true", help="profile with grid refinement (latprune profile --refine)")
+    ap.add_argument("--passes", default="1", help="comma-separated: table builds with this many "
                     "measurements per cell")
     ap.add_argument("--profile-passes", type=int, default=1, help="passes when profiling the models' "
                     "in-graph cells that the table lacks (part 1)")
@@ -256,17 +261,17 @@ def main() -> int:
     for mode in args.widths.split(",") if not args.skip_models else []:
         for name in args.models.split(","):
             result["whole_model"].append(whole_model_errors(name, args.configs, Path(args.lut), mode, args.rounds,
-                                                            profile_passes=args.profile_passes))
+                                                            profile_passes=args.profile_passes, refine=args.refine))
             Path(args.out).write_text(json.dumps(result, indent=1))
     for passes in [] if args.skip_build else [int(p) for p in args.passes.split(",")]:
-        result["table_build"].append(table_build(args.heldout, passes, args.truth_runs))
+        result["table_build"].append(table_build(args.heldout, passes, args.truth_runs, refine=args.refine))
         Path(args.out).write_text(json.dumps(result, indent=1))
     Path(args.out).write_text(json.dumps(result, indent=1))
     print("\nmodel | widths | predictor | measured as | median |err| | p95 |err| | within ±10% | median signed err")
     for r in result["whole_model"]:
         for key, s in r["predictors"].items():
             pred, truth = key.split("|")
-            print(f"{r['model']} | {r['widths']} | {pred} | {'median' if truth == 'ms' else 'fastest burst'} | "
+            print(f"{r['model']} | {r['widths']} | {pred} | median | "
                   f"{100 * s['median_abs_err']:.1f}% | {100 * s['p95_abs_err']:.1f}% | "
                   f"{100 * s['within_10pct']:.0f}% | {100 * s['median_signed_err']:+.1f}%")
         print(f"{r['model']} | measurement spread (p10-p90 of bursts, median over models): "

@@ -217,18 +217,22 @@ def profile(
     timing: str = TIMING_OPTION,
     cpus: Optional[str] = CPUS_OPTION,
     passes: int = typer.Option(1, "--passes", help="in-graph: measure every cell in this many "
-                               "different runs and keep the median (a noisy machine: 2-3)"),
+                               "different runs and keep the median"),
+    refine: bool = typer.Option(False, "--refine/--no-refine", help="also measure widths between grid "
+                                "widths where interpolation misses the measured cells by more than 5%"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     show_progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
 ) -> None:
-    """Measure the table cells MODEL needs (only those missing) and calibrate."""
+    """Measure the table cells MODEL needs (only those missing; with --refine also where
+    latency bends between grid widths) and calibrate."""
     from latprune.pipeline import profile_model
 
     try:
         if device != "cpu":
             raise LatpruneError(f"--device {device}: only 'cpu' is available")
         _pin(cpus)
-        out = profile_model(model, lut, threads, points, _RichProgress(quiet, show_progress), timing, passes)
+        out = profile_model(model, lut, threads, points, _RichProgress(quiet, show_progress), timing, passes,
+                            refine)
     except LatpruneError as exc:
         _fail(exc)
         return

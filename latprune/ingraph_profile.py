@@ -112,6 +112,13 @@ def measured_cells(problem: Problem, timings: list[ConfigTiming]) -> set[tuple[s
     return {(sigs[i], ci, co) for t in timings for i, ci, co in config_cells(problem, t.widths) if i in t.layer_ms}
 
 
+def reference_key(model: onnx.ModelProto) -> str:
+    """What a table keys the reference phase of in-graph profiles of `model` by (its hash)."""
+    import hashlib
+
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()[:16]
+
+
 def first_channels_plan(problem: Problem, widths: dict[int, int]):
     """A plan keeping the first widths[g] channels of each group (which ones does not change
     the latency)."""
@@ -123,10 +130,11 @@ def first_channels_plan(problem: Problem, widths: dict[int, int]):
 
 def profile_configs(analysis, configs: list[dict[int, int]], threads: int = 1,
                     on_config: Callable[[ConfigTiming, float], None] | None = None,
-                    min_seconds: float = MIN_SECONDS, seed: int = 0) -> list[ConfigTiming]:
+                    min_seconds: float = MIN_SECONDS, seed: int = 0,
+                    phase_ms: float | None = None) -> list[ConfigTiming]:
     """Profile pruned copies of the model at each of `configs` (group widths), in interleaved
     rounds beside the dense model (profiler.ingraph.profile_interleaved: times at the machine's
-    median speed over the profile)."""
+    median speed over the profile, or scaled to `phase_ms` of the dense model)."""
     from latprune.pruner.surgery import apply_plan
 
     prob = analysis.problem
@@ -136,20 +144,24 @@ def profile_configs(analysis, configs: list[dict[int, int]], threads: int = 1,
 
     return profile_interleaved(configs, build, analysis.model.SerializeToString(),
                                layer_names(analysis.model, prob), threads, min_seconds=min_seconds,
-                               on_config=on_config, seed=seed)
+                               on_config=on_config, seed=seed, phase_ms=phase_ms)
 
 
 def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], threads: int = 1,
                      grid_points: int = 5, progress: Callable[[int, int], None] | None = None,
-                     remeasure: bool = False, passes: int = 1,
-                     min_seconds: float = MIN_SECONDS) -> tuple[int, list[ConfigTiming]]:
+                     remeasure: bool = False, passes: int = 1, min_seconds: float = MIN_SECONDS,
+                     extra: dict[int, list[int]] | None = None) -> tuple[int, list[ConfigTiming]]:
     """Measure the (spec, c_in, c_out) `cells` the table lacks (all of them with `remeasure`)
     by profiling pruned copies of the model (profile_configs) chosen by design_configs, once
     per pass (each pass its own design, so a cell is measured in `passes` different models
-    and moments; a cell's value is the median). Cells are committed as soon as a run measures
-    them (an interrupted profile resumes), and rescaled to the whole profile's median phase
-    at the end. Cells no run could reach are left out (the caller times them alone).
-    Returns (cells stored, the runs).
+    and moments; a cell's value is the median). Cells are committed after each batch of runs
+    (profiler.ingraph.BATCH models: an interrupted profile resumes, losing at most one batch),
+    and rescaled to the whole profile's median phase at the end: the first in-graph profile of
+    a model in a table records that phase (table.set_reference_phase, keyed by the model's
+    hash) and later ones (resumed, refined, re-timed) scale to it, so a machine that drifted
+    in between does not leave cells of two scales side by side. Cells no run could reach are
+    left out (the caller times them alone). `extra`: widths added to groups' grids
+    (lut.predict.refine_widths), so runs can reach cells there. Returns (cells stored, the runs).
 
     On this VM one in-graph measurement of a cell lies 0.7% (median) and 3.5% (p95) from the
     median of 3 (bench/lut_fidelity.py); passes average over designs and moments.
@@ -161,7 +173,8 @@ def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], t
               if remeasure or not table.has(spec.signature(), ci, co)}
     if not needed:
         return 0, []
-    grids = {g.id: group_grid(g, grid_points) for g in prob.groups if g.prunable}
+    grids = {g.id: sorted(set(group_grid(g, grid_points)) | set((extra or {}).get(g.id, ())))
+             for g in prob.groups if g.prunable}
     configs = [w for p in range(max(1, passes)) for w in design_configs(prob, needed, grids, seed=p)]
     sigs = [layer.spec.signature() for layer in prob.layers]
     done = 0  # models profiled
@@ -183,7 +196,11 @@ def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], t
         if progress:
             progress(done, len(configs))
 
-    timings = profile_configs(analysis, configs, threads, store, min_seconds)
+    reference = reference_key(analysis.model)
+    timings = profile_configs(analysis, configs, threads, store, min_seconds,
+                              phase_ms=table.reference_phase(reference))
+    if timings and table.reference_phase(reference) is None:
+        table.set_reference_phase(reference, timings[0].reference_ms)
     final: dict[tuple[str, int, int], list[float]] = defaultdict(list)
     runs: dict[tuple[str, int, int], int] = defaultdict(int)
     for timing in timings:  # the final scale (timings come back rescaled)

@@ -19,7 +19,7 @@ import onnx
 
 from latprune.types import InputError, Plan, Problem
 from latprune.lut.predict import (calibrated, layer_costs, layer_ms, missing_cells, overhead_elements,
-                                  predict_raw)
+                                  predict_raw, refine_widths)
 from latprune.lut.store import LatencyTable, fit_calibration
 from latprune.profiler.fingerprint import TIMING_IN_GRAPH, TIMINGS, cpu_fingerprint
 from latprune.profiler.compare import compare_in_subprocesses
@@ -262,26 +262,37 @@ def open_table(lut_path: Path | None, threads: int, timing: str = "in-graph") ->
 
 def ensure_profiled(problem: Problem, table: LatencyTable, threads: int, points: int,
                     progress: Progress, analysis: Analysis | None = None, family: str | None = None,
-                    passes: int = 1) -> int:
+                    passes: int = 1, refine: bool = False) -> int:
     """Measure the grid cells the table lacks for `problem`: inside whole pruned models when
     the table is an in-graph one (needs `analysis`), and alone for any cell no run reached.
-    The in-graph runs also record the time outside the layers for `family` (table.overhead)."""
-    todo = missing_cells(problem, table, points)
-    n = 0
+    Then, with `refine`, the cells at the widths lut.predict.refine_widths adds where
+    interpolation between grid widths is uncertain. The in-graph runs also record the time
+    outside the layers for `family` (table.overhead). Returns the cells measured."""
     in_graph = table.fingerprint.get("timing") == TIMING_IN_GRAPH
-    if todo and in_graph and analysis is None:
-        raise ValueError("an in-graph table is profiled through the model: pass its analysis")
-    if todo and in_graph:
-        from latprune.ingraph_profile import profile_in_graph
+    runs: list = []
 
-        progress.stage(f"profiling {len(todo)} layer cells inside pruned copies of the model")
-        n, runs = profile_in_graph(table, analysis, todo, threads, points, progress.advance, passes=passes)
-        todo = missing_cells(problem, table, points)
-    else:
-        runs = []
-    if todo:
-        progress.stage(f"profiling {len(todo)} layer cells one layer at a time")
-        n += profile_cells(table, todo, threads, progress.advance)
+    def fill(todo: list, what: str, extra: dict[int, list[int]] | None = None) -> int:
+        n = 0
+        if todo and in_graph:
+            if analysis is None:
+                raise ValueError("an in-graph table is profiled through the model: pass its analysis")
+            from latprune.ingraph_profile import profile_in_graph
+
+            progress.stage(f"profiling {len(todo)} {what} inside pruned copies of the model")
+            n, done = profile_in_graph(table, analysis, todo, threads, points, progress.advance, passes=passes,
+                                       extra=extra)
+            runs.extend(done)
+            todo = missing_cells(problem, table, points, extra)
+        if todo:
+            progress.stage(f"profiling {len(todo)} {what} one layer at a time")
+            n += profile_cells(table, todo, threads, progress.advance)
+        return n
+
+    n = fill(missing_cells(problem, table, points), "layer cells")
+    extra = refine_widths(problem, table, points) if refine else {}
+    if extra:
+        n += fill(missing_cells(problem, table, points, extra),
+                  f"cells at {sum(map(len, extra.values()))} widths added where interpolation bends", extra)
     for run in runs if family else []:  # every cell is in the table now
         table.add_overhead_point(family, predict_raw(problem, table, run.widths), run.end_to_end_ms,
                                  overhead_elements(problem, run.widths))
@@ -611,8 +622,10 @@ def predict_model(model_path: Path, lut_path: Path | None, threads: int = 1, tim
 
 
 def profile_model(model_path: Path, lut_path: Path | None, threads: int = 1, points: int = 5,
-                  progress: Progress | None = None, timing: str = "in-graph", passes: int = 1) -> dict:
-    """Fill the table with the cells this model needs, and record its calibration points."""
+                  progress: Progress | None = None, timing: str = "in-graph", passes: int = 1,
+                  refine: bool = False) -> dict:
+    """Fill the table with the cells this model needs (with `refine`, also where interpolation
+    bends: see ensure_profiled), and record its calibration points."""
     progress = progress or Progress()
     model, data, analysis = prepare(model_path)
     prob = analysis.problem
@@ -621,7 +634,7 @@ def profile_model(model_path: Path, lut_path: Path | None, threads: int = 1, poi
         family = model_family(model, data)
         if passes < 1:
             raise InputError(f"--passes must be at least 1, not {passes}")
-        n = ensure_profiled(prob, table, threads, points, progress, analysis, family, passes)
+        n = ensure_profiled(prob, table, threads, points, progress, analysis, family, passes, refine)
         progress.stage("measuring end to end for calibration")
         if any(g.prunable for g in prob.groups):
             work = Path(tempfile.mkdtemp(prefix="latprune-"))

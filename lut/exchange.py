@@ -12,8 +12,11 @@ JSON exchange format (version 1), one object:
 `ms` is the median latency of one layer in milliseconds, `runs` the number of timed runs
 behind it. A calibration point is one end-to-end measurement of a model of the `family`:
 its layer sum `raw_ms`, the millions of elements its non-layer operators write `melements`,
-and the measured median `measured_ms`. Merging combines cells of the same fingerprint (median weighted by runs, runs
-added) and keeps different fingerprints apart.
+and the measured median `measured_ms`. Two kinds of family carry in-graph profiling data in
+the same shape: `<family>/in-graph-overhead` (layer sum and end-to-end time of one profile
+run) and `in-graph-reference/<model hash>` (raw_ms = measured_ms = the dense model's kernel
+time that the in-graph cells are scaled to). Merging combines cells of the same fingerprint
+(median weighted by runs, runs added) and keeps different fingerprints apart.
 """
 from __future__ import annotations
 

@@ -37,28 +37,107 @@ def group_grid(group, points: int = 5) -> list[int]:
     return _sample(sorted(group.candidate_widths or [group.size]), points)
 
 
-def layer_grid(problem: Problem, layer: Layer, points: int = 5) -> list[tuple[int, int]]:
+def _single_group(space: Space) -> int | None:
+    """The group a space is exactly the width of, or None (fixed, concat, scaled)."""
+    if space.fixed == 0 and len(space.terms) == 1 and space.terms[0][1] == 1:
+        return space.terms[0][0]
+    return None
+
+
+def _axis_values(problem: Problem, space: Space, points: int, extra: dict[int, list[int]] | None) -> list[int]:
+    values = _sample(space_values(problem, space), points)
+    gid = _single_group(space)
+    if extra and gid is not None and extra.get(gid):
+        values = sorted(set(values) | set(extra[gid]))
+    return values
+
+
+def layer_grid(problem: Problem, layer: Layer, points: int = 5,
+               extra: dict[int, list[int]] | None = None) -> list[tuple[int, int]]:
     """The (c_in, c_out) cells the table measures for `layer`: up to `points` widths per axis
-    (always the smallest and the dense width), a diagonal for depthwise."""
-    ins = _sample(space_values(problem, layer.c_in), points)
+    (always the smallest and the dense width), plus the `extra` widths of the group an axis is
+    (refine_widths), a diagonal for depthwise."""
+    ins = _axis_values(problem, layer.c_in, points, extra)
     if layer.spec.depthwise:
         return [(c, c) for c in ins]
-    outs = _sample(space_values(problem, layer.c_out), points)
+    outs = _axis_values(problem, layer.c_out, points, extra)
     return [(i, o) for i in ins for o in outs]
 
 
-def required_cells(problem: Problem, points: int = 5) -> list[tuple[LayerSpec, int, int]]:
+def required_cells(problem: Problem, points: int = 5,
+                   extra: dict[int, list[int]] | None = None) -> list[tuple[LayerSpec, int, int]]:
     """The (spec, c_in, c_out) grid the table must hold for this problem (layer_grid of every
     layer, each cell once)."""
     cells: dict[tuple[str, int, int], tuple[LayerSpec, int, int]] = {}
     for layer in problem.layers:
-        for ci, co in layer_grid(problem, layer, points):
+        for ci, co in layer_grid(problem, layer, points, extra):
             cells[(layer.spec.signature(), ci, co)] = (layer.spec, ci, co)
     return list(cells.values())
 
 
-def missing_cells(problem: Problem, table: LatencyTable, points: int = 5):
-    return [c for c in required_cells(problem, points) if not table.has(c[0].signature(), c[1], c[2])]
+# Refinement: where leave-one-out linear interpolation misses the measured grid cells at a
+# group's grid width by more than REFINE_ERROR (relative, median over a layer's lines there;
+# cells under REFINE_MIN_MS are ignored), the intervals on both sides get their midpoint. The
+# held-out target is 3%; one in-graph measurement lies 0.5-0.7% (median) from the median of 3
+# (bench/lut_fidelity.py). On a ResNet-50 table the 22 of 200 held-out cells next to a width
+# flagged at 5% had 10.4% p95 interpolation error, the rest 8.0%; at 3%: 58 cells, 10.5% vs
+# 5.2%, but twice the cells (+429 to 497). At 5% it added 279 cells to ResNet-50's 497 and did
+# not change the held-out or whole-model errors, so profiling refines only on request
+# (`latprune profile --refine`; NOTES.md).
+REFINE_ERROR = 0.05
+REFINE_MIN_MS = 0.02
+
+
+def refine_widths(problem: Problem, table: LatencyTable, points: int = 5,
+                  threshold: float = REFINE_ERROR) -> dict[int, list[int]]:
+    """Group widths to add to the grid where interpolation is uncertain.
+
+    For every layer and axis that is one group's width, and every line of the table along that
+    axis (the other axis at one of its grid widths), each interior grid width is predicted
+    from its two neighbours alone. Where the median miss over a layer signature's lines through
+    a group's grid width is above `threshold`, the latency bends there, and the candidate
+    widths nearest the midpoints of the two intervals around it are added (the median over
+    the rows: one noisy cell must not refine a group). Only the base grid is checked, so once
+    those cells are measured repeated calls add nothing. Returns {group id: added widths};
+    empty where the table is smooth or lacks the grid cells."""
+    misses: dict[tuple[str, int, int, int, int, int], list[float]] = {}
+    for layer in problem.layers:
+        sig = layer.spec.signature()
+        cells = {(ci, co): ms for ci, row in table.cells(sig).items() for co, ms in row}
+        if not cells:
+            continue
+        ins = _sample(space_values(problem, layer.c_in), points)
+        if layer.spec.depthwise:
+            lines = [(layer.c_in, 0, [(c, c) for c in ins])]
+        else:
+            outs = _sample(space_values(problem, layer.c_out), points)
+            lines = [(layer.c_out, 1, [(ci, co) for co in outs]) for ci in ins]
+            lines += [(layer.c_in, 0, [(ci, co) for ci in ins]) for co in outs]
+        for space, axis, line in lines:
+            gid = _single_group(space)
+            if gid is None:
+                continue
+            for a, b, c in zip(line, line[1:], line[2:]):
+                if not all(x in cells for x in (a, b, c)) or cells[b] < REFINE_MIN_MS:
+                    continue
+                xa, xb, xc = a[axis], b[axis], c[axis]
+                guess = cells[a] + (cells[c] - cells[a]) * (xb - xa) / (xc - xa)
+                misses.setdefault((sig, axis, gid, xa, xb, xc), []).append(abs(guess - cells[b]) / cells[b])
+    extra: dict[int, set[int]] = {}
+    for (_, _, gid, xa, xb, xc), errs in misses.items():
+        if float(np.median(errs)) <= threshold:
+            continue
+        cands = sorted(problem.groups[gid].candidate_widths or [])
+        for lo, hi in ((xa, xb), (xb, xc)):
+            inside = [w for w in cands if lo < w < hi]
+            if inside:
+                extra.setdefault(gid, set()).add(min(inside, key=lambda w: abs(w - (lo + hi) / 2)))
+    return {gid: sorted(ws) for gid, ws in extra.items()}
+
+
+def missing_cells(problem: Problem, table: LatencyTable, points: int = 5,
+                  extra: dict[int, list[int]] | None = None):
+    return [c for c in required_cells(problem, points, extra) if not table.has(c[0].signature(), c[1], c[2])]
 
 
 def coverage(problem: Problem, table: LatencyTable, points: int = 5) -> dict:

@@ -138,6 +138,19 @@ class LatencyTable:
             (self.fp_id, family + OVERHEAD_SUFFIX)).fetchall()
         return fit_overhead([r[0] for r in rows], [r[2] for r in rows], [r[1] for r in rows]) if rows else None
 
+    def reference_phase(self, key: str) -> float | None:
+        """The reference model's kernel time (ms) that in-graph cells profiled with reference
+        `key` are scaled to (the first recorded), or None before the first in-graph profile."""
+        row = self.db.execute(
+            "SELECT measured_ms FROM calibration WHERE fingerprint=? AND family=? ORDER BY measured_at LIMIT 1",
+            (self.fp_id, REFERENCE_PREFIX + key)).fetchone()
+        return float(row[0]) if row else None
+
+    def set_reference_phase(self, key: str, ms: float) -> None:
+        """Record the scale of in-graph cells profiled beside reference `key` (a calibration point
+        of family REFERENCE_PREFIX + key: the exchange format carries it unchanged)."""
+        self.add_calibration(REFERENCE_PREFIX + key, ms, ms)
+
     def calibration(self, family: str) -> Calibration | None:
         """The family's fit (see fit_calibration), or None without measurements."""
         rows = self.db.execute(
@@ -153,6 +166,7 @@ class LatencyTable:
 
 MIN_POINTS_3TERM = 5
 OVERHEAD_SUFFIX = "/in-graph-overhead"
+REFERENCE_PREFIX = "in-graph-reference/"
 
 
 def fit_overhead(raw: list[float], measured: list[float], melements: list[float]) -> tuple[float, float]:

@@ -39,6 +39,7 @@ class ConfigTiming:
     end_to_end_ms: float
     unmapped: list[str] = field(default_factory=list)
     phase_ms: float = 0.0  # the reference model's kernel time in the same rounds (profile_interleaved)
+    reference_ms: float = 0.0  # the reference time all times were scaled to (profile_interleaved)
     runs: int = 0  # profiled runs behind each kernel median
 
 
@@ -76,7 +77,10 @@ class _Profiled:
         return ms
 
     def finish(self, names: dict[str, int], widths: dict[int, int] | None) -> ConfigTiming:
-        """Kernel medians over the timed runs, attributed to layers through `names`."""
+        """Kernel medians over the timed runs (each kernel logs one event per run, warm-up
+        runs first), attributed to layers through `names`."""
+        if self.runs < 1:
+            raise ValueError("no timed run to take kernel times from")
         events = json.loads(Path(self.profiled.end_profiling()).read_text())
         kernel_us: dict[str, list[float]] = defaultdict(list)
         for ev in events:
@@ -85,7 +89,7 @@ class _Profiled:
         layer_ms: dict[int, float] = defaultdict(float)
         unmapped_ms, unmapped = 0.0, []
         for name, durs in kernel_us.items():
-            ms = float(np.median(durs[-self.runs:])) / 1e3  # the timed runs only
+            ms = float(np.median(durs[len(durs) - self.runs:])) / 1e3  # the timed runs only
             index = names.get(_kernel_name(name))
             if index is None:
                 unmapped_ms += ms
@@ -117,26 +121,30 @@ MIN_SECONDS = 2.0
 MIN_RUNS = 20
 MAX_RUNS = 100
 BATCH = 8  # models open at once (each twice): memory vs how far apart one model's runs lie
-BATCH_BYTES = 2 << 30  # fewer at once for big models: sessions hold about their weights each
+# Fewer at once for big models: each session holds the weights (ONNX Runtime's prepacked
+# copies come on top, so this is a floor on memory, not a cap).
+BATCH_BYTES = 2 << 30
 
 
 def profile_interleaved(items: Sequence, build: Callable[[object], bytes], reference: bytes,
                         names: dict[str, int], threads: int = 1, min_seconds: float = MIN_SECONDS,
                         min_runs: int = MIN_RUNS, max_runs: int = MAX_RUNS, batch: int | None = None,
                         on_config: Callable[[ConfigTiming, float], None] | None = None,
-                        seed: int = 0) -> list[ConfigTiming]:
+                        seed: int = 0, phase_ms: float | None = None) -> list[ConfigTiming]:
     """Profile the model `build(item)` for each item (group widths, for the caller), with times
     at the machine's median speed over the whole profile.
 
     A shared machine runs in phases (the same session at 26 ms, then 32 ms; slow drifts over
     tens of seconds too), and a burst of runs of one model falls into one of them. So `batch`
     models (default BATCH, fewer for big models) and `reference` are open at once and run in
-    rounds, one run each per round in a new random order, until each has run `min_seconds`
-    unprofiled (min_runs..max_runs rounds): a kernel's median then spans the phases of the
-    whole batch. The reference's kernel time in the same
-    rounds is the batch's phase; times are scaled by (median phase) / (the batch's phase). The
-    median, not the fastest: the minimum over more batches is lower, so a long profile would
-    come out faster than a short one (a 5-batch table read 5% below 1-batch measurements).
+    rounds, one run each per round in a new random order, until the batch's median model has
+    run `min_seconds` unprofiled (min_runs..max_runs rounds, at least 1): a kernel's median
+    then spans the phases of the whole batch. The reference's kernel time in the same rounds
+    is the batch's phase; times are scaled by (median phase) / (the batch's phase), or by
+    `phase_ms` / (the batch's phase) when given (an earlier profile's scale, so that cells of
+    several profiles agree). The median, not the fastest: the minimum over more batches is
+    lower, so a long profile would come out faster than a short one (a 5-batch table read 5%
+    below 1-batch measurements).
     `on_config(timing, scale)` is called for each model after its batch with the scale known
     so far; the returned timings use the final one."""
     if batch is None:  # BATCH, fewer where the sessions of BATCH copies would pass BATCH_BYTES
@@ -147,25 +155,30 @@ def profile_interleaved(items: Sequence, build: Callable[[object], bytes], refer
     for start in range(0, len(items), max(1, batch)):
         chunk = list(items[start:start + max(1, batch)])
         with tempfile.TemporaryDirectory(prefix="latprune-prof-") as tmp:
-            members = [_Profiled(data, threads, os.path.join(tmp, f"ort{j}"))
-                       for j, data in enumerate([reference] + [build(item) for item in chunk])]
+            members = [_Profiled(reference, threads, os.path.join(tmp, "ref"))]
+            members += [_Profiled(build(item), threads, os.path.join(tmp, f"ort{j}")) for j, item in enumerate(chunk)]
             # warm-up; the models' plain run time sizes the rounds
             run_ms = float(np.median([min(m.run(timed=False) for _ in range(3)) for m in members]))
-            rounds = int(np.clip(np.ceil(min_seconds * 1e3 / max(run_ms, 1e-3)), min_runs, max_runs))
+            rounds = max(1, int(np.clip(np.ceil(min_seconds * 1e3 / max(run_ms, 1e-3)), min_runs, max_runs)))
             for _ in range(rounds):
                 for j in rng.permutation(len(members)):  # no model always first in a round
                     members[j].run()
             results = [m.finish(names, item) for m, item in zip(members, [None] + chunk)]
+            members.clear()  # free this batch's sessions before the next batch opens its own
         ref = results[0]
         phase = sum(ref.layer_ms.values()) + ref.unmapped_ms
+        if not phase > 0:
+            raise ValueError("the reference model ran no timed kernel: nothing to scale by")
         phases.append(phase)
         for timing in results[1:]:
             timing.phase_ms = phase
             timings.append(timing)
             if on_config:
-                on_config(timing, float(np.median(phases)) / phase)
+                on_config(timing, (phase_ms or float(np.median(phases))) / phase)
+    target = phase_ms or (float(np.median(phases)) if phases else 0.0)
     for timing in timings:
-        scale = float(np.median(phases)) / timing.phase_ms
+        timing.reference_ms = target
+        scale = target / timing.phase_ms
         timing.layer_ms = {i: v * scale for i, v in timing.layer_ms.items()}
         timing.unmapped_ms *= scale
         timing.end_to_end_ms *= scale

@@ -129,6 +129,20 @@ def test_profile_then_predict(optimized, residual_path, shared_lut):
     assert pred["layers"] == 9
 
 
+def test_predict_a_model_pruned_elsewhere(optimized, residual_path, shared_lut, tmp_path):
+    """A narrower copy built directly (no latprune surgery, no family tag): same layer specs,
+    so the table predicts it, below the dense model."""
+    from onnx_builders import residual_cnn
+
+    narrow = tmp_path / "narrow.onnx"
+    onnx.save(residual_cnn(width=8), str(narrow))
+    dense = json.loads(cli("predict", residual_path, "--lut", shared_lut, "--json").stdout)
+    proc = cli("predict", narrow, "--lut", shared_lut, "--json")
+    assert proc.returncode == 0, proc.stderr
+    pred = json.loads(proc.stdout)
+    assert pred["layers"] == dense["layers"] and 0 < pred["layer_sum_ms"] < dense["layer_sum_ms"]
+
+
 def test_profile_fills_an_empty_table(tmp_path, residual_path):
     lut = tmp_path / "fresh.sqlite"
     proc = cli("profile", residual_path, "--lut", lut, "--points", "2", "-q")

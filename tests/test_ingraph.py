@@ -64,8 +64,13 @@ def test_profile_in_graph_fills_resumes_and_remeasures(tmp_path):
     again, runs2 = profile_in_graph(table, analysis, cells, grid_points=3, min_seconds=0)
     assert (again, runs2) == (0, [])
     before = {s.signature(): table.cells(s.signature()) for s, _, _ in cells}
-    redo, _ = profile_in_graph(table, analysis, cells, grid_points=3, min_seconds=0, remeasure=True)
+    redo, runs3 = profile_in_graph(table, analysis, cells, grid_points=3, min_seconds=0, remeasure=True)
     assert redo == stored and table.count() == stored
+    # the first profile recorded its scale (the dense model's kernel time); later ones use it
+    from latprune.ingraph_profile import reference_key
+
+    first = table.reference_phase(reference_key(analysis.model))
+    assert first == runs[0].reference_ms > 0 and {t.reference_ms for t in runs3} == {first}
     after = {s.signature(): table.cells(s.signature()) for s, _, _ in cells}
     assert after.keys() == before.keys() and after != before  # new timings replaced the old
     table.close()
@@ -170,3 +175,154 @@ def test_interleaved_rounds_are_sized_by_time_and_scaled_to_the_median_phase():
         for index, ms in t.layer_ms.items():
             assert ms == pytest.approx(raw[index] * np.median(phases) / t.phase_ms)
     assert {t.runs for t in profile_interleaved(items[:1], min_seconds=60, min_runs=4, max_runs=6, **common)} == {6}
+
+
+class _FakeProfiled:
+    """Stands in for profiler.ingraph._Profiled: the model bytes say what it is; every plain
+    run takes RUN_MS; kernel times are known (the reference's differ from batch to batch)."""
+
+    RUN_MS = 4.0
+    opened: list[list[bytes]] = []  # models per batch, in opening order
+
+    def __init__(self, data: bytes, threads: int, prefix: str):
+        if data == b"ref":
+            _FakeProfiled.opened.append([])
+        _FakeProfiled.opened[-1].append(data)
+        self.data, self.runs = data, 0
+
+    def run(self, timed: bool = True) -> float:
+        self.runs += timed
+        return self.RUN_MS
+
+    def finish(self, names, widths):
+        from latprune.profiler.ingraph import ConfigTiming
+
+        batch = len(_FakeProfiled.opened)
+        ms = 10.0 * batch if self.data == b"ref" else float(self.data[1:])  # b"m<ms>"
+        return ConfigTiming(dict(widths or {}), {0: ms}, 0.0, ms, runs=self.runs)
+
+
+def test_interleaving_uses_the_reference_of_each_batch_and_sizes_rounds_and_batches(monkeypatch):
+    import math
+
+    import latprune.profiler.ingraph as ingraph
+
+    monkeypatch.setattr(ingraph, "_Profiled", _FakeProfiled)
+    _FakeProfiled.opened = []
+    monkeypatch.setattr(ingraph, "BATCH_BYTES", 2 * 3 * len(b"ref"))  # room for 3 models: ref + 2
+    items = [{0: ms} for ms in (1, 2, 3, 4, 5)]  # group widths, here the copy's kernel ms too
+    out = ingraph.profile_interleaved(items, lambda w: b"m%d" % w[0], b"ref", {}, min_seconds=0.1,
+                                      min_runs=2, max_runs=1000)
+    assert _FakeProfiled.opened == [[b"ref", b"m1", b"m2"], [b"ref", b"m3", b"m4"], [b"ref", b"m5"]]
+    assert {t.runs for t in out} == {math.ceil(0.1 * 1e3 / _FakeProfiled.RUN_MS)}  # 25 rounds, between the limits
+    # the reference's kernel sum in batches 1, 2, 3 is 10, 20, 30 ms: the median is 20
+    assert [t.phase_ms for t in out] == [10.0, 10.0, 20.0, 20.0, 30.0]
+    for w, t in zip(items, out):
+        assert t.widths == w and t.reference_ms == 20.0
+        assert t.layer_ms[0] == pytest.approx(w[0] * 20.0 / t.phase_ms)
+        assert t.end_to_end_ms == pytest.approx(w[0] * 20.0 / t.phase_ms)
+    # an earlier profile's scale: every batch goes to it instead of this profile's median
+    _FakeProfiled.opened = []
+    anchored = ingraph.profile_interleaved(items, lambda w: b"m%d" % w[0], b"ref", {}, min_seconds=0.1,
+                                           min_runs=2, max_runs=1000, phase_ms=40.0)
+    assert [t.layer_ms[0] for t in anchored] == pytest.approx([w[0] * 40.0 / t.phase_ms for w, t in zip(items, anchored)])
+    assert {t.reference_ms for t in anchored} == {40.0}
+
+
+def test_kernel_medians_skip_the_warmup_runs(tmp_path):
+    """Each kernel logs one event per run, warm-up runs first: only the timed ones count."""
+    import json
+
+    from latprune.profiler.ingraph import _Profiled
+
+    events = []
+    for run, dur in enumerate([9000, 9000, 100, 110, 120]):  # 2 slow warm-up runs, then 3 timed
+        events.append({"cat": "Node", "name": "conv_out_nchwc_kernel_time", "dur": dur})
+        events.append({"cat": "Node", "name": "pool_kernel_time", "dur": 50})
+        events.append({"cat": "Session", "name": "model_run", "dur": dur + 60})
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps(events))
+    member = object.__new__(_Profiled)  # no sessions: only the parsing is under test
+    member.profiled = type("S", (), {"end_profiling": lambda self: str(trace)})()
+    member.runs, member.plain_ms = 3, [1.0, 2.0, 3.0]
+    timing = member.finish({"conv_out": 0}, {7: 16})
+    assert timing.layer_ms == {0: pytest.approx(0.110)} and timing.unmapped == ["pool"]
+    assert timing.unmapped_ms == pytest.approx(0.05) and timing.end_to_end_ms == 2.0 and timing.runs == 3
+    member.runs = 0
+    with pytest.raises(ValueError, match="no timed run"):
+        member.finish({}, None)
+
+
+def _filled_table(tmp_path, prob, f, points=5, extra=None):
+    from latprune.profiler.fingerprint import cpu_fingerprint
+
+    table = LatencyTable(tmp_path / "r.sqlite", cpu_fingerprint(threads=1, timing="in-graph"))
+    table.db.execute("DELETE FROM cells")
+    for spec, ci, co in required_cells(prob, points, extra):
+        table.put(spec.signature(), ci, co, f(spec.signature(), ci, co), 1)
+    return table
+
+
+def test_refinement_adds_widths_only_where_latency_bends(tmp_path):
+    """A table linear between grid widths needs nothing; a bend at one grid width of a group
+    gets the candidate widths nearest the midpoints on both sides; one odd cell does not; once
+    those cells are in, the same call asks for nothing new."""
+    from latprune.lut.predict import group_grid, missing_cells, refine_widths, _single_group
+
+    prob = _analysis(residual_cnn(blocks=2, width=64), step=8).problem
+    smooth = lambda sig, ci, co: 0.05 + 1e-4 * ci * co  # noqa: E731 (bilinear: interpolation is exact)
+    table = _filled_table(tmp_path, prob, smooth)
+    assert refine_widths(prob, table) == {}
+
+    # the stem's output group: bend its latency at an interior grid width of the group
+    stem = prob.layers[0]
+    gid = _single_group(stem.c_out)
+    grid = group_grid(prob.groups[gid])
+    bend = grid[1]  # 24 of 8, 24, 40, 48, 64: candidates (multiples of 8) lie on both sides
+    sig = stem.spec.signature()
+    bent = lambda s, ci, co: smooth(s, ci, co) * (1.3 if (s, co) == (sig, bend) else 1.0)  # noqa: E731
+    table.close()
+    table = _filled_table(tmp_path, prob, bent)
+    extra = refine_widths(prob, table)
+    assert gid in extra
+    below, above = grid[grid.index(bend) - 1], grid[grid.index(bend) + 1]
+    cands = prob.groups[gid].candidate_widths
+    # the intervals on both sides of the bend get a width (a neighbour's check, which uses the
+    # bent cell, may add one more beyond it); none on the grid, all candidates
+    assert (below, bend, above) == (8, 24, 40)
+    assert 16 in extra[gid] and 32 in extra[gid]
+    assert set(extra[gid]) <= set(cands) - set(grid)
+    missing = missing_cells(prob, table, extra=extra)
+    added = {w for ws in extra.values() for w in ws}  # (layers share the stem's signature: more groups bend)
+    assert missing and all(ci in added or co in added for _, ci, co in missing)
+    for spec, ci, co in missing:
+        table.put(spec.signature(), ci, co, bent(spec.signature(), ci, co), 1)
+    assert refine_widths(prob, table) == extra and missing_cells(prob, table, extra=extra) == []
+    table.close()
+
+    # one odd cell of a layer with 5 rows and 5 columns: the median over its lines stays small
+    from latprune.lut.predict import layer_grid
+
+    inner = next(x for x in prob.layers if _single_group(x.c_in) is not None and _single_group(x.c_out) is not None)
+    cell = (inner.spec.signature(), *layer_grid(prob, inner)[6])  # second row, second column
+    odd = lambda s, ci, co: smooth(s, ci, co) * (1.3 if (s, ci, co) == cell else 1.0)  # noqa: E731
+    table = _filled_table(tmp_path, prob, odd)
+    assert refine_widths(prob, table) == {}
+    table.close()
+
+
+def test_profile_in_graph_reaches_widths_added_to_the_grid(tmp_path):
+    from latprune.lut.predict import group_grid, missing_cells
+
+    analysis = _analysis(residual_cnn(blocks=1, width=32))
+    prob = analysis.problem
+    gid = next(g.id for g in prob.groups if g.prunable and len(g.candidate_widths) > 3)
+    grid = group_grid(prob.groups[gid], 3)
+    extra = {gid: [w for w in prob.groups[gid].candidate_widths if w not in grid][:1]}
+    table = LatencyTable(tmp_path / "t.sqlite", cpu_fingerprint(threads=1, timing="in-graph"))
+    profile_in_graph(table, analysis, required_cells(prob, 3), grid_points=3, min_seconds=0)
+    todo = missing_cells(prob, table, 3, extra)
+    assert todo and all(extra[gid][0] in (ci, co) for _, ci, co in todo)
+    stored, _ = profile_in_graph(table, analysis, todo, grid_points=3, min_seconds=0, extra=extra)
+    assert stored > 0 and len(missing_cells(prob, table, 3, extra)) < len(todo)
+    table.close()
