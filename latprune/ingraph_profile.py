@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from latprune.lut.predict import group_grid, single_group
 from latprune.profiler.ingraph import MIN_SECONDS, ConfigTiming, profile_interleaved
 from latprune.types import LayerSpec, Problem
 
@@ -73,12 +74,10 @@ def design_configs(problem: Problem, needed: set[tuple[str, int, int]], grids: d
     # cell -> group settings that produce it (layers whose input/output spaces are one group each)
     aims: dict[tuple[str, int, int], list[dict[int, int]]] = defaultdict(list)
     for index, layer in enumerate(problem.layers):
-        spaces = [layer.c_in] if layer.spec.depthwise else [layer.c_in, layer.c_out]
-        if not all(sp.fixed == 0 and len(sp.terms) == 1 and sp.terms[0][1] == 1 and sp.terms[0][0] in grids
-                   for sp in spaces):
+        gin = single_group(layer.c_in)
+        gout = gin if layer.spec.depthwise else single_group(layer.c_out)
+        if gin not in grids or gout not in grids:
             continue
-        gin = layer.c_in.terms[0][0]
-        gout = gin if layer.spec.depthwise else layer.c_out.terms[0][0]
         for ci in grids[gin]:
             for co in ([ci] if layer.spec.depthwise else grids[gout]):
                 if gin == gout and ci != co:
@@ -149,8 +148,8 @@ def profile_configs(analysis, configs: list[dict[int, int]], threads: int = 1,
 
 def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], threads: int = 1,
                      grid_points: int = 5, progress: Callable[[int, int], None] | None = None,
-                     remeasure: bool = False, passes: int = 1, min_seconds: float = MIN_SECONDS,
-                     extra: dict[int, list[int]] | None = None) -> tuple[int, list[ConfigTiming]]:
+                     remeasure: bool = False, passes: int = 1,
+                     min_seconds: float = MIN_SECONDS) -> tuple[int, list[ConfigTiming]]:
     """Measure the (spec, c_in, c_out) `cells` the table lacks (all of them with `remeasure`)
     by profiling pruned copies of the model (profile_configs) chosen by design_configs, once
     per pass (each pass its own design, so a cell is measured in `passes` different models
@@ -160,21 +159,29 @@ def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], t
     a model in a table records that phase (table.set_reference_phase, keyed by the model's
     hash) and later ones (resumed, refined, re-timed) scale to it, so a machine that drifted
     in between does not leave cells of two scales side by side. Cells no run could reach are
-    left out (the caller times them alone). `extra`: widths added to groups' grids
-    (lut.predict.refine_widths), so runs can reach cells there. Returns (cells stored, the runs).
+    left out (the caller times them alone). The runs draw each group's widths from its grid
+    plus any width the cells ask of it (refined grids: lut.predict.refine_widths). Returns
+    (cells stored, the runs).
 
-    On this VM one in-graph measurement of a cell lies 0.7% (median) and 3.5% (p95) from the
-    median of 3 (bench/lut_fidelity.py); passes average over designs and moments.
+    On this VM one in-graph measurement of a cell lies 0.5-0.7% (median) and 3.5-3.7% (p95)
+    from the median of 3 (bench/lut_fidelity.py); passes average over designs and moments.
     """
-    from latprune.lut.predict import group_grid
-
     prob = analysis.problem
     needed = {(spec.signature(), ci, co) for spec, ci, co in cells
               if remeasure or not table.has(spec.signature(), ci, co)}
     if not needed:
         return 0, []
-    grids = {g.id: sorted(set(group_grid(g, grid_points)) | set((extra or {}).get(g.id, ())))
-             for g in prob.groups if g.prunable}
+    grids = {g.id: set(group_grid(g, grid_points)) for g in prob.groups if g.prunable}
+    asked: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for sig, ci, co in needed:
+        asked[sig].append((ci, co))
+    for layer in prob.layers:  # widths off the grid that a needed cell sets on a group's axis
+        for space, axis in ((layer.c_in, 0), (layer.c_out, 1)):
+            gid = single_group(space)
+            if gid in grids:
+                cands = set(prob.groups[gid].candidate_widths)
+                grids[gid] |= {cell[axis] for cell in asked.get(layer.spec.signature(), ()) if cell[axis] in cands}
+    grids = {gid: sorted(ws) for gid, ws in grids.items()}
     configs = [w for p in range(max(1, passes)) for w in design_configs(prob, needed, grids, seed=p)]
     sigs = [layer.spec.signature() for layer in prob.layers]
     done = 0  # models profiled
@@ -197,9 +204,9 @@ def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], t
             progress(done, len(configs))
 
     reference = reference_key(analysis.model)
-    timings = profile_configs(analysis, configs, threads, store, min_seconds,
-                              phase_ms=table.reference_phase(reference))
-    if timings and table.reference_phase(reference) is None:
+    phase_ms = table.reference_phase(reference)
+    timings = profile_configs(analysis, configs, threads, store, min_seconds, phase_ms=phase_ms)
+    if timings and phase_ms is None:
         table.set_reference_phase(reference, timings[0].reference_ms)
     final: dict[tuple[str, int, int], list[float]] = defaultdict(list)
     runs: dict[tuple[str, int, int], int] = defaultdict(int)

@@ -279,8 +279,7 @@ def ensure_profiled(problem: Problem, table: LatencyTable, threads: int, points:
             from latprune.ingraph_profile import profile_in_graph
 
             progress.stage(f"profiling {len(todo)} {what} inside pruned copies of the model")
-            n, done = profile_in_graph(table, analysis, todo, threads, points, progress.advance, passes=passes,
-                                       extra=extra)
+            n, done = profile_in_graph(table, analysis, todo, threads, points, progress.advance, passes=passes)
             runs.extend(done)
             todo = missing_cells(problem, table, points, extra)
         if todo:

@@ -37,7 +37,7 @@ def group_grid(group, points: int = 5) -> list[int]:
     return _sample(sorted(group.candidate_widths or [group.size]), points)
 
 
-def _single_group(space: Space) -> int | None:
+def single_group(space: Space) -> int | None:
     """The group a space is exactly the width of, or None (fixed, concat, scaled)."""
     if space.fixed == 0 and len(space.terms) == 1 and space.terms[0][1] == 1:
         return space.terms[0][0]
@@ -46,7 +46,7 @@ def _single_group(space: Space) -> int | None:
 
 def _axis_values(problem: Problem, space: Space, points: int, extra: dict[int, list[int]] | None) -> list[int]:
     values = _sample(space_values(problem, space), points)
-    gid = _single_group(space)
+    gid = single_group(space)
     if extra and gid is not None and extra.get(gid):
         values = sorted(set(values) | set(extra[gid]))
     return values
@@ -114,7 +114,7 @@ def refine_widths(problem: Problem, table: LatencyTable, points: int = 5,
             lines = [(layer.c_out, 1, [(ci, co) for co in outs]) for ci in ins]
             lines += [(layer.c_in, 0, [(ci, co) for ci in ins]) for co in outs]
         for space, axis, line in lines:
-            gid = _single_group(space)
+            gid = single_group(space)
             if gid is None:
                 continue
             for a, b, c in zip(line, line[1:], line[2:]):

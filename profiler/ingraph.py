@@ -100,18 +100,6 @@ class _Profiled:
                             unmapped, runs=self.runs)
 
 
-def profile_config(model: onnx.ModelProto | bytes, names: dict[str, int], threads: int = 1,
-                   runs: int = 10, warmup: int = 3, widths: dict[int, int] | None = None) -> ConfigTiming:
-    """Profile `model` alone (`runs` timed runs after `warmup`), attribute kernels to layers
-    through `names`; the end-to-end median comes from a plain session run alongside."""
-    data = model if isinstance(model, bytes) else model.SerializeToString()
-    with tempfile.TemporaryDirectory(prefix="latprune-prof-") as tmp:
-        member = _Profiled(data, threads, os.path.join(tmp, "ort"))
-        for i in range(warmup + runs):
-            member.run(timed=i >= warmup)
-        return member.finish(names, widths)
-
-
 # How long each model is profiled: at least MIN_SECONDS of runs, between MIN_RUNS and MAX_RUNS
 # rounds. With models interleaved run by run, 40 rounds of ResNet-50 repeat a kernel's median
 # within 0.75% (median; p95 3%), where 10 runs in a row repeated within 1.6% (p95 9%) and a
@@ -149,11 +137,12 @@ def profile_interleaved(items: Sequence, build: Callable[[object], bytes], refer
     so far; the returned timings use the final one."""
     if batch is None:  # BATCH, fewer where the sessions of BATCH copies would pass BATCH_BYTES
         batch = int(np.clip(BATCH_BYTES // (2 * max(len(reference), 1)) - 1, 1, BATCH))
+    batch = max(1, batch)
     rng = np.random.default_rng(seed)
     phases: list[float] = []
     timings: list[ConfigTiming] = []
-    for start in range(0, len(items), max(1, batch)):
-        chunk = list(items[start:start + max(1, batch)])
+    for start in range(0, len(items), batch):
+        chunk = list(items[start:start + batch])
         with tempfile.TemporaryDirectory(prefix="latprune-prof-") as tmp:
             members = [_Profiled(reference, threads, os.path.join(tmp, "ref"))]
             members += [_Profiled(build(item), threads, os.path.join(tmp, f"ort{j}")) for j, item in enumerate(chunk)]

@@ -116,7 +116,6 @@ def _device_models(settings: Settings, device: str, limit: int = 3) -> list:
 
 def _retime_in_graph(settings: Settings, device: str, path, fp: dict, keys: list, threads: int, progress) -> dict:
     from latprune.ingraph_profile import measured_cells, profile_in_graph
-    from latprune.lut.predict import refine_widths, required_cells
     from latprune.lut.store import LatencyTable
     from latprune.pipeline import prepare
 
@@ -130,14 +129,13 @@ def _retime_in_graph(settings: Settings, device: str, path, fp: dict, keys: list
                 break
             try:
                 _, _, analysis = prepare(model_path)
-                extra = refine_widths(analysis.problem, table)  # the widths profiling added, if any
-                cells = [c for c in required_cells(analysis.problem, extra=extra)
-                         if (c[0].signature(), c[1], c[2]) in wanted]
+                specs = {layer.spec.signature(): layer.spec for layer in analysis.problem.layers}
+                # this model's cells in the table, on the base grid or a refined one
+                cells = [(specs[sig], ci, co) for sig, ci, co in sorted(wanted) if sig in specs]
                 if not cells:
                     continue
                 progress.stage(f"re-profiling {len(cells)} cells inside pruned copies of a model")
-                _, runs = profile_in_graph(table, analysis, cells, threads, progress=progress.advance, remeasure=True,
-                                           extra=extra)
+                _, runs = profile_in_graph(table, analysis, cells, threads, progress=progress.advance, remeasure=True)
             except sqlite3.DatabaseError:
                 raise
             except Exception as exc:  # one unusable model must not lose the night's run

@@ -11,7 +11,7 @@ from latprune.pruner.analysis import analyse
 from latprune.pruner.model_io import normalise
 from latprune.profiler.fingerprint import TIMING_IN_GRAPH, cpu_fingerprint, fingerprint_id
 from latprune.ingraph_profile import config_cells, design_configs, layer_names, profile_in_graph
-from latprune.profiler.ingraph import MIN_RUNS, profile_config
+from latprune.profiler.ingraph import MIN_RUNS, profile_interleaved
 from latprune.lut.store import LatencyTable
 from onnx_builders import depthwise_cnn, residual_cnn
 
@@ -26,7 +26,9 @@ def test_every_layer_kernel_is_attributed(build):
     all map to their layer; only pooling/flatten/reorders are left as overhead."""
     analysis = _analysis(build())
     prob = analysis.problem
-    timing = profile_config(analysis.model, layer_names(analysis.model, prob), runs=3)
+    data = analysis.model.SerializeToString()
+    [timing] = profile_interleaved([{}], lambda _: data, data, layer_names(analysis.model, prob), min_seconds=0,
+                                   min_runs=3)
     assert sorted(timing.layer_ms) == list(range(len(prob.layers)))
     assert all(ms > 0 for ms in timing.layer_ms.values())
     assert timing.end_to_end_ms > 0
@@ -153,8 +155,6 @@ def test_interleaved_rounds_are_sized_by_time_and_scaled_to_the_median_phase():
     min_seconds; every timing is scaled by the median batch phase / its batch's phase."""
     import numpy as np
 
-    from latprune.profiler.ingraph import profile_interleaved
-
     analysis = _analysis(residual_cnn(blocks=1, width=16))
     prob = analysis.problem
     names = layer_names(analysis.model, prob)
@@ -267,7 +267,7 @@ def test_refinement_adds_widths_only_where_latency_bends(tmp_path):
     """A table linear between grid widths needs nothing; a bend at one grid width of a group
     gets the candidate widths nearest the midpoints on both sides; one odd cell does not; once
     those cells are in, the same call asks for nothing new."""
-    from latprune.lut.predict import group_grid, missing_cells, refine_widths, _single_group
+    from latprune.lut.predict import group_grid, missing_cells, refine_widths, single_group
 
     prob = _analysis(residual_cnn(blocks=2, width=64), step=8).problem
     smooth = lambda sig, ci, co: 0.05 + 1e-4 * ci * co  # noqa: E731 (bilinear: interpolation is exact)
@@ -276,7 +276,7 @@ def test_refinement_adds_widths_only_where_latency_bends(tmp_path):
 
     # the stem's output group: bend its latency at an interior grid width of the group
     stem = prob.layers[0]
-    gid = _single_group(stem.c_out)
+    gid = single_group(stem.c_out)
     grid = group_grid(prob.groups[gid])
     bend = grid[1]  # 24 of 8, 24, 40, 48, 64: candidates (multiples of 8) lie on both sides
     sig = stem.spec.signature()
@@ -303,7 +303,7 @@ def test_refinement_adds_widths_only_where_latency_bends(tmp_path):
     # one odd cell of a layer with 5 rows and 5 columns: the median over its lines stays small
     from latprune.lut.predict import layer_grid
 
-    inner = next(x for x in prob.layers if _single_group(x.c_in) is not None and _single_group(x.c_out) is not None)
+    inner = next(x for x in prob.layers if single_group(x.c_in) is not None and single_group(x.c_out) is not None)
     cell = (inner.spec.signature(), *layer_grid(prob, inner)[6])  # second row, second column
     odd = lambda s, ci, co: smooth(s, ci, co) * (1.3 if (s, ci, co) == cell else 1.0)  # noqa: E731
     table = _filled_table(tmp_path, prob, odd)
@@ -323,6 +323,6 @@ def test_profile_in_graph_reaches_widths_added_to_the_grid(tmp_path):
     profile_in_graph(table, analysis, required_cells(prob, 3), grid_points=3, min_seconds=0)
     todo = missing_cells(prob, table, 3, extra)
     assert todo and all(extra[gid][0] in (ci, co) for _, ci, co in todo)
-    stored, _ = profile_in_graph(table, analysis, todo, grid_points=3, min_seconds=0, extra=extra)
+    stored, _ = profile_in_graph(table, analysis, todo, grid_points=3, min_seconds=0)  # widths from the cells
     assert stored > 0 and len(missing_cells(prob, table, 3, extra)) < len(todo)
     table.close()
