@@ -51,8 +51,14 @@ def valid(path: Path) -> bool:
 
 
 def run_one(name: str, ratio: float, threads: int, lut: Path, extra: list[str]) -> dict:
-    model = exported(name)
-    out = OUT / "e2e" / f"{name}_{ratio:.2f}"
+    return optimize_and_check(name, exported(name), OUT / "e2e" / f"{name}_{ratio:.2f}", ratio, threads,
+                              lut, extra)
+
+
+def optimize_and_check(name: str, model: Path, out: Path, ratio: float, threads: int, lut: Path,
+                       extra: list[str]) -> dict:
+    """`latprune optimize --speedup 1/ratio` on `model` into `out`, then the independent check:
+    valid (full checker, ONNX Runtime loads it) and the latency ratio measured again."""
     cmd = [sys.executable, "-m", "latprune.cli", "optimize", str(model), "--speedup", f"{1 / ratio:.6f}",
            "--out", str(out), "--lut", str(lut), "--threads", str(threads), "--quiet"] + extra
     t0 = time.perf_counter()

@@ -26,11 +26,12 @@ _FUSABLE = {"Relu", "Clip", "Add", "Sum", "BatchNormalization", "HardSigmoid", "
 
 def layer_names(model: onnx.ModelProto, problem: Problem) -> dict[str, int]:
     """Node and tensor names that ONNX Runtime may give a layer's (fused) kernel -> layer index.
-    The chain follows single consumers through activations and residual Adds."""
-    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in model.graph.node:
-        for name in node.input:
-            consumers[name].append(node)
+    The chain follows single consumers through BatchNorm, activations (SiLU pairs too) and
+    residual Adds (pruner.ops.layers.kernel_chain)."""
+    from latprune.pruner.ops import GraphView
+    from latprune.pruner.ops.layers import kernel_chain
+
+    view = GraphView(model.graph, {}, {}, {})
     by_name = {n.name: n for n in model.graph.node}
     names: dict[str, int] = {}
     for index, layer in enumerate(problem.layers):
@@ -38,14 +39,10 @@ def layer_names(model: onnx.ModelProto, problem: Problem) -> dict[str, int]:
         if node is None:
             continue
         names.setdefault(node.name, index)
-        tensor = node.output[0]
-        for _ in range(4):  # conv -> (BN) -> (Add) -> activation at most
-            names.setdefault(tensor, index)
-            nxt = consumers.get(tensor, [])
-            if len(nxt) != 1 or nxt[0].op_type not in _FUSABLE:
-                break
-            names.setdefault(nxt[0].name, index)
-            tensor = nxt[0].output[0]
+        names.setdefault(node.output[0], index)
+        for nxt in kernel_chain(node, view, _FUSABLE):  # conv -> (BN) -> (Add) -> activation
+            names.setdefault(nxt.name, index)
+            names.setdefault(nxt.output[0], index)
     return names
 
 

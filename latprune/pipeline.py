@@ -164,8 +164,9 @@ def prepare(model_path: Path, step: int | None = None, max_candidates: int = 16,
     data = Path(model_path).read_bytes()
     analysis = analyse(model, step=step, max_candidates=max_candidates, model_name=Path(model_path).stem)
     prob = analysis.problem
-    if not any(layer.spec.op in ("Conv", "ConvTranspose") for layer in prob.layers):
-        raise InputError(f"{model_path}: the model has no convolution layers to prune")
+    if not prob.layers:
+        raise InputError(f"{model_path}: the model has no layers to prune (no Conv, Gemm or "
+                         "MatMul with constant weights)")
     magnitude_importance(prob, weight_slices(analysis), norm="l1" if importance not in ("l1", "l2") else importance)
     return model, data, analysis
 

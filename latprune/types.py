@@ -49,11 +49,16 @@ class ChannelGroup:
 class LayerSpec:
     """What decides a layer's latency apart from its channel counts.
 
-    op: "Conv", "ConvTranspose" or "Gemm" (MatMul with a weight is timed as Gemm).
+    op: "Conv", "ConvTranspose", "Gemm" (a Gemm, or a MatMul of a 2-D input with a weight)
+    or "MatMul" (a weight applied along the last axis of a (B, ..., C) input, e.g. tokens).
     kernel/stride/pads/dilation follow ONNX attribute order (pads: begins then ends).
-    input_hw: spatial size of the input (empty for Gemm). `depthwise` means
+    input_hw: spatial size of the input (a conv's H, W), or the sizes between the batch and the
+    channel axis of a MatMul's input (its token count); empty for Gemm. `depthwise` means
     groups == c_in == c_out, so both widths move together. `activation` is the unary op
     that ONNX Runtime fuses into the layer (e.g. "Relu"), or "".
+    `fixed_groups`: the `group` attribute of a grouped conv whose group count never changes;
+    `group_channels`: input channels per group of a grouped conv whose groups are pruned
+    whole (group count = c_in / group_channels).
     """
 
     op: str
@@ -68,10 +73,21 @@ class LayerSpec:
     activation: str = ""
     has_bias: bool = True
     fixed_groups: int = 1  # `group` attribute of a grouped (not depthwise) conv
+    group_channels: int = 0
 
     def signature(self) -> str:
-        """Lookup-table key: identical for layers that share every latency-relevant attribute."""
-        return json.dumps(_asdict(self), sort_keys=True, separators=(",", ":"))
+        """Lookup-table key: identical for layers that share every latency-relevant attribute.
+        Fields added after the first tables were written are left out at their defaults, so
+        the signatures (and the tables keyed by them) of older layers do not change."""
+        fields = _asdict(self)
+        for name, default in _LATER_FIELDS.items():
+            if fields.get(name) == default:
+                fields.pop(name)
+        return json.dumps(fields, sort_keys=True, separators=(",", ":"))
+
+
+# LayerSpec fields added after tables existed, with the default that leaves them out of the key.
+_LATER_FIELDS = {"group_channels": 0}
 
 
 @dataclass

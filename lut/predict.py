@@ -44,6 +44,17 @@ def single_group(space: Space) -> int | None:
     return None
 
 
+def coupled_group(layer: Layer) -> tuple[int, int, int, int, int] | None:
+    """(group, fixed in, mult in, fixed out, mult out) when one group sets both of a layer's
+    widths (a grouped conv pruned by whole groups: c_in = mult_in·w, c_out = mult_out·w), so
+    only the cells along that line occur; None otherwise."""
+    if len(layer.c_in.terms) == 1 and len(layer.c_out.terms) == 1 \
+            and layer.c_in.terms[0][0] == layer.c_out.terms[0][0]:
+        (gid, m_in), (_, m_out) = layer.c_in.terms[0], layer.c_out.terms[0]
+        return gid, layer.c_in.fixed, m_in, layer.c_out.fixed, m_out
+    return None
+
+
 def _axis_values(problem: Problem, space: Space, points: int, extra: dict[int, list[int]] | None) -> list[int]:
     values = _sample(space_values(problem, space), points)
     gid = single_group(space)
@@ -56,10 +67,16 @@ def layer_grid(problem: Problem, layer: Layer, points: int = 5,
                extra: dict[int, list[int]] | None = None) -> list[tuple[int, int]]:
     """The (c_in, c_out) cells the table measures for `layer`: up to `points` widths per axis
     (always the smallest and the dense width), plus the `extra` widths of the group an axis is
-    (refine_widths), a diagonal for depthwise."""
+    (refine_widths), a diagonal for depthwise, and the line of widths one group sets for a
+    layer whose input and output are that group (coupled_group)."""
     ins = _axis_values(problem, layer.c_in, points, extra)
     if layer.spec.depthwise:
         return [(c, c) for c in ins]
+    coupled = coupled_group(layer)
+    if coupled is not None:
+        gid, f_in, m_in, f_out, m_out = coupled
+        widths = sorted(set(group_grid(problem.groups[gid], points)) | set((extra or {}).get(gid, [])))
+        return [(f_in + m_in * w, f_out + m_out * w) for w in widths]
     outs = _axis_values(problem, layer.c_out, points, extra)
     return [(i, o) for i in ins for o in outs]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from collections import defaultdict
@@ -38,13 +39,18 @@ class ConfigTiming:
     unmapped_ms: float
     end_to_end_ms: float
     unmapped: list[str] = field(default_factory=list)
+    unmapped_kernel_ms: dict[str, float] = field(default_factory=dict)  # per unclaimed kernel name
     phase_ms: float = 0.0  # the reference model's kernel time in the same rounds (profile_interleaved)
     reference_ms: float = 0.0  # the reference time all times were scaled to (profile_interleaved)
     runs: int = 0  # profiled runs behind each kernel median
 
 
 def _kernel_name(event_name: str) -> str:
+    """The node (or tensor) name a kernel event refers to: without `_kernel_time`, the
+    `_nchwc` of blocked convs and a trailing `/<Name>Fusion/` that ONNX Runtime appends to the
+    node a fusion kept (x·sigmoid(x) runs as `<Mul node>/QuickGeluFusion/`)."""
     base = event_name[: -len("_kernel_time")]
+    base = re.sub(r"/[A-Za-z]+Fusion/?$", "", base)
     return base[: -len("_nchwc")] if base.endswith("_nchwc") else base
 
 
@@ -87,17 +93,18 @@ class _Profiled:
             if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
                 kernel_us[ev["name"]].append(float(ev["dur"]))
         layer_ms: dict[int, float] = defaultdict(float)
-        unmapped_ms, unmapped = 0.0, []
+        unmapped_ms, unmapped, unmapped_kernel_ms = 0.0, [], {}
         for name, durs in kernel_us.items():
             ms = float(np.median(durs[len(durs) - self.runs:])) / 1e3  # the timed runs only
             index = names.get(_kernel_name(name))
             if index is None:
                 unmapped_ms += ms
                 unmapped.append(_kernel_name(name))
+                unmapped_kernel_ms[_kernel_name(name)] = unmapped_kernel_ms.get(_kernel_name(name), 0.0) + ms
             else:
                 layer_ms[index] += ms
         return ConfigTiming(dict(widths or {}), dict(layer_ms), unmapped_ms, float(np.median(self.plain_ms)),
-                            unmapped, runs=self.runs)
+                            unmapped, unmapped_kernel_ms, runs=self.runs)
 
 
 # How long each model is profiled: at least MIN_SECONDS of runs, between MIN_RUNS and MAX_RUNS

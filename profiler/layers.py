@@ -24,8 +24,21 @@ def layer_model(spec: LayerSpec, c_in: int, c_out: int, seed: int = 0) -> onnx.M
             inits.append(numpy_helper.from_array(np.zeros(c_out, np.float32), "B"))
             ins.append("B")
         nodes.append(helper.make_node("Gemm", ins, ["y"], transB=1))
+    elif spec.op == "MatMul":  # a weight along the last axis of (batch, tokens..., c_in)
+        x_shape = [spec.batch] + list(spec.input_hw) + [c_in]
+        inits.append(numpy_helper.from_array(rng.standard_normal((c_in, c_out)).astype(np.float32), "W"))
+        out = "y" if not spec.has_bias else "pre"
+        nodes.append(helper.make_node("MatMul", ["x", "W"], [out]))
+        if spec.has_bias:
+            inits.append(numpy_helper.from_array(np.zeros(c_out, np.float32), "B"))
+            nodes.append(helper.make_node("Add", [out, "B"], ["y"]))
     else:
-        groups = c_in if spec.depthwise else spec.fixed_groups
+        if spec.depthwise:
+            groups = c_in
+        elif spec.group_channels:
+            groups = max(1, c_in // spec.group_channels)
+        else:
+            groups = spec.fixed_groups
         if spec.depthwise:
             c_out = c_in
         x_shape = [spec.batch, c_in] + list(spec.input_hw)
@@ -47,6 +60,9 @@ def layer_model(spec: LayerSpec, c_in: int, c_out: int, seed: int = 0) -> onnx.M
             inits += [numpy_helper.from_array(np.array(0, np.float32), "lo"),
                       numpy_helper.from_array(np.array(6, np.float32), "hi")]
             nodes.append(helper.make_node("Clip", [out, "lo", "hi"], ["y"]))
+        elif spec.activation == "Silu":  # x·sigmoid(x), as exporters write SiLU
+            nodes.append(helper.make_node("Sigmoid", [out], ["sig"]))
+            nodes.append(helper.make_node("Mul", [out, "sig"], ["y"]))
         elif spec.activation:
             nodes.append(helper.make_node(spec.activation, [out], ["y"]))
     graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],

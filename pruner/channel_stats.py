@@ -16,34 +16,29 @@ import numpy as np
 
 from latprune.pruner.analysis import Analysis, consumer_slices
 from latprune.pruner.forward import Runner
-from latprune.pruner.model_io import initializer_arrays
-
-
-def _inits(analysis: Analysis) -> dict[str, np.ndarray]:
-    inits = initializer_arrays(analysis.model)
-    for node in analysis.model.graph.node:
-        if node.op_type == "Identity" and node.input[0] in inits:
-            inits[node.output[0]] = inits[node.input[0]]
-    return inits
 
 
 def bn_scale_scores(analysis: Analysis) -> dict[int, list[float]] | None:
-    """{group id: Σ |γ| per channel position} over the BN nodes writing prunable groups."""
-    inits = _inits(analysis)
+    """{group id: Σ |γ| per channel position} over the normalisation scales (BatchNorm γ, or
+    LayerNorm γ where there is no BatchNorm) writing prunable groups."""
+    inits = analysis.view().inits
     prob = analysis.problem
     scores: dict[int, np.ndarray] = {}
-    for node in analysis.model.graph.node:
-        if node.op_type != "BatchNormalization" or node.output[0] not in analysis.atoms:
-            continue
-        gamma = inits.get(node.input[1])
-        if gamma is None:
-            continue
-        for p, a in enumerate(analysis.atoms[node.output[0]]):
-            hit = analysis.group_of_class.get(analysis.uf.find(int(a)))
-            if hit is None or not prob.groups[hit[0]].prunable:
+    by_name = {n.name: n for n in analysis.model.graph.node}
+    for node_name, axes in analysis.params.items():
+        for pa in axes:
+            if pa.kind not in ("bn_weight", "ln_weight"):
                 continue
-            arr = scores.setdefault(hit[0], np.zeros(prob.groups[hit[0]].size))
-            arr[hit[1]] += abs(float(gamma[p]))
+            hit = analysis.group_positions(pa.tensor)
+            gamma = inits.get(by_name[node_name].input[pa.index])
+            if hit is None or gamma is None:
+                continue
+            values = np.abs(np.moveaxis(gamma, pa.param_axis, 0).reshape(gamma.shape[pa.param_axis], -1)[:, 0])
+            for p, (g, q) in enumerate(zip(*hit)):
+                if not prob.groups[int(g)].prunable:
+                    continue
+                arr = scores.setdefault(int(g), np.zeros(prob.groups[int(g)].size))
+                arr[int(q)] += float(values[p])
     if not scores:
         return None
     return {gid: [float(v) for v in arr] for gid, arr in scores.items()}
@@ -53,19 +48,22 @@ def activation_scores(analysis: Analysis, x: np.ndarray, threads: int = 0) -> di
     """{group id: Σ_consumers E[a_c²]·‖W[:, c]‖² per channel position} for prunable groups."""
     prob = analysis.problem
     rows = {gid: r for gid, r in consumer_slices(analysis).items() if prob.groups[gid].prunable}
-    tensors = sorted({r[1] for rs in rows.values() for r in rs})
-    acts = Runner(analysis.model, tensors, threads=threads).run(x)
+    tensors = sorted({(r.tensor, r.tensor_axis) for rs in rows.values() for r in rs})
+    acts = Runner(analysis.model, [t for t, _ in tensors], threads=threads).run(x)
     energy = {}
-    for t in tensors:
+    for t, axis in tensors:
         a = acts[t].astype(np.float64)
-        axes = tuple(i for i in range(a.ndim) if i != 1)
+        axes = tuple(i for i in range(a.ndim) if i != axis)
         energy[t] = np.mean(a * a, axis=axes)
-    inits = _inits(analysis)
+    inits = analysis.view().inits
     out: dict[int, np.ndarray] = defaultdict(lambda: None)
     for gid, rs in rows.items():
         s = np.zeros(prob.groups[gid].size)
-        for _layer, tensor, p, w_name, axis, pos in rs:
-            w = np.take(inits[w_name], p, axis=axis).astype(np.float64)
-            s[pos] += energy[tensor][p] * float(np.sum(w * w))
+        for r in rs:
+            if r.weight is None:  # a grouped conv reads the channel with its group's filters
+                s[r.group_pos] += energy[r.tensor][r.position]
+                continue
+            w = np.take(inits[r.weight], r.position, axis=r.weight_axis).astype(np.float64)
+            s[r.group_pos] += energy[r.tensor][r.position] * float(np.sum(w * w))
         out[gid] = s
     return {gid: [float(v) for v in s] for gid, s in out.items()}

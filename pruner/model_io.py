@@ -62,9 +62,12 @@ def model_from_bytes(data: bytes, name: str = "model") -> onnx.ModelProto:
 
 
 def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Return a copy with Constant nodes turned into initializers, unique node names and
-    initializers removed from the graph inputs (old exporters list them there)."""
-    model = copy.deepcopy(model)
+    """Return a copy with constant subgraphs and shape computations folded into initializers
+    (onnxslim: constant folding and dead-node elimination only, see `fold_constants`), Constant
+    nodes turned into initializers, unique node names and initializers removed from the graph
+    inputs (old exporters list them there). Node names, initializer names and symbolic (e.g.
+    batch) input dimensions are kept."""
+    model = fold_constants(_resolve_weight_aliases(model))
     graph = model.graph
     inits = {i.name for i in graph.initializer}
     keep_nodes = []
@@ -99,6 +102,68 @@ def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.input[:]
     graph.input.extend(real_inputs)
     return model
+
+
+def _resolve_weight_aliases(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy where nodes that read Identity(initializer) (torch.onnx's shared weights) read
+    the initializer itself, so a shared weight stays one tensor with its own name (constant
+    folding would copy it once per alias under the alias's name)."""
+    model = copy.deepcopy(model)
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    alias = {n.output[0]: n.input[0] for n in graph.node
+             if n.op_type == "Identity" and n.input and n.input[0] in inits and n.output[0] not in outputs}
+    if not alias:
+        return model
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            while name in alias:
+                name = alias[name]
+            node.input[i] = name
+    keep = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    del graph.node[:]
+    graph.node.extend(keep)
+    return model
+
+
+# onnxslim passes that change what the user's graph computes or names (fusions such as
+# Conv+BatchNorm, merging equal initializers or identical nodes) are left to the runtime.
+_SLIM_SKIP = ["graph_fusion", "weight_tying", "subexpression_elimination"]
+
+
+def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` with shape computations (Shape -> Gather -> Div chains that give
+    Split sizes, Reshape targets, Resize scales) and other constant subgraphs folded, by
+    onnxslim's constant folding and dead-node elimination. A symbolic batch dimension
+    survives (Reshape targets get -1 for it). Where onnxslim is not installed or fails on a
+    model, the copy is returned unfolded (the small-constant folder below still runs)."""
+    try:
+        import onnxslim
+    except ImportError:  # pragma: no cover - a declared dependency
+        return copy.deepcopy(model)
+    import contextlib
+    import io
+    import logging
+
+    original = copy.deepcopy(model)
+    logging.getLogger("onnxslim").setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            slim = onnxslim.slim(copy.deepcopy(model), skip_optimizations=_SLIM_SKIP)
+    except Exception:
+        return original
+    if not isinstance(slim, onnx.ModelProto) or len(slim.graph.output) != len(original.graph.output) \
+            or [o.name for o in slim.graph.output] != [o.name for o in original.graph.output]:
+        return original
+    # onnxslim writes inferred shapes into value_info; analysis infers its own.
+    del slim.graph.value_info[:]
+    for value, before in zip(list(slim.graph.input), [i for i in original.graph.input]):
+        if value.name == before.name:
+            value.CopyFrom(before)
+    for value, before in zip(slim.graph.output, original.graph.output):
+        value.CopyFrom(before)
+    return slim
 
 
 # Small shape/index computations that exporters emit around Pad, Reshape and Slice.
@@ -198,6 +263,7 @@ __all__ = [
     "load_model",
     "model_from_bytes",
     "normalise",
+    "fold_constants",
     "with_static_shapes",
     "tensor_shapes",
     "initializer_arrays",

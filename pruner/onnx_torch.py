@@ -332,6 +332,17 @@ def _instancenorm(m, node, ins, a):
     return F.instance_norm(ins[0], weight=ins[1], bias=ins[2], eps=float(a.get("epsilon", 1e-5)))
 
 
+def _layernorm(m, node, ins, a):
+    """LayerNormalization over axes axis..rank-1 (scale and bias broadcast over them)."""
+    x = ins[0]
+    axis = int(a.get("axis", -1))
+    axis = axis + x.dim() if axis < 0 else axis
+    shape = list(x.shape[axis:])
+    weight = ins[1].expand(shape) if len(ins) > 1 and ins[1] is not None else None
+    bias = ins[2].expand(shape) if len(ins) > 2 and ins[2] is not None else None
+    return F.layer_norm(x, shape, weight, bias, eps=float(a.get("epsilon", 1e-5)))
+
+
 def _lrn(m, node, ins, a):
     x = ins[0]
     size = int(a["size"])
@@ -814,6 +825,7 @@ _OPS = {
     "ConvTranspose": _conv_transpose,
     "BatchNormalization": _batchnorm,
     "InstanceNormalization": _instancenorm,
+    "LayerNormalization": _layernorm,
     "LRN": _lrn,
     "Relu": _unary(torch.relu),
     "LeakyRelu": lambda m, n, ins, a: F.leaky_relu(ins[0], float(a.get("alpha", 0.01))),

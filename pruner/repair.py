@@ -13,8 +13,10 @@ Layers are repaired one at a time in graph order, each from the inputs it sees i
   (plus a ones column), solved by the normal equations accumulated in chunks. λ is
   `ridge` × the mean diagonal of AᵀA, anchoring W to the surgery's weights.
 
-Repaired layers: Conv with group = 1 and Gemm (with a constant weight), from the first layer
-whose input the plan changes. Depthwise/grouped convs and MatMul are left as they are.
+Repaired layers: those whose operator handler reads their weights as a matrix (Conv with
+group 1, Gemm, MatMul with a weight; pruner/ops/layers.py), from the first layer whose input
+the plan changes. Depthwise and grouped convs are left as they are. A MatMul's bias lives in
+the Add after it; its refitted intercept goes there.
 """
 from __future__ import annotations
 
@@ -25,43 +27,19 @@ import onnx
 from onnx import numpy_helper
 
 from latprune.types import InputError, Plan
-from latprune.pruner.analysis import Analysis, _attr
+from latprune.pruner.analysis import Analysis
 from latprune.pruner.forward import Runner
 from latprune.pruner.model_io import make_tensor
-from latprune.pruner.surgery import kept_classes
+from latprune.pruner.ops import handler_for
+from latprune.pruner.ops.layers import MatMul
 
 MODES = ("none", "bias", "lsq")
 
 
-def _im2col(x: np.ndarray, node: onnx.NodeProto, kernel: tuple[int, int]) -> np.ndarray:
-    """Patches (N·H_out·W_out, C·kh·kw) of a 2-D conv's input, in the weight's (c, kh, kw) order."""
-    pads = list(_attr(node, "pads", [0, 0, 0, 0]))
-    strides = list(_attr(node, "strides", [1, 1]))
-    dil = list(_attr(node, "dilations", [1, 1]))
-    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    kh, kw = kernel
-    n, c, h, w = xp.shape
-    ho = (h - dil[0] * (kh - 1) - 1) // strides[0] + 1
-    wo = (w - dil[1] * (kw - 1) - 1) // strides[1] + 1
-    cols = np.empty((n, ho, wo, c, kh, kw), dtype=np.float32)
-    for i in range(kh):
-        for j in range(kw):
-            hs, ws = i * dil[0], j * dil[1]
-            patch = xp[:, :, hs:hs + strides[0] * (ho - 1) + 1:strides[0], ws:ws + strides[1] * (wo - 1) + 1:strides[1]]
-            cols[..., i, j] = patch.transpose(0, 2, 3, 1)
-    return cols.reshape(n * ho * wo, c * kh * kw)
-
-
-def _targets_as_rows(y: np.ndarray) -> np.ndarray:
-    """(N, C, H, W) or (N, C) outputs as (N·H·W, C) rows."""
-    if y.ndim == 2:
-        return y
-    return y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1])
-
-
 def repairable_layers(analysis: Analysis, plan: Plan, pruned: onnx.ModelProto) -> list[str]:
-    """Names of the layers `repair` refits: Conv (group 1, 2-D) and Gemm nodes with constant
-    weights present in the pruned model, after (in graph order) the first node the plan
+    """Names of the layers `repair` refits: layers whose handler can read their weights as a
+    matrix (Conv with group 1 and a 2-D kernel, Gemm, MatMul with a weight), present in the
+    pruned model with constant weights, after (in graph order) the first node the plan
     changes: a layer whose input channels shrink, or a node of a removed block."""
     order = {n.name: i for i, n in enumerate(analysis.model.graph.node)}
     prob = analysis.problem
@@ -76,14 +54,15 @@ def repairable_layers(analysis: Analysis, plan: Plan, pruned: onnx.ModelProto) -
         return []
     first = min(changed)
     inits = {i.name for i in pruned.graph.initializer}
-    layers = {layer.name: layer for layer in prob.layers}
+    layers = {layer.name for layer in prob.layers}
+    view = analysis.view()
+    originals = {n.name: n for n in analysis.model.graph.node}
     names = []
     for node in pruned.graph.node:
-        layer = layers.get(node.name)
-        if layer is None or order.get(node.name, -1) < first or node.input[1] not in inits:
+        if node.name not in layers or order.get(node.name, -1) < first or node.input[1] not in inits:
             continue
-        if node.op_type == "Gemm" or (node.op_type == "Conv" and int(_attr(node, "group", 1)) == 1
-                                      and len(layer.spec.kernel) == 2):
+        handler = handler_for(originals[node.name])
+        if getattr(handler, "repairable", None) and handler.repairable(originals[node.name], view):
             names.append(node.name)
     return names
 
@@ -101,54 +80,63 @@ def repair(analysis: Analysis, plan: Plan, pruned: onnx.ModelProto, x: np.ndarra
         return model
     names = repairable_layers(analysis, plan, model)
     nodes = {n.name: n for n in model.graph.node}
-    keep = kept_classes(analysis, plan)
+    originals = {n.name: n for n in analysis.model.graph.node}
+    view = analysis.view()
+    mask = analysis.keep_mask(plan.kept)
     outputs = [nodes[n].output[0] for n in names]
     dense = Runner(analysis.model, outputs, threads=threads).run(x)
     for done, name in enumerate(names):
-        node = nodes[name]
-        inits = _arrays(model, node.input[1:3])
-        w0 = inits[node.input[1]].astype(np.float64)
+        node, orig = nodes[name], originals[name]
+        handler = handler_for(orig)
+        bias_site = _bias_site(orig, node, model, view)
         b_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if bias_site is not None:
+            b_name = bias_site[0].input[bias_site[1]]
+        arrays = _arrays(model, [node.input[1], b_name])
+        w0 = arrays[node.input[1]]
+        w_mat, b0 = handler.weight_matrix(orig, w0, arrays.get(b_name))
         out = node.output[0]
-        k_out = analysis.kept_positions(out, keep) if out in analysis.atoms else np.arange(w0.shape[0])
-        y_dense = dense[out][:, k_out]
-        if node.op_type == "Gemm":
-            trans_b = int(_attr(node, "transB", 0))
-            alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
-            if int(_attr(node, "transA", 0)) or (b_name and inits[b_name].ndim != 1):
-                continue
-            w_mat = (w0 if trans_b else w0.T) * alpha  # (out, in)
-            b0 = inits[b_name].astype(np.float64) * beta if b_name else np.zeros(w_mat.shape[0])
-        else:
-            w_mat = w0.reshape(w0.shape[0], -1)
-            b0 = inits[b_name].astype(np.float64) if b_name else np.zeros(w0.shape[0])
+        out_axis = handler.layer_axes(orig, view)[1]
+        k_out = analysis.kept_along(out, out_axis, mask)
+        y_dense = np.take(dense[out], k_out, axis=out_axis)
         need = [node.input[0]] + ([out] if mode == "bias" else [])
         got = Runner(model, need, threads=threads).run(x)
         if mode == "bias":
-            diff = _targets_as_rows(y_dense).astype(np.float64) - _targets_as_rows(got[out]).astype(np.float64)
+            diff = handler.target_rows(y_dense).astype(np.float64) - handler.target_rows(got[out]).astype(np.float64)
             w_new, b_new = w_mat, b0 + diff.mean(axis=0)
         else:
-            w_new, b_new = _least_squares(got[node.input[0]], y_dense, w_mat, b0, node,
-                                          tuple(w0.shape[2:]) if node.op_type == "Conv" else None, ridge, chunk)
-        _write_layer(model, node, w_new, b_new, w0.shape, b_name)
+            w_new, b_new = _least_squares(got[node.input[0]], y_dense, w_mat, b0, orig, handler,
+                                          w0.shape, ridge, chunk)
+        w_out, b_out = handler.from_matrix(orig, w_new, b_new, w0.shape)
+        _write_layer(model, node, w_out, b_out, b_name, bias_site)
         if progress:
             progress(done + 1, len(names))
     _drop_unused(model)
     return model
 
 
+def _bias_site(orig, node, model, view):
+    """For a MatMul layer: (Add node in the pruned model, input index) of its bias, or None."""
+    if handler_for(orig).__class__ is not MatMul:
+        return None
+    site = MatMul.bias_add(orig, view)
+    if site is None:
+        return None
+    add = next((n for n in model.graph.node if n.name == site[0].name), None)
+    return None if add is None else (add, site[1])
+
+
 def _least_squares(x_in: np.ndarray, y_dense: np.ndarray, w_mat: np.ndarray, b0: np.ndarray,
-                   node: onnx.NodeProto, kernel: tuple[int, int] | None, ridge: float,
+                   node: onnx.NodeProto, handler, w_shape: tuple, ridge: float,
                    chunk: int) -> tuple[np.ndarray, np.ndarray]:
     """Ridge-anchored least squares for (W, b): rows = positions, features = patches + 1."""
     n_feat = w_mat.shape[1] + 1
     ata = np.zeros((n_feat, n_feat))
     aty = np.zeros((n_feat, w_mat.shape[0]))
     for s in range(0, len(x_in), chunk):
-        xb = x_in[s:s + chunk]
-        a = _im2col(xb, node, kernel) if kernel else xb.reshape(len(xb), -1)
+        a = handler.design_rows(node, x_in[s:s + chunk], w_shape)
         a = np.concatenate([a.astype(np.float64), np.ones((len(a), 1))], axis=1)
-        y = _targets_as_rows(y_dense[s:s + chunk]).astype(np.float64)
+        y = handler.target_rows(y_dense[s:s + chunk]).astype(np.float64)
         ata += a.T @ a
         aty += a.T @ y
     lam = ridge * float(np.mean(np.diag(ata))) + 1e-12
@@ -157,20 +145,17 @@ def _least_squares(x_in: np.ndarray, y_dense: np.ndarray, w_mat: np.ndarray, b0:
     return sol[:-1].T, sol[-1]
 
 
-def _write_layer(model: onnx.ModelProto, node: onnx.NodeProto, w_mat: np.ndarray, b: np.ndarray,
-                 w_shape: tuple, b_name: str | None) -> None:
-    if node.op_type == "Gemm":
-        trans_b = int(_attr(node, "transB", 0))
-        alpha = float(_attr(node, "alpha", 1.0))
-        beta = float(_attr(node, "beta", 1.0))
-        w = (w_mat if trans_b else w_mat.T) / alpha
-        b = b / beta if b_name else b
-    else:
-        w = w_mat.reshape(w_shape)
+def _write_layer(model: onnx.ModelProto, node: onnx.NodeProto, w: np.ndarray, b: np.ndarray,
+                 b_name: str | None, bias_site) -> None:
     w_name, new_b = f"{node.name}__repaired_W", f"{node.name}__repaired_B"
     model.graph.initializer.append(make_tensor(w_name, w.astype(np.float32)))
-    model.graph.initializer.append(make_tensor(new_b, b.astype(np.float32)))
     node.input[1] = w_name
+    if node.op_type == "MatMul":
+        if bias_site is not None:
+            model.graph.initializer.append(make_tensor(new_b, b.astype(np.float32)))
+            bias_site[0].input[bias_site[1]] = new_b
+        return  # without a bias Add, the fitted intercept (~0 for unbiased layers) is dropped
+    model.graph.initializer.append(make_tensor(new_b, b.astype(np.float32)))
     if len(node.input) > 2:
         node.input[2] = new_b
     else:

@@ -74,7 +74,7 @@ import onnx
 from onnx import numpy_helper
 
 from latprune.types import InputError, Plan
-from latprune.pruner.analysis import BINARY_ELEMENTWISE, Analysis, _attr, analyse, consumer_slices
+from latprune.pruner.analysis import Analysis, _attr, analyse, consumer_slices
 
 OPSET = 17
 
@@ -343,72 +343,30 @@ def _folded_weight_slices(analysis: Analysis) -> dict[int, list[tuple[str, int, 
 
 def _class_map(analysis: Analysis, tensor: str) -> tuple[np.ndarray, np.ndarray] | None:
     """(group id, group position) per channel position of `tensor`, or None."""
-    atoms = analysis.atoms.get(tensor)
-    if atoms is None:
-        return None
-    gids = np.empty(len(atoms), dtype=np.int64)
-    pos = np.empty(len(atoms), dtype=np.int64)
-    for p, a in enumerate(atoms):
-        g, q = analysis.group_of_class[analysis.uf.find(int(a))]
-        gids[p], pos[p] = g, q
-    return gids, pos
+    return analysis.group_positions(tensor)
 
 
 def _producer_rows(analysis: Analysis) -> dict[int, list[tuple[str, str, str, int, np.ndarray, np.ndarray, bool]]]:
-    """Per group (every group): (node, onnx tensor, kind, axis, index, positions, decays)."""
-    graph = analysis.model.graph
-    by_name = {n.name: n for n in graph.node}
-    inits = {i.name: tuple(i.dims) for i in graph.initializer}
-    for n in graph.node:
-        if n.op_type == "Identity" and n.input[0] in inits:
-            inits[n.output[0]] = inits[n.input[0]]
+    """Per group (every group): (node, onnx tensor, kind, axis, index, positions, decays) for
+    every constant the operator handlers list as following the group's channels, except the
+    layers' input columns (consumers): layer weights and biases, BatchNorm/LayerNorm
+    parameters and statistics, per-channel constants. `decays`: role 'produce' (zeroing it
+    with the others makes the channel 0)."""
+    by_name = {n.name: n for n in analysis.model.graph.node}
     rows: dict[int, list] = defaultdict(list)
-    grouped: dict[tuple, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
-    for gid, srows in analysis.source_rows.items():
-        for node_name, w_name, axis, p, pos in srows:
-            grouped[(gid, node_name, w_name, "weight", axis)][0].append(p)
-            grouped[(gid, node_name, w_name, "weight", axis)][1].append(pos)
-            node = by_name[node_name]
-            if len(node.input) > 2 and node.input[2] and node.input[2] in inits:
-                b = node.input[2]
-                grouped[(gid, node_name, b, "bias", len(inits[b]) - 1)][0].append(p)
-                grouped[(gid, node_name, b, "bias", len(inits[b]) - 1)][1].append(pos)
-    for (gid, node_name, t, kind, axis), (ps, qs) in grouped.items():
-        rows[gid].append((node_name, t, kind, axis, np.asarray(ps, np.int64), np.asarray(qs, np.int64), True))
-    bn_kinds = {1: ("bn_weight", True), 2: ("bn_bias", True), 3: ("bn_mean", False), 4: ("bn_var", False)}
-    for node in graph.node:
-        op = node.op_type
-        out = node.output[0] if node.output else ""
-        if out not in analysis.atoms:
-            continue
-        cm = _class_map(analysis, out)
-        if cm is None:
-            continue
-        gids, pos = cm
-        c_out = len(gids)
-        cands: list[tuple[int, str, str, int, bool]] = []
-        if op in ("BatchNormalization", "InstanceNormalization"):
-            for i in range(1, len(node.input)):
-                t = node.input[i]
-                if t in inits and len(inits[t]) == 1 and inits[t][0] == c_out:
-                    kind, dec = bn_kinds.get(i, ("const", False))
-                    if op == "InstanceNormalization":
-                        kind = {1: "bn_weight", 2: "bn_bias"}.get(i, "const")
-                    cands.append((i, t, kind, 0, dec))
-        elif op in BINARY_ELEMENTWISE or op == "PRelu":
-            shp = analysis.shapes.get(out)
-            if not shp:
+    for node_name, axes in analysis.params.items():
+        node = by_name[node_name]
+        for pa in axes:
+            if pa.role == "consume":
                 continue
-            for i, t in enumerate(node.input):
-                if t in inits:
-                    dims = inits[t]
-                    cdim = 1 - (len(shp) - len(dims))
-                    if cdim >= 0 and len(dims) > cdim and dims[cdim] == c_out and c_out > 1:
-                        cands.append((i, t, "const", cdim, op in ("Add", "Sub")))
-        for _, t, kind, axis, dec in cands:
+            hit = analysis.group_positions(pa.tensor)
+            if hit is None or analysis.channel_axis(pa.tensor) != pa.tensor_axis:
+                continue
+            gids, pos = hit
             for gid in np.unique(gids):
                 sel = np.nonzero(gids == gid)[0]
-                rows[int(gid)].append((node.name, t, kind, axis, sel.astype(np.int64), pos[sel], dec))
+                rows[int(gid)].append((node_name, node.input[pa.index], pa.kind, pa.param_axis,
+                                       sel.astype(np.int64), pos[sel], pa.role == "produce"))
     return dict(rows)
 
 
@@ -457,9 +415,11 @@ def analyse_module(module, example_inputs, step: int | None = None, max_candidat
     producers = _producer_rows(analysis)
     consumers: dict[int, dict[tuple, tuple[list[int], list[int]]]] = defaultdict(lambda: defaultdict(lambda: ([], [])))
     for gid, crows in consumer_slices(analysis).items():
-        for layer, _x, p, w_name, axis, pos in crows:
-            consumers[gid][(layer, w_name, axis)][0].append(p)
-            consumers[gid][(layer, w_name, axis)][1].append(pos)
+        for r in crows:
+            if r.weight is None:
+                continue
+            consumers[gid][(r.layer, r.weight, r.weight_axis)][0].append(r.position)
+            consumers[gid][(r.layer, r.weight, r.weight_axis)][1].append(r.group_pos)
     param_slices: dict[int, list[ParamSlice]] = {}
     for g in prob.groups:
         if not g.prunable:
@@ -555,7 +515,7 @@ def structure_differences(a: Analysis, b: Analysis) -> list[str]:
         src = {g: sorted((n, p, q) for n, _w, _ax, p, q in r) for g, r in an.source_rows.items()}
         con = defaultdict(list)
         for g, r in consumer_slices(an).items():
-            con[g] = sorted((n, p, q) for n, _x, p, _w, _ax, q in r)
+            con[g] = sorted((row.layer, row.position, row.group_pos) for row in r)
         return src, dict(con)
 
     (sa, ca), (sb, cb) = rows(a), rows(b)

@@ -16,11 +16,15 @@ def layer_count(layer: Layer, c_in: int, c_out: int, kind: str) -> float:
     k = int(np.prod(spec.kernel)) if spec.kernel else 1
     if spec.depthwise:
         weights = c_in * k
+    elif spec.group_channels:  # groups = c_in / channels per group
+        weights = spec.group_channels * c_out * k
     else:
         weights = c_in * c_out * k // max(spec.fixed_groups, 1)
     if kind == "params":
         return (weights + (c_out if spec.has_bias else 0)) / 1e6
-    if spec.op == "Gemm" or not spec.input_hw:
+    if spec.op == "MatMul":  # applied at every token position
+        positions = int(np.prod(spec.input_hw)) if spec.input_hw else 1
+    elif spec.op == "Gemm" or not spec.input_hw:
         positions = 1
     elif spec.op == "ConvTranspose":
         positions = int(np.prod([h * s for h, s in zip(spec.input_hw, spec.stride)]))

@@ -77,32 +77,50 @@ def _per_batch(n: int, batch: int, fn) -> list:
 
 def _position_map(analysis, tensor: str, gids) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """For `tensor`'s channel axis: {gid: (positions along the axis, positions in the group)}."""
-    out: dict[int, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
-    for p, a in enumerate(analysis.atoms.get(tensor, ())):
-        gp = analysis.group_of_class.get(analysis.uf.find(int(a)))
-        if gp is not None and gp[0] in gids:
-            out[gp[0]][0].append(p)
-            out[gp[0]][1].append(gp[1])
-    return {g: (np.asarray(ps, np.int64), np.asarray(qs, np.int64)) for g, (ps, qs) in out.items()}
+    hit = analysis.group_positions(tensor)
+    if hit is None:
+        return {}
+    groups, positions = hit
+    out = {}
+    for gid in set(int(g) for g in groups) & set(gids):
+        sel = np.nonzero(groups == gid)[0]
+        out[gid] = (sel.astype(np.int64), positions[sel].astype(np.int64))
+    return out
 
 
-def consumer_taps(analysis, gids) -> list[tuple[str, dict[int, tuple[np.ndarray, np.ndarray]]]]:
-    """The layer inputs where pruning the groups `gids` acts: [(layer node name, {gid:
-    (input positions, group positions)})], depthwise (channel-preserving) layers left out."""
+def consumer_taps(analysis, gids) -> list[tuple[str, int, dict[int, tuple[np.ndarray, np.ndarray]]]]:
+    """The layer inputs where pruning the groups `gids` acts: [(layer node name, channel axis
+    of its input, {gid: (input positions, group positions)})], depthwise (channel-preserving)
+    layers left out."""
+    from latprune.pruner.ops import handler_for
+
     gids = set(gids)
     layer_names = {layer.name for layer in analysis.problem.layers}
+    view = analysis.view()
     taps = []
     for node in analysis.model.graph.node:
-        if node.name not in layer_names or node.input[0] not in analysis.atoms:
+        if node.name not in layer_names or analysis.channel_axis(node.input[0]) is None:
             continue
-        a_in, a_out = analysis.atoms[node.input[0]], analysis.atoms.get(node.output[0])
-        if a_out is not None and len(a_out) == len(a_in) and all(
-                analysis.uf.find(int(u)) == analysis.uf.find(int(v)) for u, v in zip(a_in, a_out)):
+        if handler_for(node).channel_preserving(node, view):
             continue  # depthwise: the channel continues to the next consumer
         pm = _position_map(analysis, node.input[0], gids)
         if pm:
-            taps.append((node.name, pm))
+            taps.append((node.name, analysis.channel_axis(node.input[0]), pm))
     return taps
+
+
+def _outputs_vector(torch, outs):
+    """All float outputs of the graph, flattened per item and joined: (items, n). A detector's
+    distortion is taken on every output."""
+    flat = [o.reshape(o.shape[0], -1) for o in outs if o.is_floating_point() and o.dim() >= 1]
+    return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
+
+
+def _channel_sums(prod, axis: int):
+    """Σ over every dim but the batch (0) and the channel `axis`: (items, channels)."""
+    dims = [d for d in range(prod.dim()) if d not in (0, axis)]
+    out = prod.sum(dim=dims) if dims else prod
+    return out.reshape(prod.shape[0], -1)
 
 
 def _cross_entropy(torch, logits, labels):
@@ -133,8 +151,9 @@ def taylor_bn_importance(analysis, x: np.ndarray, y: np.ndarray | None = None,
     # BatchNorm terms: (node, {gid: (bn channels, group positions)}).
     bn_terms = []
     for node in graph.node:
-        if node.op_type == "BatchNormalization" and node.output[0] in analysis.atoms:
-            pm = _position_map(analysis, node.output[0], sizes)
+        bn = [pa for pa in analysis.params.get(node.name, []) if pa.kind == "bn_weight"]
+        if node.op_type == "BatchNormalization" and bn:
+            pm = _position_map(analysis, bn[0].tensor, sizes)
             if pm:
                 bn_terms.append((node.name, pm))
     bn_groups = {g for _, pm in bn_terms for g in pm}
@@ -156,7 +175,7 @@ def taylor_bn_importance(analysis, x: np.ndarray, y: np.ndarray | None = None,
         keys += [(name, 1), (name, 2)]
     for name, (_, has_bias, _) in w_terms.items():
         keys += [(name, 1)] + ([(name, 2)] if has_bias else [])
-    keys += [(name, 0) for name, _ in act_terms]
+    keys += [(name, 0) for name, _, _ in act_terms]
     slot = {k: i for i, k in enumerate(keys)}
 
     def taylor(tensor, grad):  # Σ value·grad per channel of axis 1 (activations, batch summed)
@@ -184,9 +203,8 @@ def taylor_bn_importance(analysis, x: np.ndarray, y: np.ndarray | None = None,
                 val = val + prods[slot[(name, 2)]].reshape(-1).numpy()
             res_w.append(val)
         res_a = []
-        for name, _ in act_terms:
-            prod = prods[slot[(name, 0)]]
-            res_a.append(prod.sum(dim=[0] + list(range(2, prod.dim()))).numpy())
+        for name, axis, _ in act_terms:
+            res_a.append(_channel_sums(prods[slot[(name, 0)]], axis).sum(dim=0).numpy())
         return res_bn, res_w, res_a
 
     results = _per_batch(len(x), batch, run)
@@ -200,7 +218,7 @@ def taylor_bn_importance(analysis, x: np.ndarray, y: np.ndarray | None = None,
         total = np.abs(sum(r[1][k] for r in results)) / n
         for p, gid, pos in rows:
             scores[gid][pos] += total[p]
-    for k, (_, pm) in enumerate(act_terms):
+    for k, (_, _, pm) in enumerate(act_terms):
         total = np.abs(sum(r[2][k] for r in results)) / n
         for gid, (ps, qs) in pm.items():
             np.add.at(scores[gid], qs, total[ps])
@@ -210,8 +228,11 @@ def taylor_bn_importance(analysis, x: np.ndarray, y: np.ndarray | None = None,
 # ---- Gauss-Newton (Fisher) output distortion -----------------------------------------------
 
 def _probe_products(analysis, x: np.ndarray, tap_keys: list[tuple[str, int]], probes: int,
-                    batch: int, seed: int):
-    """Per batch: ([per tap: float64 (items, probes, channels) of Σ_hw (∂(vᵀf)/∂a)·a], n_logits)."""
+                    batch: int, seed: int, axes: list[int] | None = None):
+    """Per batch: ([per tap: float64 (items, probes, channels) of Σ_hw (∂(vᵀf)/∂a)·a], n_logits).
+    f is every float output of the graph (flattened and joined); `axes`: the channel axis of
+    each tap (default 1)."""
+    axes = axes if axes is not None else [1] * len(tap_keys)
     torch = _torch()
     if probes < 1:
         raise InputError(f"probes must be at least 1, not {probes}")
@@ -224,11 +245,11 @@ def _probe_products(analysis, x: np.ndarray, tap_keys: list[tuple[str, int]], pr
         if sl.start == 0:  # (re)seed: also when _per_batch starts over one item at a time
             state["gen"] = torch.Generator().manual_seed(seed)
         outs, cap = net(torch.from_numpy(x[sl]), taps=tap_keys)
-        f = outs[0]
+        f = _outputs_vector(torch, outs)
         tensors = [cap[k] for k in tap_keys]
         values = [t.detach() for t in tensors]
         b = f.shape[0]
-        prods = [np.zeros((b, probes, t.shape[1] if t.dim() > 1 else 1)) for t in values]
+        prods = [np.zeros((b, probes, t.shape[ax] if t.dim() > ax else 1)) for t, ax in zip(values, axes)]
         for k in range(probes):
             v = torch.randn(f.shape, generator=state["gen"], dtype=f.dtype)
             grads = torch.autograd.grad(f, tensors, grad_outputs=v, retain_graph=k < probes - 1,
@@ -236,10 +257,7 @@ def _probe_products(analysis, x: np.ndarray, tap_keys: list[tuple[str, int]], pr
             for j, (gr, a) in enumerate(zip(grads, values)):
                 if gr is None:
                     continue
-                prod = (gr * a).double()
-                if prod.dim() > 2:
-                    prod = prod.sum(dim=list(range(2, prod.dim())))
-                prods[j][:, k, :] = prod.reshape(b, -1).numpy()
+                prods[j][:, k, :] = _channel_sums((gr * a).double(), axes[j]).numpy()
         return prods, int(np.prod(f.shape[1:])) if f.dim() > 1 else 1
 
     return _per_batch(len(x), batch, run)
@@ -262,11 +280,12 @@ def fisher_distortion(analysis, x: np.ndarray, orders: dict[int, list[int]],
     t_batches: dict[int, list[np.ndarray]] = defaultdict(list)
     n_logits = 1
     if taps:
-        results = _probe_products(analysis, x, [(name, 0) for name, _ in taps], probes, batch, seed)
+        results = _probe_products(analysis, x, [(name, 0) for name, _, _ in taps], probes, batch, seed,
+                                  [axis for _, axis, _ in taps])
         for prods, n_logits in results:
             items = prods[0].shape[0]
             t = {gid: np.zeros((items, probes, problem.groups[gid].size)) for gid in gids}
-            for (_, pm), prod in zip(taps, prods):
+            for (_, _, pm), prod in zip(taps, prods):
                 for gid, (ps, qs) in pm.items():
                     np.add.at(t[gid], (slice(None), slice(None), qs), prod[:, :, ps])
             for gid in gids:
@@ -299,11 +318,13 @@ def fisher_block_distortion(analysis, x: np.ndarray, probes: int = 4, batch: int
     if not blocks:
         return {}
     nodes = {n.name: n for n in analysis.model.graph.node}
-    keys = []
+    keys, axes = [], []
     for b in blocks:
         add = nodes[b.add_node]
-        keys.append((add.name, 1 if add.input[0] == b.skip else 0))
-    results = _probe_products(analysis, x, keys, probes, batch, seed)
+        index = 1 if add.input[0] == b.skip else 0
+        keys.append((add.name, index))
+        axes.append(analysis.channel_axis(add.input[index]) or 1)
+    results = _probe_products(analysis, x, keys, probes, batch, seed, axes)
     sums: dict[int, list[np.ndarray]] = defaultdict(list)
     n_logits = 1
     for prods, n_logits in results:

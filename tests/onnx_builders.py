@@ -189,3 +189,142 @@ def misc_ops_cnn(seed: int = 0) -> onnx.ModelProto:
     return g.build(y, "misc_ops")
 
 
+
+
+# ---- modern CNN and detector blocks (issue 12) ------------------------------------------------
+
+def _silu(g: GraphBuilder, x: str) -> str:
+    """x·sigmoid(x), as torch.onnx exports nn.SiLU."""
+    return g.node("Mul", [x, g.node("Sigmoid", [x])])
+
+
+def _cbs(g: GraphBuilder, x: str, c_in: int, c_out: int, k: int = 3, stride: int = 1) -> str:
+    """Conv + BN + SiLU (YOLO's Conv module)."""
+    return _silu(g, g.bn(g.conv(x, c_in, c_out, k=k, stride=stride, bias=False), c_out))
+
+
+def _c2f(g: GraphBuilder, x: str, c_in: int, c_out: int, n: int = 2, shortcut: bool = True) -> str:
+    """YOLOv8's C2f: cv1 to 2c channels, Split in halves, n bottlenecks on the second half
+    (residual when `shortcut`), Concat of all pieces, cv2."""
+    c = c_out // 2
+    y = _cbs(g, x, c_in, 2 * c, k=1)
+    a, b = g.node("Split", [y, g.init(np.array([c, c], np.int64), "sp")], n_out=2, axis=1)
+    pieces = [a, b]
+    for _ in range(n):
+        h = _cbs(g, _cbs(g, pieces[-1], c, c), c, c)
+        pieces.append(g.node("Add", [pieces[-1], h]) if shortcut else h)
+    return _cbs(g, g.node("Concat", pieces, axis=1), (2 + n) * c, c_out, k=1)
+
+
+def yolo_like(seed: int = 0, reg_max: int = 4, classes: int = 5) -> onnx.ModelProto:
+    """A small YOLOv8-style detector on a 32x32 input: stem, C2f with residual bottlenecks,
+    an SPPF (MaxPool chain + Concat), an upsampling neck (Resize + Concat + C2f without
+    shortcut) and a two-scale decoupled head whose box branch ends in a DFL decode (Reshape
+    to (4, reg_max), Transpose, Softmax, a fixed 1x1 conv with weights 0..reg_max-1) and whose
+    class branch ends in a Sigmoid; the outputs are concatenated over scales: (1, 4 + classes, N)."""
+    g = GraphBuilder(in_shape=(1, 3, 32, 32), seed=seed)
+    x = _cbs(g, "input", 3, 16, stride=2)                     # 16x16
+    p3 = _c2f(g, _cbs(g, x, 16, 32, stride=2), 32, 32)        # 8x8
+    x = _cbs(g, p3, 32, 64, stride=2)                         # 4x4
+    x = _cbs(g, x, 64, 32, k=1)                               # SPPF
+    m1 = g.node("MaxPool", [x], kernel_shape=[5, 5], strides=[1, 1], pads=[2, 2, 2, 2])
+    m2 = g.node("MaxPool", [m1], kernel_shape=[5, 5], strides=[1, 1], pads=[2, 2, 2, 2])
+    p4 = _cbs(g, g.node("Concat", [x, m1, m2], axis=1), 96, 64, k=1)
+    up = g.node("Resize", [p4, "", g.init(np.array([1, 1, 2, 2], np.float32), "sc")], mode="nearest")
+    n3 = _c2f(g, g.node("Concat", [up, p3], axis=1), 96, 32, n=1, shortcut=False)
+    outs = []
+    for feat, c, hw in ((n3, 32, 64), (p4, 64, 16)):
+        box = g.conv(_cbs(g, _cbs(g, feat, c, 16), 16, 16), 16, 4 * reg_max, k=1)
+        cls = g.conv(_cbs(g, _cbs(g, feat, c, 16), 16, 16), 16, classes, k=1)
+        cat = g.node("Concat", [box, cls], axis=1)
+        outs.append(g.node("Reshape", [cat, g.init(np.array([1, 4 * reg_max + classes, hw], np.int64), "shp")]))
+    y = g.node("Concat", outs, axis=2)                        # (1, 4*reg_max + classes, 80)
+    box, cls = g.node("Split", [y, g.init(np.array([4 * reg_max, classes], np.int64), "sp")], n_out=2, axis=1)
+    d = g.node("Reshape", [box, g.init(np.array([1, 4, reg_max, 80], np.int64), "shp")])
+    d = g.node("Softmax", [g.node("Transpose", [d], perm=[0, 2, 1, 3])], axis=1)
+    dfl = g.init(np.arange(reg_max, dtype=np.float32).reshape(1, reg_max, 1, 1), "dfl")
+    d = g.node("Conv", [d, dfl], kernel_shape=[1, 1])       # expected bin: (1, 1, 4, 80)
+    d = g.node("Reshape", [d, g.init(np.array([1, 4, 80], np.int64), "shp")])
+    anchors = g.init(g.rng.uniform(0, 32, (1, 4, 80)).astype(np.float32), "anchors")
+    d = g.node("Add", [d, anchors])
+    out = g.node("Concat", [d, g.node("Sigmoid", [cls])], axis=1)
+    return g.build(out, "yolo_like")
+
+
+def channels_last_block_cnn(seed: int = 0, width: int = 16, blocks: int = 2) -> onnx.ModelProto:
+    """ConvNeXt-style: stem conv, then blocks of depthwise 7x7 conv, Transpose to NHWC,
+    LayerNormalization over C, MatMul + bias to 4C, exact GELU written out with Erf, MatMul +
+    bias back to C, a per-channel layer scale (Mul), Transpose back, residual Add; then a
+    channels-first LayerNorm (Transpose pair) and a head."""
+    g = GraphBuilder(seed=seed)
+    x = g.conv("input", 3, width, k=4, stride=4)  # 5x5 (pads 2)
+    c = width
+    for _ in range(blocks):
+        y = g.conv(x, c, c, k=7, group=c)
+        y = g.node("Transpose", [y], perm=[0, 2, 3, 1])
+        y = g.node("LayerNormalization", [y, g.init(g.rng.uniform(0.5, 1.5, c).astype(np.float32), "ln"),
+                                          g.init(g.rng.normal(0, 0.1, c).astype(np.float32), "ln")], axis=-1)
+        y = g.node("Add", [g.node("MatMul", [y, g.init(g.rng.normal(0, 0.3, (c, 4 * c)).astype(np.float32))]),
+                           g.init(g.rng.normal(0, 0.1, 4 * c).astype(np.float32), "b")])
+        half = g.node("Mul", [y, g.init(np.array(0.5, np.float32), "c")])
+        erf = g.node("Erf", [g.node("Div", [y, g.init(np.array(1.4142135, np.float32), "c")])])
+        y = g.node("Mul", [half, g.node("Add", [erf, g.init(np.array(1.0, np.float32), "c")])])
+        y = g.node("Add", [g.node("MatMul", [y, g.init(g.rng.normal(0, 0.3, (4 * c, c)).astype(np.float32))]),
+                           g.init(g.rng.normal(0, 0.1, c).astype(np.float32), "b")])
+        y = g.node("Mul", [y, g.init(g.rng.uniform(0.5, 1.5, c).astype(np.float32), "gamma")])
+        y = g.node("Transpose", [y], perm=[0, 3, 1, 2])
+        x = g.node("Add", [x, y])
+    x = g.node("Transpose", [x], perm=[0, 2, 3, 1])
+    x = g.node("LayerNormalization", [x, g.init(np.ones(c, np.float32), "ln"), g.init(np.zeros(c, np.float32), "ln")],
+               axis=-1)
+    x = g.node("Transpose", [x], perm=[0, 3, 1, 2])
+    return g.build(g.head(x, c), "channels_last")
+
+
+def shuffle_cnn(seed: int = 0, width: int = 16) -> onnx.ModelProto:
+    """ShuffleNetV2-style units: Split the channels in halves, a 1x1-dw3x3-1x1 branch on the
+    second half, Concat, then channel shuffle (Reshape to (2, C/2), Transpose, Reshape back);
+    the second unit takes its halves with Slice."""
+    g = GraphBuilder(seed=seed)
+    x = g.relu(g.bn(g.conv("input", 3, 2 * width), 2 * width))
+    c = width
+    for unit in range(2):
+        if unit == 0:
+            a, b = g.node("Split", [x, g.init(np.array([c, c], np.int64), "sp")], n_out=2, axis=1)
+        else:
+            a = g.node("Slice", [x, g.init(np.array([0], np.int64), "st"), g.init(np.array([c], np.int64), "en"),
+                                 g.init(np.array([1], np.int64), "ax")])
+            b = g.node("Slice", [x, g.init(np.array([c], np.int64), "st"), g.init(np.array([2 * c], np.int64), "en"),
+                                 g.init(np.array([1], np.int64), "ax")])
+        y = g.relu(g.bn(g.conv(b, c, c, k=1), c))
+        y = g.bn(g.conv(y, c, c, group=c), c)
+        y = g.relu(g.bn(g.conv(y, c, c, k=1), c))
+        x = g.node("Concat", [a, y], axis=1)
+        x = g.node("Reshape", [x, g.init(np.array([1, 2, c, 16, 16], np.int64), "shp")])
+        x = g.node("Transpose", [x], perm=[0, 2, 1, 3, 4])
+        x = g.node("Reshape", [x, g.init(np.array([1, 2 * c, 16, 16], np.int64), "shp")])
+    return g.build(g.head(g.relu(g.conv(x, 2 * c, 24, k=1)), 24), "shuffle")
+
+
+def grouped_se_cnn(seed: int = 0, width: int = 32, group_width: int = 8) -> onnx.ModelProto:
+    """RegNetY / ResNeXt-style bottleneck blocks: 1x1 conv, grouped 3x3 conv (group width 8),
+    squeeze-excitation (ReduceMean, 1x1 convs, Sigmoid, Mul), 1x1 conv, residual Add."""
+    g = GraphBuilder(seed=seed)
+    x = g.relu(g.bn(g.conv("input", 3, 24), 24))
+    for _ in range(2):
+        y = g.relu(g.bn(g.conv(x, 24, width, k=1), width))
+        y = g.relu(g.bn(g.conv(y, width, width, group=width // group_width), width))
+        s = g.node("ReduceMean", [y], axes=[2, 3], keepdims=1)
+        s = g.node("Sigmoid", [g.conv(g.relu(g.conv(s, width, 8, k=1)), 8, width, k=1)])
+        y = g.node("Mul", [y, s])
+        y = g.bn(g.conv(y, width, 24, k=1), 24)
+        x = g.relu(g.node("Add", [x, y]))
+    return g.build(g.head(x, 24), "grouped_se")
+
+
+MODERN_BUILDERS = {
+    "yolo_like": yolo_like,
+    "channels_last": channels_last_block_cnn,
+    "shuffle": shuffle_cnn,
+    "grouped_se": grouped_se_cnn,
+}

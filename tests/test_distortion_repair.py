@@ -243,9 +243,10 @@ def test_activation_score_is_zero_when_consumer_weights_are_zeroed():
     for gid in [g.id for g in prob.groups if g.prunable]:
         channel = 3
         inits = {i.name: i for i in analysis.model.graph.initializer}
-        for _layer, _tensor, p, w_name, axis, pos in rows[gid]:
-            if pos != channel:
+        for r in rows[gid]:
+            if r.group_pos != channel:
                 continue
+            p, w_name, axis = r.position, r.weight, r.weight_axis
             arr = numpy_helper.to_array(inits[w_name]).copy()
             index = [slice(None)] * arr.ndim
             index[axis] = p

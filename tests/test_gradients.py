@@ -75,8 +75,8 @@ def test_taylor_bn_matches_a_direct_computation():
             continue
         gamma, beta = net.params[node.input[1]], net.params[node.input[2]]
         want = ((gamma * gamma.grad + beta * beta.grad).abs() / len(x)).detach().numpy()
-        gid, _ = an.group_of_class[an.uf.find(int(an.atoms[node.output[0]][0]))]
-        pos = [an.group_of_class[an.uf.find(int(a))][1] for a in an.atoms[node.output[0]]]
+        gids, positions = an.group_positions(node.output[0])
+        gid, pos = int(gids[0]), [int(q) for q in positions]
         np.testing.assert_allclose(np.asarray(scores[gid])[pos], want, rtol=1e-3, atol=1e-9)
         assert want.max() > 0
     # The BN-less group (last conv) is scored from its weights.
@@ -97,7 +97,7 @@ def _zero_inputs(an, gid: int, removed) -> onnx.ModelProto:
     inits = {i.name: i for i in graph.initializer}
     alias = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity"}
     removed = set(int(r) for r in removed)
-    for name, pm in consumer_taps(an, [gid]):
+    for name, _axis, pm in consumer_taps(an, [gid]):
         node = next(n for n in graph.node if n.name == name)
         ps, qs = pm[gid]
         cols = [int(p) for p, q in zip(ps, qs) if int(q) in removed]

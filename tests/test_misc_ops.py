@@ -24,10 +24,13 @@ def _layer(an, op, nth=0):
 def test_groups_through_misc_ops(analysed):
     _, an = analysed
     prob = an.problem
-    # the grouped conv's input and output channels are fixed; the stem (16) feeds it
-    grouped_in = [l for l in prob.layers if l.spec.fixed_groups == 2]
-    assert grouped_in == []  # grouped convs are not layers of the problem...
-    assert any("group=2" in n for n in an.notes)  # ...and the analysis says why
+    # the grouped conv (group=2, 8 channels per group) is pruned by whole groups: its input
+    # (the stem's 16 channels) and its output are one group of 2 units of 8 channels each
+    (grouped,) = [l for l in prob.layers if l.spec.group_channels == 8]
+    assert grouped.c_in.terms == grouped.c_out.terms and grouped.c_in.terms[0][1] == 8
+    unit_group = prob.groups[grouped.c_in.terms[0][0]]
+    assert unit_group.size == 2 and unit_group.prunable and unit_group.candidate_widths == [1, 2]
+    assert an.notes == []
     # ConvTranspose is a layer, and its output group (16) is prunable
     ct = _layer(an, "ConvTranspose")
     assert ct.c_out.fixed == 0 and len(ct.c_out.terms) == 1
