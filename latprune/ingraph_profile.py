@@ -28,10 +28,11 @@ def layer_names(model: onnx.ModelProto, problem: Problem) -> dict[str, int]:
     """Node and tensor names that ONNX Runtime may give a layer's (fused) kernel -> layer index.
     The chain follows single consumers through BatchNorm, activations (SiLU pairs too) and
     residual Adds (pruner.ops.layers.kernel_chain)."""
+    from latprune.pruner.model_io import initializer_arrays
     from latprune.pruner.ops import GraphView
     from latprune.pruner.ops.layers import kernel_chain
 
-    view = GraphView(model.graph, {}, {}, {})
+    view = GraphView(model.graph, {}, initializer_arrays(model), {})
     by_name = {n.name: n for n in model.graph.node}
     names: dict[str, int] = {}
     for index, layer in enumerate(problem.layers):

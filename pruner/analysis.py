@@ -317,7 +317,7 @@ def analyse(model: onnx.ModelProto, step: int = 8, max_candidates: int = 16,
 
     # A removed block takes its Add with it, so the Add's output counts towards the block.
     overhead_block = dict(node_block, **{b.add_node: b.id for b in blocks})
-    overheads = _overheads(graph, shapes, maps, layer_nodes, overhead_block, space)
+    overheads = _overheads(graph, shapes, maps, layer_nodes, overhead_block, space, view)
     params: dict[str, list[ParamAxis]] = {}
     for node in graph.node:
         handler = handler_for(node)
@@ -334,11 +334,11 @@ def analyse(model: onnx.ModelProto, step: int = 8, max_candidates: int = 16,
     return Analysis(model, problem, maps, atom_group, atom_pos, shapes, params, notes, opset)
 
 
-def _overheads(graph, shapes, maps, layer_nodes, node_block, space) -> list[Overhead]:
+def _overheads(graph, shapes, maps, layer_nodes, node_block, space, view) -> list[Overhead]:
     """Elements written by non-layer operators, per block, as linear functions of widths.
     BatchNorm right after a conv and the activation after it are fused by ONNX Runtime, so
     they are not counted."""
-    from latprune.pruner.ops.layers import FUSABLE_ACTIVATIONS
+    from latprune.pruner.ops.layers import FUSABLE_ACTIVATIONS, activation_region
 
     layer_names = {n.name for n in layer_nodes}
     consumers: dict[str, list] = defaultdict(list)
@@ -347,12 +347,24 @@ def _overheads(graph, shapes, maps, layer_nodes, node_block, space) -> list[Over
             consumers[i].append(n)
     fused: set[str] = set()
     for node in layer_nodes:
-        chain = consumers.get(node.output[0], [])
+        tensor = node.output[0]
+        chain = consumers.get(tensor, [])
         if len(chain) == 1 and chain[0].op_type in _FUSED_AFTER_CONV:
             fused.add(chain[0].name)
-            chain = consumers.get(chain[0].output[0], [])
+            tensor = chain[0].output[0]
+            chain = consumers.get(tensor, [])
         if node.op_type == "Conv" and len(chain) == 1 and chain[0].op_type in FUSABLE_ACTIVATIONS:
             fused.add(chain[0].name)
+            continue
+        if node.op_type == "MatMul" and len(chain) == 1 and chain[0].op_type == "Add" \
+                and any(view.const(i) is not None for i in chain[0].input):
+            fused.add(chain[0].name)  # the bias: ONNX Runtime runs MatMul + Add as one Gemm
+            tensor = chain[0].output[0]
+        # an activation written out in several nodes (SiLU, GELU) runs next to the layer and
+        # is timed with it in-graph (latprune.ingraph_profile.layer_names)
+        region = activation_region(tensor, view)
+        if region is not None:
+            fused.update(n.name for n in region[0])
     per_block: dict[int | None, Space] = {}
     for node in graph.node:
         if node.name in layer_names or node.name in fused or node.op_type in FREE_OPS:

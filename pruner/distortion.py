@@ -2,8 +2,9 @@
 
 For every prunable group g and candidate width w, the group alone is cut to its first w
 channels in `orders[g]` (real surgery, pruner.surgery) and the pruned model runs on the
-calibration inputs in ONNX Runtime; D_g(w) is the mean squared error of its outputs (logits)
-against the dense model's, averaged over items and output units. D_b is the same for removing
+calibration inputs in ONNX Runtime; D_g(w) is the mean squared error of its outputs (logits;
+every fixed-shape output of a detector, joined: pruner.forward.compared_outputs) against the
+dense model's, averaged over items and output units. D_b is the same for removing
 block b alone. Results are cached in a JSON file keyed by the model, the inputs and the orders.
 """
 from __future__ import annotations

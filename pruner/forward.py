@@ -40,9 +40,26 @@ def input_shape(model: onnx.ModelProto) -> list[int]:
     return [d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
 
 
+def compared_outputs(model: onnx.ModelProto) -> list[str]:
+    """The outputs distortion is measured on: every float output whose shape is fixed apart
+    from the batch (a detector's boxes and scores, all heads of a multi-output model), or the
+    first output when none is (e.g. detections after NMS, whose count varies)."""
+    fixed = []
+    for out in model.graph.output:
+        tt = out.type.tensor_type
+        if tt.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                                onnx.TensorProto.BFLOAT16) or not tt.HasField("shape"):
+            continue
+        dims = list(tt.shape.dim)[1:]
+        if all(d.HasField("dim_value") for d in dims):
+            fixed.append(out.name)
+    return fixed or [model.graph.output[0].name]
+
+
 class Runner:
-    """An ONNX Runtime session over `model` returning its first output and `extra_outputs`.
-    Runs in batches; falls back to one item per call when the graph hard-codes batch 1."""
+    """An ONNX Runtime session over `model` returning its compared outputs (compared_outputs)
+    and `extra_outputs`. Runs in batches; falls back to one item per call when the graph
+    hard-codes batch 1."""
 
     def __init__(self, model: onnx.ModelProto, extra_outputs: list[str] = (), threads: int = 0,
                  batch: int = 64) -> None:
@@ -51,7 +68,8 @@ class Runner:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
-        self.names = [model.graph.output[0].name] + [n for n in extra_outputs if n != model.graph.output[0].name]
+        self.outputs = compared_outputs(model)
+        self.names = self.outputs + [n for n in extra_outputs if n not in self.outputs]
         data = with_batch_dim(model, self.names[1:]).SerializeToString()
         self.session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
@@ -74,4 +92,8 @@ class Runner:
         return {n: np.concatenate(c) for n, c in chunks.items()}
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        return self.run(x)[self.names[0]]
+        """The compared outputs of every item of x, flattened and joined: (items, features)."""
+        got = self.run(x)
+        if len(self.outputs) == 1:
+            return got[self.outputs[0]]
+        return np.concatenate([got[n].reshape(len(got[n]), -1) for n in self.outputs], axis=1)

@@ -96,7 +96,8 @@ def apply_plan(analysis: Analysis, plan: Plan, check: bool = True) -> onnx.Model
                     changed = True
             if changed:
                 set_input(node, index, value)
-        handler.rewrite(node, orig, sctx)
+        if any(t in analysis.maps for t in list(orig.input) + list(orig.output) if t):
+            handler.rewrite(node, orig, sctx)
 
     graph.initializer.extend(new_inits)
     _drop_unused(graph)

@@ -109,10 +109,14 @@ def consumer_taps(analysis, gids) -> list[tuple[str, int, dict[int, tuple[np.nda
     return taps
 
 
-def _outputs_vector(torch, outs):
-    """All float outputs of the graph, flattened per item and joined: (items, n). A detector's
-    distortion is taken on every output."""
-    flat = [o.reshape(o.shape[0], -1) for o in outs if o.is_floating_point() and o.dim() >= 1]
+def _outputs_vector(torch, outs, analysis):
+    """The outputs distortion is measured on (pruner.forward.compared_outputs: a detector's
+    every fixed-shape output), flattened per item and joined: (items, n)."""
+    from latprune.pruner.forward import compared_outputs
+
+    names = [o.name for o in analysis.model.graph.output]
+    flat = [outs[names.index(n)] for n in compared_outputs(analysis.model)]
+    flat = [o.reshape(o.shape[0], -1) for o in flat]
     return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
 
 
@@ -245,7 +249,7 @@ def _probe_products(analysis, x: np.ndarray, tap_keys: list[tuple[str, int]], pr
         if sl.start == 0:  # (re)seed: also when _per_batch starts over one item at a time
             state["gen"] = torch.Generator().manual_seed(seed)
         outs, cap = net(torch.from_numpy(x[sl]), taps=tap_keys)
-        f = _outputs_vector(torch, outs)
+        f = _outputs_vector(torch, outs, analysis)
         tensors = [cap[k] for k in tap_keys]
         values = [t.detach() for t in tensors]
         b = f.shape[0]

@@ -166,7 +166,7 @@ def solve_milp(inp: SolveInput, epsilon: float = 1e-6, verbose: bool = False) ->
     for i, v in zip(lat_idx, lat_val):  # tie-break towards lower latency
         m.cost[i] -= epsilon * v
 
-    h = highspy.Highs()
+    h = _new_highs(verbose)
     h.setOptionValue("output_flag", verbose)
     h.setOptionValue("time_limit", float(inp.time_limit_s))
     h.setOptionValue("mip_rel_gap", float(inp.mip_rel_gap))
@@ -216,3 +216,24 @@ def solve_milp(inp: SolveInput, epsilon: float = 1e-6, verbose: bool = False) ->
     plan.status = status
     plan.gap = float(info.mip_gap) if np.isfinite(info.mip_gap) else 0.0
     return plan
+
+
+def _new_highs(verbose: bool = False):
+    """A highspy.Highs instance. highspy 1.16 prints a banner on stdout (file descriptor 1,
+    from C) when one is made, which would corrupt `--json` output: it goes to /dev/null."""
+    import os
+    import sys
+
+    import highspy
+
+    if verbose:
+        return highspy.Highs()
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            return highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)

@@ -199,26 +199,6 @@ def _relu_only(d: Path) -> Path:
     return p
 
 
-def _mlp(d: Path) -> Path:
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.standard_normal((32, 16)).astype(np.float32), "w1"),
-             numpy_helper.from_array(np.zeros(32, np.float32), "b1"),
-             numpy_helper.from_array(rng.standard_normal((10, 32)).astype(np.float32), "w2"),
-             numpy_helper.from_array(np.zeros(10, np.float32), "b2")]
-    nodes = [helper.make_node("Gemm", ["input", "w1", "b1"], ["h"], name="g1", transB=1),
-             helper.make_node("Relu", ["h"], ["hr"], name="r1"),
-             helper.make_node("Gemm", ["hr", "w2", "b2"], ["output"], name="g2", transB=1)]
-    graph = helper.make_graph(
-        nodes, "mlp", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 16])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 10])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    p = d / "mlp.onnx"
-    onnx.save(model, str(p))
-    return p
-
-
 BAD_MODELS = {
     "text renamed .onnx": _text_as_onnx,
     "truncated protobuf": _truncated,

@@ -239,14 +239,17 @@ def test_kernel_medians_skip_the_warmup_runs(tmp_path):
     for run, dur in enumerate([9000, 9000, 100, 110, 120]):  # 2 slow warm-up runs, then 3 timed
         events.append({"cat": "Node", "name": "conv_out_nchwc_kernel_time", "dur": dur})
         events.append({"cat": "Node", "name": "pool_kernel_time", "dur": 50})
+        events.append({"cat": "Node", "name": "Gelu_token_3_kernel_time", "dur": 20})  # a fusion's node
         events.append({"cat": "Session", "name": "model_run", "dur": dur + 60})
     trace = tmp_path / "trace.json"
     trace.write_text(json.dumps(events))
     member = object.__new__(_Profiled)  # no sessions: only the parsing is under test
     member.profiled = type("S", (), {"end_profiling": lambda self: str(trace)})()
     member.runs, member.plain_ms = 3, [1.0, 2.0, 3.0]
-    timing = member.finish({"conv_out": 0}, {7: 16})
-    assert timing.layer_ms == {0: pytest.approx(0.110)} and timing.unmapped == ["pool"]
+    member.fused_outputs = {"Gelu_token_3": ["gelu_out"]}  # from ONNX Runtime's optimised graph
+    timing = member.finish({"conv_out": 0, "gelu_out": 1}, {7: 16})
+    assert timing.layer_ms == {0: pytest.approx(0.110), 1: pytest.approx(0.020)}
+    assert timing.unmapped == ["pool"]
     assert timing.unmapped_ms == pytest.approx(0.05) and timing.end_to_end_ms == 2.0 and timing.runs == 3
     member.runs = 0
     with pytest.raises(ValueError, match="no timed run"):

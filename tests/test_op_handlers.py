@@ -242,3 +242,40 @@ def test_atom_map_helpers():
     t = m.transposed([0, 2, 3, 1])
     assert t.axes == (3,) and t.ids.shape == (1, 1, 1, 4)
     assert m.aligned(5).axes == (2,)
+
+
+def test_activations_written_out_run_with_their_layer():
+    """GELU (Div, Erf, Add, Mul, Mul) after a MatMul + bias, and SiLU (Sigmoid, Mul) after a
+    conv, are timed with the layer in-graph: layer_names gives their nodes and tensors to the
+    layer, and they are not counted again as overhead elements."""
+    from latprune.ingraph_profile import layer_names
+    from latprune.pruner.ops import GraphView
+    from latprune.pruner.ops.layers import activation_region
+
+    an = analyse(channels_last_block_cnn(blocks=1))
+    names = layer_names(an.model, an.problem)
+    fc1 = next(i for i, layer in enumerate(an.problem.layers) if layer.spec.op == "MatMul")
+    erf = next(n for n in an.model.graph.node if n.op_type == "Erf")
+    assert names[erf.name] == fc1
+    view = GraphView(an.model.graph, an.shapes, an.view().inits, an.maps)
+    bias_add = next(n for n in an.model.graph.node if n.op_type == "Add"
+                    and an.model.graph.node[list(an.model.graph.node).index(n) - 1].op_type == "MatMul")
+    nodes, exit_tensor = activation_region(bias_add.output[0], view)
+    assert sorted(n.op_type for n in nodes) == ["Add", "Div", "Erf", "Mul", "Mul"]
+    assert names[exit_tensor] == fc1
+    # a residual Add reads a tensor from outside: no region
+    yolo = analyse(yolo_like())
+    ynames = layer_names(yolo.model, yolo.problem)
+    sig = next(n for n in yolo.model.graph.node if n.op_type == "Sigmoid")
+    assert sig.name in ynames
+
+
+def test_gemm_only_mlp_is_a_model_to_prune():
+    g = GraphBuilder(in_shape=(1, 16))
+    w1 = g.init(g.rng.normal(0, 0.3, (32, 16)).astype(np.float32))
+    h = g.relu(g.node("Gemm", ["input", w1, g.init(np.zeros(32, np.float32), "b")], transB=1))
+    w2 = g.init(g.rng.normal(0, 0.3, (10, 32)).astype(np.float32))
+    out = g.node("Gemm", [h, w2, g.init(np.zeros(10, np.float32), "b")], transB=1)
+    an = analyse(g.build(out, "mlp"))
+    (hidden,) = [g for g in an.problem.groups if g.prunable]
+    assert hidden.size == 32 and [layer.spec.op for layer in an.problem.layers] == ["Gemm", "Gemm"]

@@ -64,21 +64,50 @@ def fused_activation(node, ctx) -> str:
     return ""
 
 
+def activation_region(tensor: str, ctx, max_nodes: int = 8):
+    """(nodes, exit tensor) of an element-wise subgraph that reads only `tensor` and constants
+    and writes one tensor read elsewhere: an activation written out in several nodes (GELU as
+    Div, Erf, Add, Mul, Mul; SiLU as Sigmoid, Mul; a layer scale), which ONNX Runtime runs as
+    one kernel after the layer. None when there is none."""
+    from latprune.pruner.ops.elementwise import Broadcast, Unary
+
+    elementwise = set(Unary.op_types) | set(Broadcast.op_types)
+    inside, nodes, names = {tensor}, [], set()
+    grown = True
+    while grown and len(nodes) < max_nodes:
+        grown = False
+        for t in list(inside):
+            for user in ctx.consumers(t):
+                if user.name in names or user.op_type not in elementwise:
+                    continue
+                if all(not i or i in inside or ctx.const(i) is not None for i in user.input):
+                    nodes.append(user)
+                    names.add(user.name)
+                    inside.update(o for o in user.output if o)
+                    grown = True
+    exits = [t for t in inside if not ctx.consumers(t) or any(u.name not in names for u in ctx.consumers(t))]
+    if not nodes or len(exits) != 1 or exits[0] == tensor:
+        return None
+    return nodes, exits[0]
+
+
 def kernel_chain(node, ctx, ops: set[str], steps: int = 4) -> list:
-    """Nodes after a layer that ONNX Runtime may run in the layer's kernel (or name it after):
-    single consumers whose op is in `ops`, and SiLU pairs, at most `steps` links."""
+    """Nodes after a layer that ONNX Runtime may run in the layer's kernel or right after it
+    as the layer's activation: single consumers whose op is in `ops` (BatchNorm, a fused
+    activation, the residual Add of an NCHWc conv), and element-wise regions that end in one
+    tensor (activation_region: SiLU, GELU), at most `steps` links."""
     chain, tensor = [], node.output[0]
     for _ in range(steps):
-        silu = silu_after(tensor, ctx)
-        if silu is not None:
-            chain += list(silu)
-            tensor = silu[1].output[0]
-            continue
         users = ctx.consumers(tensor)
-        if len(users) != 1 or users[0].op_type not in ops:
+        if len(users) == 1 and users[0].op_type in ops:
+            chain.append(users[0])
+            tensor = users[0].output[0]
+            continue
+        region = activation_region(tensor, ctx)
+        if region is None:
             break
-        chain.append(users[0])
-        tensor = users[0].output[0]
+        chain += region[0]
+        tensor = region[1]
     return chain
 
 
