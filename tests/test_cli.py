@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from conftest import assert_valid_pruned
 from onnx_builders import depthwise_cnn, residual_cnn

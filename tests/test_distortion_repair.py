@@ -277,3 +277,30 @@ def test_bn_scale_scores_sum_abs_gamma(residual):
     assert set(scores) == set(expect)  # groups written by no BN have no score
     for gid, s in expect.items():
         assert scores[gid] == pytest.approx(list(s), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["channels_last", "yolo_like", "grouped_se", "shuffle"])
+def test_lsq_repair_on_modern_blocks(name):
+    """Repair refits convs and MatMul layers (a MatMul's bias lives in the Add after it) of
+    the modern blocks; the detector's error is taken on its whole output."""
+    from onnx_builders import MODERN_BUILDERS
+
+    analysis = analyse(MODERN_BUILDERS[name](), step=8, max_candidates=3)
+    magnitude_importance(analysis.problem, weight_slices(analysis))
+    plan = _real_plans(analysis)[0][1]
+    dims = [d.dim_value for d in analysis.model.graph.input[0].type.tensor_type.shape.dim]
+    rng = np.random.default_rng(0)
+    x, held = (rng.standard_normal([32] + dims[1:]).astype(np.float32) for _ in range(2))
+    pruned = apply_plan(analysis, plan)
+    lsq = repair(analysis, plan, pruned, x, mode="lsq")
+    onnx.checker.check_model(lsq, full_check=True)
+    assert _io(lsq) == _io(pruned)
+    dense = Runner(analysis.model)
+    for inputs in (x, held):
+        ref = dense.logits(inputs)
+        e_none, e_lsq = mse(Runner(pruned).logits(inputs), ref), mse(Runner(lsq).logits(inputs), ref)
+        assert e_none > 0 and e_lsq < e_none, (e_lsq, e_none)
+    if name == "channels_last":  # the MatMuls were refitted, their bias Adds too
+        refit = {n.name for n in lsq.graph.node if any("__repaired_W" in i for i in n.input)}
+        assert sum(n.op_type == "MatMul" and n.name in refit for n in lsq.graph.node) >= 2
+        assert any("__repaired_B" in i for n in lsq.graph.node if n.op_type == "Add" for i in n.input)
