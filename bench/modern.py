@@ -72,7 +72,7 @@ def _io(model: onnx.ModelProto):
 def coverage(name: str, runs: int = 5) -> dict:
     """Analysis counts and the dense kernel-time shares (module doc, item 1)."""
     from latprune.ingraph_profile import layer_names
-    from latprune.profiler.ingraph import _Profiled
+    from latprune.profiler.backends.onnxrt import OrtProfiled as _Profiled
     from latprune.pruner.analysis import analyse
 
     model = onnx.load(str(exported(name)))

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from latprune.options import help_text
 from latprune.types import LatpruneError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -89,39 +90,40 @@ def _pin(cpus: Optional[str]) -> None:
 
 
 TIMING_OPTION = typer.Option("in-graph", "--timing", help="how table cells are timed: in-graph "
-                           "(kernels inside pruned copies of the model, ONNX Runtime's profiler) | isolated (one-layer models)")
+                           "(kernels inside pruned copies of the model, the runtime's profiler) | isolated (one-layer models)")
+BACKEND_OPTION = typer.Option("ort-cpu", "--backend", help="target runtime: ort-cpu (ONNX Runtime) | openvino | "
+                              "ort-cuda | ort-trt | trt (TensorRT); tables are kept apart per backend")
+PRECISION_OPTION = typer.Option(None, "--precision", help=help_text("precision"))
 
 
 @app.command()
 def optimize(
     model: Path = typer.Argument(..., help="ONNX model to prune"),
     out: Path = typer.Option(..., "--out", help="output folder: pruned.onnx, plan.json, report.json, report.html"),
-    budget_ms: Optional[float] = typer.Option(None, "--budget-ms", help="latency budget in ms"),
-    speedup: Optional[float] = typer.Option(None, "--speedup", help="budget = dense latency / SPEEDUP"),
-    device: str = typer.Option("cpu", "--device", help="target device (cpu: ONNX Runtime here)"),
-    threads: int = typer.Option(1, "--threads", help="intra-op threads for every timing"),
+    budget_ms: Optional[float] = typer.Option(None, "--budget-ms", help=help_text("budget_ms")),
+    speedup: Optional[float] = typer.Option(None, "--speedup", help=help_text("speedup")),
+    device: str = typer.Option("cpu", "--device", help="target device (cpu: this machine; the backend picks the runtime)"),
+    backend: str = BACKEND_OPTION,
+    precision: Optional[str] = PRECISION_OPTION,
+    threads: int = typer.Option(1, "--threads", help=help_text("threads")),
     lut: Optional[Path] = typer.Option(None, "--lut", help="latency table (SQLite); default ~/.cache/latprune/lut.sqlite"),
     timing: str = TIMING_OPTION,
     cpus: Optional[str] = CPUS_OPTION,
-    flops_ratio: Optional[float] = typer.Option(None, "--flops-ratio", help="budget: this share (0-1] of the dense FLOPs"),
-    params_ratio: Optional[float] = typer.Option(None, "--params-ratio", help="budget: this share (0-1] of the dense parameters"),
+    flops_ratio: Optional[float] = typer.Option(None, "--flops-ratio", help=help_text("flops_ratio")),
+    params_ratio: Optional[float] = typer.Option(None, "--params-ratio", help=help_text("params_ratio")),
     calib: Optional[str] = typer.Option(None, "--calib", help="calibration inputs: FILE.npz (array x: float model "
                                         "inputs, or uint8 NHWC images) or 'noise' (zero-data mode)"),
-    calib_samples: int = typer.Option(256, "--calib-samples", help="calibration inputs used"),
-    method: str = typer.Option("milp", "--method", help="milp (exact, HiGHS) | dp (distortion DP) | minlp-oa "
-                               "(Pyomo MindtPy) | minlp-scip | halp | threshold | uniform | brute"),
-    objective: str = typer.Option("auto", "--objective", help="importance | distortion "
-                                  "(auto: distortion with --calib, else importance)"),
-    importance: str = typer.Option("l1", "--importance", help="channel ranking: l1 | l2 | bn | activation | taylor"),
-    distortion: str = typer.Option("forward", "--distortion", help="distortion curves: forward (measured) | fisher (estimated)"),
-    repair: str = typer.Option("auto", "--repair", help="none | bias | lsq (auto: lsq with --calib, else none)"),
-    step: Optional[int] = typer.Option(None, "--step", help="channel widths are multiples of STEP "
-                                       "(default: 16 on AVX-512 CPUs, else 8)"),
-    max_candidates: int = typer.Option(16, "--max-candidates", help="candidate widths per group"),
-    remove_blocks: str = typer.Option("auto", "--remove-blocks",
-                                      help="remove whole residual blocks: auto (distortion objective: priced and allowed; importance: only when the budget needs it) | yes | no"),
-    rounds: int = typer.Option(4, "--rounds", help="re-solve rounds when the measurement misses"),
-    time_limit: float = typer.Option(60.0, "--time-limit", help="solver time limit, s"),
+    calib_samples: int = typer.Option(256, "--calib-samples", help=help_text("calib_samples")),
+    method: str = typer.Option("milp", "--method", help=help_text("method")),
+    objective: str = typer.Option("auto", "--objective", help=help_text("objective")),
+    importance: str = typer.Option("l1", "--importance", help=help_text("importance")),
+    distortion: str = typer.Option("forward", "--distortion", help=help_text("distortion")),
+    repair: str = typer.Option("auto", "--repair", help=help_text("repair")),
+    step: Optional[int] = typer.Option(None, "--step", help=help_text("step")),
+    max_candidates: int = typer.Option(16, "--max-candidates", help=help_text("max_candidates")),
+    remove_blocks: str = typer.Option("auto", "--remove-blocks", help=help_text("remove_blocks")),
+    rounds: int = typer.Option(4, "--rounds", help=help_text("rounds")),
+    time_limit: float = typer.Option(60.0, "--time-limit", help=help_text("time_limit_s")),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress and no summary table"),
     show_progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
                                                  help="progress on stderr (default: when it is a terminal)"),
@@ -131,9 +133,11 @@ def optimize(
 
     try:
         if device != "cpu":
-            raise LatpruneError(f"--device {device}: only 'cpu' (ONNX Runtime on this machine) is available")
+            raise LatpruneError(f"--device {device}: only 'cpu' (this machine) is available; "
+                                "choose the runtime with --backend")
         _pin(cpus)
-        opts = OptimizeOptions(budget_ms=budget_ms, speedup=speedup, threads=threads, lut_path=lut,
+        opts = OptimizeOptions.from_flags(budget_ms=budget_ms, speedup=speedup, threads=threads, lut_path=lut,
+                               backend=backend, precision=precision,
                                method=method, step=step, max_candidates=max_candidates,
                                remove_blocks=remove_blocks, rounds=rounds,
                                time_limit_s=time_limit, importance=importance, objective=objective,
@@ -155,7 +159,8 @@ def optimize(
         err.print(t)
         for w in report["warnings"]:
             err.print(f"[yellow]warning:[/] {w}")
-        err.print(f"wrote {out}/pruned.onnx, plan.json, report.json, report.html")
+        extra = [a for a in report.get("backend", {}).get("artifacts", []) if a != "pruned.onnx"]
+        err.print(f"wrote {out}/pruned.onnx, {', '.join(extra + ['plan.json', 'report.json', 'report.html'])}")
     if not report["meets_budget"]:
         raise typer.Exit(3)
 
@@ -164,11 +169,13 @@ def optimize(
 def measure(
     model: Path = typer.Argument(...),
     threads: int = typer.Option(1, "--threads"),
+    backend: str = BACKEND_OPTION,
+    precision: Optional[str] = PRECISION_OPTION,
     cpus: Optional[str] = CPUS_OPTION,
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
-    """Median and p90 end-to-end latency of MODEL with ONNX Runtime on this CPU."""
-    from latprune.profiler.onnxrt import measure_model
+    """Median and p90 end-to-end latency of MODEL on the backend (default ONNX Runtime, this CPU)."""
+    from latprune.pipeline import make_backend
     from latprune.pruner.model_io import load_model
 
     try:
@@ -176,12 +183,13 @@ def measure(
             raise LatpruneError(f"--threads must be at least 1, not {threads}")
         _pin(cpus)
         load_model(model)
-        stats = measure_model(model.read_bytes(), threads)
+        runtime = make_backend(backend, threads, precision)
+        stats = runtime.measure(model.read_bytes())
     except LatpruneError as exc:
         _fail(exc)
         return
-    except Exception as exc:  # ORT refusing a checked model (unsupported op, ...)
-        _fail(LatpruneError(f"{model}: ONNX Runtime cannot run it: {str(exc).splitlines()[0]}"))
+    except Exception as exc:  # the runtime refusing a checked model (unsupported op, ...)
+        _fail(LatpruneError(f"{model}: {backend} cannot run it: {str(exc).strip().splitlines()[0]}"))
         return
     out = {"median_ms": stats.median_ms, "p90_ms": stats.p90_ms, "runs": stats.runs}
     print(json.dumps(out) if as_json else f"median {stats.median_ms:.3f} ms, p90 {stats.p90_ms:.3f} ms over {stats.runs} runs")
@@ -192,6 +200,8 @@ def predict(
     model: Path = typer.Argument(...),
     lut: Optional[Path] = typer.Option(None, "--lut"),
     threads: int = typer.Option(1, "--threads"),
+    backend: str = BACKEND_OPTION,
+    precision: Optional[str] = PRECISION_OPTION,
     timing: str = TIMING_OPTION,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -199,7 +209,7 @@ def predict(
     from latprune.pipeline import predict_model
 
     try:
-        out = predict_model(model, lut, threads, timing)
+        out = predict_model(model, lut, threads, timing, backend, precision)
     except LatpruneError as exc:
         _fail(exc)
         return
@@ -212,6 +222,8 @@ def profile(
     model: Path = typer.Argument(...),
     lut: Optional[Path] = typer.Option(None, "--lut"),
     device: str = typer.Option("cpu", "--device"),
+    backend: str = BACKEND_OPTION,
+    precision: Optional[str] = PRECISION_OPTION,
     threads: int = typer.Option(1, "--threads"),
     points: int = typer.Option(5, "--points", help="measured widths per axis of each layer"),
     timing: str = TIMING_OPTION,
@@ -229,10 +241,10 @@ def profile(
 
     try:
         if device != "cpu":
-            raise LatpruneError(f"--device {device}: only 'cpu' is available")
+            raise LatpruneError(f"--device {device}: only 'cpu' is available; choose the runtime with --backend")
         _pin(cpus)
         out = profile_model(model, lut, threads, points, _RichProgress(quiet, show_progress), timing, passes,
-                            refine)
+                            refine, backend, precision)
     except LatpruneError as exc:
         _fail(exc)
         return
@@ -316,18 +328,21 @@ def lut_coverage(lut: Path = typer.Argument(..., help="SQLite latency table"),
                  model: Path = typer.Option(..., "--model", help="ONNX model"),
                  points: int = typer.Option(5, "--points", help="grid widths per axis (as profile --points)"),
                  threads: int = typer.Option(1, "--threads"),
+                 backend: str = BACKEND_OPTION,
+                 precision: Optional[str] = PRECISION_OPTION,
                  timing: str = TIMING_OPTION,
                  as_json: bool = typer.Option(False, "--json")) -> None:
     """Which of MODEL's layers and grid cells the table holds (exit 1 when a layer cannot be predicted)."""
     from latprune.lut.predict import coverage
-    from latprune.pipeline import open_table, prepare
+    from latprune.pipeline import make_backend, open_table, prepare
 
     try:
         if points < 1:
             raise LatpruneError(f"--points must be at least 1, not {points}")
         _existing_table(lut)
-        _, _, analysis = prepare(model)
-        table = open_table(lut, threads, timing)
+        runtime = make_backend(backend, threads, precision)
+        _, _, analysis = prepare(model, backend=runtime)
+        table = open_table(lut, runtime, timing)
         try:
             res = coverage(analysis.problem, table, points)
         finally:
@@ -381,17 +396,20 @@ def lut_heatmap(lut: Path = typer.Argument(..., help="SQLite latency table"),
                                                     "(default: the slowest layer at dense widths)"),
                 out: Path = typer.Option(Path("heatmap.png"), "--out", help="PNG file"),
                 threads: int = typer.Option(1, "--threads"),
+                backend: str = BACKEND_OPTION,
+                precision: Optional[str] = PRECISION_OPTION,
                 timing: str = TIMING_OPTION) -> None:
     """PNG heatmap of one layer's latency table over its (c_in, c_out) candidate widths."""
     from latprune.lut.plots import layer_heatmap
     from latprune.lut.predict import layer_ms, space_values
-    from latprune.pipeline import open_table, prepare
+    from latprune.pipeline import make_backend, open_table, prepare
 
     try:
         _existing_table(lut)
-        _, _, analysis = prepare(model)
+        runtime = make_backend(backend, threads, precision)
+        _, _, analysis = prepare(model, backend=runtime)
         prob = analysis.problem
-        table = open_table(lut, threads, timing)
+        table = open_table(lut, runtime, timing)
         try:
             covered = [ly for ly in prob.layers if table.cells(ly.spec.signature())]
             if not covered:
@@ -606,8 +624,8 @@ def finetune(
     model: str = typer.Option("resnet56", "--model", help="resnet20 | resnet56 (trained weights from the data "
                               "folder) or a .pt/.th state dict of a CIFAR ResNet (depth read from its keys)"),
     out: Path = typer.Option(..., "--out", help="output folder: pruned.onnx, plan.json, report.json"),
-    speedup: Optional[float] = typer.Option(None, "--speedup", help="budget = dense latency / SPEEDUP"),
-    budget_ms: Optional[float] = typer.Option(None, "--budget-ms", help="latency budget in ms"),
+    speedup: Optional[float] = typer.Option(None, "--speedup", help=help_text("speedup")),
+    budget_ms: Optional[float] = typer.Option(None, "--budget-ms", help=help_text("budget_ms")),
     method: str = typer.Option("dpm-sr", "--method", help="oneshot (zero at once, then fine-tune) | dpm "
                                "(smooth decay) | dpm-sr (decay with self-rectifying swaps)"),
     epochs: float = typer.Option(2.0, "--epochs", help="fine-tuning epochs (fractions allowed)"),
@@ -622,7 +640,7 @@ def finetune(
     test_limit: Optional[int] = typer.Option(None, "--test-limit", help="evaluate on this many test images; default all"),
     data: Optional[Path] = typer.Option(None, "--data", help="CIFAR data folder (default $LATPRUNE_DATA or ../shared/data)"),
     lut: Optional[Path] = typer.Option(None, "--lut", help="latency table (SQLite); default ~/.cache/latprune/lut.sqlite"),
-    threads: int = typer.Option(1, "--threads", help="intra-op threads for every timing"),
+    threads: int = typer.Option(1, "--threads", help=help_text("threads")),
     solver: str = typer.Option("milp", "--solver", help="plan solver, as optimize --method"),
     calib: Optional[str] = typer.Option(None, "--calib", help="calibration inputs for the distortion objective "
                                         "(as optimize --calib); default: the magnitude prior"),
@@ -701,7 +719,7 @@ def _run_finetune(model, out, speedup, budget_ms, method, epochs, decay_steps, r
         raise LatpruneError("--epochs, --lr, --batch-size and --subset must be positive")
     if decay_steps is not None and decay_steps < 1:
         raise LatpruneError(f"--decay-steps must be at least 1, not {decay_steps}")
-    opts = OptimizeOptions(budget_ms=budget_ms, speedup=speedup, threads=threads, lut_path=lut, method=solver,
+    opts = OptimizeOptions.from_flags(budget_ms=budget_ms, speedup=speedup, threads=threads, lut_path=lut, method=solver,
                            step=step, calib=calib, distortion=distortion, repair="none",
                            measure_processes=2)
     check_options(opts)

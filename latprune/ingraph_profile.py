@@ -125,7 +125,7 @@ def first_channels_plan(problem: Problem, widths: dict[int, int]):
     return Plan(kept=kept, widths=dict(widths), method="profile")
 
 
-def profile_configs(analysis, configs: list[dict[int, int]], threads: int = 1,
+def profile_configs(analysis, configs: list[dict[int, int]], backend=1,
                     on_config: Callable[[ConfigTiming, float], None] | None = None,
                     min_seconds: float = MIN_SECONDS, seed: int = 0,
                     phase_ms: float | None = None) -> list[ConfigTiming]:
@@ -139,12 +139,16 @@ def profile_configs(analysis, configs: list[dict[int, int]], threads: int = 1,
     def build(widths: dict[int, int]) -> bytes:
         return apply_plan(analysis, first_channels_plan(prob, widths), check=False).SerializeToString()
 
+    from latprune.profiler.backends import as_backend
+
+    backend = as_backend(backend)
     return profile_interleaved(configs, build, analysis.model.SerializeToString(),
-                               layer_names(analysis.model, prob), threads, min_seconds=min_seconds,
-                               on_config=on_config, seed=seed, phase_ms=phase_ms)
+                               layer_names(analysis.model, prob), backend.threads, min_seconds=min_seconds,
+                               on_config=on_config, seed=seed, phase_ms=phase_ms, backend=backend)
 
 
-def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], threads: int = 1,
+
+def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], backend=1,
                      grid_points: int = 5, progress: Callable[[int, int], None] | None = None,
                      remeasure: bool = False, passes: int = 1,
                      min_seconds: float = MIN_SECONDS) -> tuple[int, list[ConfigTiming]]:
@@ -159,7 +163,8 @@ def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], t
     in between does not leave cells of two scales side by side. Cells no run could reach are
     left out (the caller times them alone). The runs draw each group's widths from its grid
     plus any width the cells ask of it (refined grids: lut.predict.refine_widths). Returns
-    (cells stored, the runs).
+    (cells stored, the runs). `backend`: the runtime whose profiler times the runs (an int:
+    ONNX Runtime on this CPU with that many threads).
 
     On this VM one in-graph measurement of a cell lies 0.5-0.7% (median) and 3.5-3.7% (p95)
     from the median of 3 (bench/lut_fidelity.py); passes average over designs and moments.
@@ -203,7 +208,7 @@ def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], t
 
     reference = reference_key(analysis.model)
     phase_ms = table.reference_phase(reference)
-    timings = profile_configs(analysis, configs, threads, store, min_seconds, phase_ms=phase_ms)
+    timings = profile_configs(analysis, configs, backend, store, min_seconds, phase_ms=phase_ms)
     if timings and phase_ms is None:
         table.set_reference_phase(reference, timings[0].reference_ms)
     final: dict[tuple[str, int, int], list[float]] = defaultdict(list)

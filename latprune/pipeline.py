@@ -5,7 +5,6 @@ outputs (pruned.onnx, plan.json, report.json) atomically.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -21,9 +20,7 @@ from latprune.types import InputError, Plan, Problem
 from latprune.lut.predict import (calibrated, layer_costs, layer_ms, missing_cells, overhead_elements,
                                   predict_raw, refine_widths)
 from latprune.lut.store import LatencyTable, fit_calibration
-from latprune.profiler.fingerprint import TIMING_IN_GRAPH, TIMINGS, cpu_fingerprint
-from latprune.profiler.compare import compare_in_subprocesses
-from latprune.profiler.onnxrt import measure_model
+from latprune.profiler.fingerprint import TIMINGS
 from latprune.profiler.profile import profile_cells
 from latprune.pruner.analysis import Analysis, analyse, weight_slices
 from latprune.pruner.model_io import load_model, save_model_atomic
@@ -33,11 +30,9 @@ from latprune.solver.objective import Objective
 from latprune.solver.problem_costs import SolveInput, min_raw_latency
 from latprune.solver.uniform import uniform_widths
 
-METHODS = ("milp", "dp", "minlp-oa", "minlp-scip", "halp", "threshold", "uniform", "brute")
-OBJECTIVES = ("auto", "importance", "distortion")
-IMPORTANCES = ("l1", "l2", "bn", "activation", "taylor")
-DISTORTIONS = ("forward", "fisher")
-REPAIRS = ("auto", "none", "bias", "lsq")
+from latprune.options import (DISTORTIONS, IMPORTANCES, METHODS, OBJECTIVES, REPAIRS,  # noqa: F401 (re-exported)
+                              OptimizeOptions)
+
 FAMILY_KEY = "latprune.family"
 
 
@@ -58,49 +53,6 @@ class Progress:
 
     def info(self, message: str) -> None:
         pass
-
-
-@dataclass
-class OptimizeOptions:
-    budget_ms: float | None = None
-    speedup: float | None = None
-    threads: int = 1
-    lut_path: Path | None = None
-    method: str = "milp"
-    step: int | None = None  # None: the backend's preferred multiple (profiler.fingerprint)
-    max_candidates: int = 16
-    grid_points: int = 5
-    # How table cells are timed: 'in-graph' (kernels of whole pruned models under ONNX
-    # Runtime's profiler, profiler/ingraph.py) or 'isolated' (one-layer models). Separate tables.
-    timing: str = "in-graph"
-    # 'auto': with the distortion objective, blocks are priced and allowed; with importance,
-    # widths only unless the budget needs block removal. 'yes' / 'no' force it.
-    # Removing whole blocks costs more accuracy without fine-tuning than narrowing them.
-    remove_blocks: str = "auto"
-    rounds: int = 4
-    time_limit_s: float = 60.0
-    importance: str = "l1"  # channel ranking: l1 | l2 | bn | activation | taylor
-    measure_processes: int = 2  # fresh processes per end-to-end check (see profiler.compare)
-    # Data-driven pruning (issue 4). auto: distortion objective and lsq repair when calibration
-    # inputs are given, else retained magnitude importance and no repair.
-    objective: str = "auto"
-    distortion: str = "forward"  # forward: measured curves; fisher: Gauss–Newton estimate
-    calib: str | None = None  # .npz path or "noise" (latprune.calibration)
-    calib_samples: int = 256
-    repair: str = "auto"
-    flops_ratio: float | None = None  # budget: this share of the dense model's FLOPs
-    params_ratio: float | None = None  # budget: this share of the dense model's parameters
-    # Names the report shows instead of the model, table and calibration paths (the service
-    # shows its ids, never its files). None: the paths.
-    model_label: str | None = None
-    lut_label: str | None = None
-    calib_label: str | None = None
-
-    def resolved_objective(self) -> str:
-        return self.objective if self.objective != "auto" else ("distortion" if self.calib else "importance")
-
-    def resolved_repair(self) -> str:
-        return self.repair if self.repair != "auto" else ("lsq" if self.calib else "none")
 
 
 def model_family(model: onnx.ModelProto, data: bytes) -> str:
@@ -147,19 +99,29 @@ def check_options(opts: OptimizeOptions) -> None:
                          "calibration inputs: --calib FILE.npz (or --calib noise for the zero-data mode)")
 
 
-def resolve_step(step: int | None) -> int:
-    """`step`, or the CPU backend's preferred channel multiple when None."""
+def make_backend(name: str = "ort-cpu", threads: int = 1, precision: str | None = None):
+    """The backend called `name`, checked: BackendUnavailable (one line naming the missing
+    package or device) when its runtime cannot run here."""
+    from latprune.profiler.backends import get_backend
+
+    backend = get_backend(name, threads=threads, precision=precision)
+    backend.check()
+    return backend
+
+
+def resolve_step(step: int | None, backend=None) -> int:
+    """`step`, or the backend's preferred channel multiple (probed on the device, cached) when
+    None; without a backend, ONNX Runtime on this CPU."""
     if step is not None:
         return step
-    from latprune.profiler.fingerprint import preferred_channel_step
-    return preferred_channel_step()
+    return (backend or make_backend()).channel_step()
 
 
 def prepare(model_path: Path, step: int | None = None, max_candidates: int = 16,
-            importance: str = "l1") -> tuple[onnx.ModelProto, bytes, Analysis]:
+            importance: str = "l1", backend=None) -> tuple[onnx.ModelProto, bytes, Analysis]:
     """Load, validate and analyse a model; fill importance. Raises InputError on bad input.
     `step` None: the backend's preferred channel multiple."""
-    step = resolve_step(step)
+    step = resolve_step(step, backend)
     model = load_model(model_path)
     data = Path(model_path).read_bytes()
     analysis = analyse(model, step=step, max_candidates=max_candidates, model_name=Path(model_path).stem)
@@ -255,21 +217,29 @@ def _fisher_curves(analysis: Analysis, x, orders) -> tuple[dict, dict]:
     return values, blocks
 
 
-def open_table(lut_path: Path | None, threads: int, timing: str = "in-graph") -> LatencyTable:
+def open_table(lut_path: Path | None, backend, timing: str = "in-graph") -> LatencyTable:
+    """The latency table of `backend` (its fingerprint with the `timing` method) in the SQLite
+    file `lut_path` (default: $LATPRUNE_HOME/lut.sqlite)."""
+    from latprune.profiler.backends import as_backend
+
     if timing not in TIMINGS:
         raise InputError(f"--timing must be one of {', '.join(TIMINGS)}, not {timing!r}")
-    return LatencyTable(lut_path or default_lut_path(), cpu_fingerprint(threads=threads, timing=timing))
+    return LatencyTable(lut_path or default_lut_path(), as_backend(backend).fingerprint(timing=timing))
 
 
-def ensure_profiled(problem: Problem, table: LatencyTable, threads: int, points: int,
+def ensure_profiled(problem: Problem, table: LatencyTable, backend, points: int,
                     progress: Progress, analysis: Analysis | None = None, family: str | None = None,
                     passes: int = 1, refine: bool = False) -> int:
     """Measure the grid cells the table lacks for `problem`: inside whole pruned models when
     the table is an in-graph one (needs `analysis`), and alone for any cell no run reached.
     Then, with `refine`, the cells at the widths lut.predict.refine_widths adds where
     interpolation between grid widths is uncertain. The in-graph runs also record the time
-    outside the layers for `family` (table.overhead). Returns the cells measured."""
-    in_graph = table.fingerprint.get("timing") == TIMING_IN_GRAPH
+    outside the layers for `family` (table.overhead). Returns the cells measured. `backend`:
+    the runtime (an int: ONNX Runtime on this CPU with that many threads)."""
+    from latprune.profiler.backends import as_backend
+
+    backend = as_backend(backend)
+    in_graph = table.fingerprint.get("timing") == backend.timing_labels.get("in-graph")
     runs: list = []
 
     def fill(todo: list, what: str, extra: dict[int, list[int]] | None = None) -> int:
@@ -280,12 +250,12 @@ def ensure_profiled(problem: Problem, table: LatencyTable, threads: int, points:
             from latprune.ingraph_profile import profile_in_graph
 
             progress.stage(f"profiling {len(todo)} {what} inside pruned copies of the model")
-            n, done = profile_in_graph(table, analysis, todo, threads, points, progress.advance, passes=passes)
+            n, done = profile_in_graph(table, analysis, todo, backend, points, progress.advance, passes=passes)
             runs.extend(done)
             todo = missing_cells(problem, table, points, extra)
         if todo:
             progress.stage(f"profiling {len(todo)} {what} one layer at a time")
-            n += profile_cells(table, todo, threads, progress.advance)
+            n += profile_cells(table, todo, backend, progress.advance)
         return n
 
     n = fill(missing_cells(problem, table, points), "layer cells")
@@ -332,33 +302,121 @@ def _tag(model: onnx.ModelProto, family: str) -> onnx.ModelProto:
     return model
 
 
+class _Measurer:
+    """End-to-end measurements through the backend: each ONNX model is built into the
+    backend's artifact first (ONNX Runtime: the file itself; OpenVINO: IR; TensorRT: an engine)
+    and the artifacts are timed side by side in fresh processes, so what is measured is what
+    is delivered."""
+
+    def __init__(self, backend, work: Path) -> None:
+        self.backend, self.work = backend, work
+        self.built: dict[Path, Path] = {}
+
+    def artifact(self, onnx_path: Path) -> Path:
+        onnx_path = Path(onnx_path)
+        if onnx_path not in self.built:
+            folder = Path(tempfile.mkdtemp(dir=self.work, prefix="artifact-"))
+            self.built[onnx_path] = self.backend.build(onnx_path, folder)
+        return self.built[onnx_path]
+
+    def forget(self, onnx_path: Path) -> None:
+        """`onnx_path` was rewritten: build it again next time."""
+        self.built.pop(Path(onnx_path), None)
+
+    def measure(self, models: dict[str, Path], processes: int):
+        return self.backend.measure_side_by_side({k: self.artifact(v) for k, v in models.items()}, processes)
+
+
+@dataclass
+class OptimizeResult:
+    """What `optimize_model` returns: the plan, the pruned model, the report, and the
+    backend's artifact of the pruned model (files in `artifact_dir`, removed by `close`)."""
+
+    plan: Plan
+    pruned: onnx.ModelProto
+    report: dict
+    artifacts: list[Path]
+    artifact_dir: Path | None = None
+
+    def close(self) -> None:
+        if self.artifact_dir is not None:
+            shutil.rmtree(self.artifact_dir, ignore_errors=True)
+
+
 def optimize(model_path: Path, out_dir: Path, opts: OptimizeOptions,
              progress: Progress | None = None) -> dict:
-    """Run the whole pipeline; write pruned.onnx, plan.json, report.json into out_dir.
-    Returns the report. Nothing is written to out_dir unless the run succeeds."""
+    """Run the whole pipeline (optimize_model) and write its result into out_dir
+    (write_result). Returns the report. Nothing is written to out_dir unless the run succeeds."""
+    result = optimize_model(model_path, opts, progress)
+    try:
+        write_result(result, out_dir)
+    finally:
+        result.close()
+    return result.report
+
+
+def optimize_model(model_path: Path, opts: OptimizeOptions, progress: Progress | None = None) -> OptimizeResult:
+    """Analyse, profile, score, solve, prune and measure `model_path` on the options' backend."""
     progress = progress or Progress()
     wall0 = time.perf_counter()
     check_options(opts)
-    opts = dataclasses.replace(opts, step=resolve_step(opts.step))
+    backend = make_backend(opts.backend, opts.threads, opts.precision)
+    if opts.step is None:
+        progress.stage(f"probing the channel multiple {backend.name} runs fastest at")
+    opts = opts.replace(step=resolve_step(opts.step, backend))
     progress.stage("analysing the model")
-    model, data, analysis = prepare(model_path, opts.step, opts.max_candidates, opts.importance)
+    model, data, analysis = prepare(model_path, opts.step, opts.max_candidates, opts.importance, backend)
     prob = analysis.problem
     if not any(g.prunable for g in prob.groups):
         raise InputError(f"{model_path}: no prunable channel groups (see the analysis notes)")
     family = model_family(model, data)
     scoring = score(analysis, opts, progress)
-    if opts.flops_ratio is not None or opts.params_ratio is not None:
-        return _optimize_counts(model_path, out_dir, opts, analysis, scoring, family, progress, wall0)
-    table = open_table(opts.lut_path, opts.threads, opts.timing)
+    keep = Path(tempfile.mkdtemp(prefix="latprune-artifact-"))
     work = Path(tempfile.mkdtemp(prefix="latprune-"))
     try:
-        n_measured = ensure_profiled(prob, table, opts.threads, opts.grid_points, progress, analysis, family)
+        measurer = _Measurer(backend, work)
+        if opts.flops_ratio is not None or opts.params_ratio is not None:
+            plan, pruned, report = _optimize_counts(model_path, opts, analysis, scoring, family, progress, wall0,
+                                                     measurer)
+        else:
+            plan, pruned, report = _optimize_latency(model_path, opts, analysis, scoring, family, progress, wall0,
+                                                      measurer, backend)
+        save_model_atomic(pruned, work / "final.onnx")
+        artifact = measurer.artifact(work / "final.onnx")
+        artifacts = _keep_artifact(artifact, keep) if artifact != work / "final.onnx" else []
+        report["backend"] = {"name": backend.name, "precision": backend.fingerprint(timing=opts.timing).get("precision"),
+                             "artifacts": ["pruned.onnx"] + [p.name for p in artifacts]}
+        return OptimizeResult(plan, pruned, report, artifacts, keep)
+    except BaseException:
+        shutil.rmtree(keep, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _keep_artifact(artifact: Path, keep: Path) -> list[Path]:
+    """Copy the artifact (and its sibling files of the same stem, e.g. an IR's .bin) into
+    `keep`, named pruned.<suffix>."""
+    out = []
+    for f in sorted(artifact.parent.glob(artifact.stem + ".*")):
+        dst = keep / ("pruned" + f.suffix)
+        shutil.copyfile(f, dst)
+        out.append(dst)
+    return out
+
+
+def _optimize_latency(model_path, opts, analysis, scoring, family, progress, wall0, measurer, backend):
+    prob = analysis.problem
+    work = measurer.work
+    table = open_table(opts.lut_path, backend, opts.timing)
+    try:
+        n_measured = ensure_profiled(prob, table, backend, opts.grid_points, progress, analysis, family)
         progress.stage("measuring the dense model")
-        dense = compare_in_subprocesses({"dense": Path(model_path)}, opts.threads, processes=1)["dense"]
+        dense = measurer.measure({"dense": Path(model_path)}, processes=1)["dense"]
         budget = opts.budget_ms if opts.budget_ms is not None else dense.median_ms / opts.speedup
         costs = layer_costs(prob, table)
         progress.stage("calibrating the latency model (uniform 1.0, 0.75, 0.5 side by side)")
-        points = _calibration_points(model_path, analysis, table, opts.threads, work)
+        points = _calibration_points(model_path, analysis, table, measurer)
         for raw, ms, mel in points:
             table.add_calibration(family, raw, ms, mel)
         cal = fit_calibration(*zip(*points), overhead=table.overhead(family))
@@ -391,8 +449,9 @@ def optimize(model_path: Path, out_dir: Path, opts: OptimizeOptions,
             # Pruned and dense are timed side by side in fresh processes: a --speedup budget is
             # checked as a ratio to the dense latency measured alongside (see profiler.compare).
             save_model_atomic(pruned, work / "pruned.onnx")
-            timed = compare_in_subprocesses({"dense": Path(model_path), "pruned": work / "pruned.onnx"},
-                                            opts.threads, processes=opts.measure_processes)
+            measurer.forget(work / "pruned.onnx")
+            timed = measurer.measure({"dense": Path(model_path), "pruned": work / "pruned.onnx"},
+                                     processes=opts.measure_processes)
             measured, dense = timed["pruned"], timed["dense"]
             if opts.speedup is not None:
                 budget = dense.median_ms / opts.speedup
@@ -419,11 +478,9 @@ def optimize(model_path: Path, out_dir: Path, opts: OptimizeOptions,
         report = _report(model_path, prob, table, plan, dense, budget, measured_ms, p90_ms,
                          cal, rounds, opts, n_measured, analysis, wall0)
         _add_scoring(report, scoring)
-        _write_outputs(out_dir, pruned, plan, report)
-        return report
+        return plan, pruned, report
     finally:
         table.close()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _solve_input(prob, costs, target, cal, allow_blocks, opts, scoring) -> SolveInput:
@@ -455,7 +512,7 @@ def _add_scoring(report: dict, scoring: Scoring) -> None:
     report["scoring"] = info
 
 
-def _optimize_counts(model_path, out_dir, opts, analysis, scoring, family, progress, wall0) -> dict:
+def _optimize_counts(model_path, opts, analysis, scoring, family, progress, wall0, measurer):
     """FLOPs or parameter budget: one solve over analytic costs, then apply, repair, measure."""
     from latprune.solver.budgets import analytic_costs, dense_count
 
@@ -473,14 +530,10 @@ def _optimize_counts(model_path, out_dir, opts, analysis, scoring, family, progr
     progress.stage(f"solving ({opts.method}) for {ratio:g}× the dense {kind}")
     plan = solve(inp, opts.method)
     pruned = _tag(_repaired(analysis, plan, scoring, progress), family)
-    work = Path(tempfile.mkdtemp(prefix="latprune-"))
-    try:
-        save_model_atomic(pruned, work / "pruned.onnx")
-        progress.stage("measuring pruned and dense side by side")
-        timed = compare_in_subprocesses({"dense": Path(model_path), "pruned": work / "pruned.onnx"},
-                                        opts.threads, processes=opts.measure_processes)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    save_model_atomic(pruned, measurer.work / "pruned.onnx")
+    progress.stage("measuring pruned and dense side by side")
+    timed = measurer.measure({"dense": Path(model_path), "pruned": measurer.work / "pruned.onnx"},
+                             processes=opts.measure_processes)
     achieved = plan.predicted_ms  # scale 1, offset 0: the count itself
     unit = "MFLOPs" if kind == "flops" else "M parameters"
     report = {
@@ -498,18 +551,18 @@ def _optimize_counts(model_path, out_dir, opts, analysis, scoring, family, progr
         "notes": analysis.notes, "wall_seconds": time.perf_counter() - wall0, "warnings": [],
     }
     _add_scoring(report, scoring)
-    _write_outputs(out_dir, pruned, plan, report)
-    return report
+    return plan, pruned, report
 
 
 CALIBRATION_RATIOS = (1.0, 0.75, 0.5)
 
 
-def _calibration_points(model_path: Path, analysis: Analysis, table: LatencyTable, threads: int,
-                        work: Path) -> list[tuple[float, float, float]]:
+def _calibration_points(model_path: Path, analysis: Analysis, table: LatencyTable,
+                        measurer: _Measurer) -> list[tuple[float, float, float]]:
     """(layer sum ms, measured ms, overhead Melements) of the model at uniform keep-ratios
     1.0, 0.75 and 0.5, timed side by side in a fresh process."""
     prob = analysis.problem
+    work = measurer.work
     paths, widths_of = {}, {}
     for ratio in CALIBRATION_RATIOS:
         name = f"r{ratio}"
@@ -520,7 +573,7 @@ def _calibration_points(model_path: Path, analysis: Analysis, table: LatencyTabl
         save_model_atomic(apply_plan(analysis, _uniform_plan(prob, widths_of[name]), check=False),
                           work / f"{name}.onnx")
         paths[name] = work / f"{name}.onnx"
-    timed = compare_in_subprocesses(paths, threads, processes=1)
+    timed = measurer.measure(paths, processes=1)
     return [(predict_raw(prob, table, widths_of[k]), timed[k].median_ms, overhead_elements(prob, widths_of[k]))
             for k in paths]
 
@@ -547,6 +600,7 @@ def _report(model_path, prob, table, plan, dense, budget, measured_ms, p90_ms, c
             "predicted_ms": 0.0 if removed else layer_ms(table, layer, ci, co),
         })
     meets = measured_ms <= budget
+    dense_pred = cal.predict(predict_raw(prob, table), overhead_elements(prob))
     return {
         "model": opts.model_label or str(model_path),
         "device": table.fingerprint,
@@ -559,6 +613,10 @@ def _report(model_path, prob, table, plan, dense, budget, measured_ms, p90_ms, c
         "meets_budget": meets,
         "speedup": dense.median_ms / measured_ms,
         "prediction_error": (plan.predicted_ms - measured_ms) / measured_ms,
+        # The same prediction as a share of the dense model's, against the measured share (dense
+        # timed alongside): free of the machine's speed drifting between calibration and check.
+        "dense_predicted_ms": dense_pred,
+        "ratio_error": (plan.predicted_ms / dense_pred) / (measured_ms / dense.median_ms) - 1 if dense_pred > 0 else None,
         "solver": {"method": plan.method, "seconds": plan.solve_seconds, "status": plan.status,
                    "gap": plan.gap, "objective": plan.objective},
         "rounds": rounds,
@@ -580,36 +638,45 @@ def _report(model_path, prob, table, plan, dense, budget, measured_ms, p90_ms, c
     }
 
 
-def _write_outputs(out_dir: Path, pruned: onnx.ModelProto, plan: Plan, report: dict) -> None:
+def write_result(result: OptimizeResult, out_dir: Path) -> None:
+    """Write pruned.onnx, plan.json, report.json, report.html and the backend's artifact
+    (OpenVINO: pruned.xml + pruned.bin; TensorRT: pruned.engine) into out_dir; every file is
+    written in a hidden folder first, so a failure leaves nothing half-written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".partial-"))
     try:
-        save_model_atomic(pruned, tmp / "pruned.onnx")
-        (tmp / "plan.json").write_text(plan.to_json())
-        (tmp / "report.json").write_text(json.dumps(report, indent=1))
+        save_model_atomic(result.pruned, tmp / "pruned.onnx")
+        (tmp / "plan.json").write_text(result.plan.to_json())
+        (tmp / "report.json").write_text(json.dumps(result.report, indent=1))
         from latprune.report_html import render_report_html
-        (tmp / "report.html").write_text(render_report_html(report, json.loads(plan.to_json())),
+        (tmp / "report.html").write_text(render_report_html(result.report, json.loads(result.plan.to_json())),
                                          encoding="utf-8")
-        for name in ("pruned.onnx", "plan.json", "report.json", "report.html"):
+        names = ["pruned.onnx", "plan.json", "report.json", "report.html"]
+        for artifact in result.artifacts:
+            shutil.copyfile(artifact, tmp / artifact.name)
+            names.append(artifact.name)
+        for name in names:
             os.replace(tmp / name, out_dir / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def predict_model(model_path: Path, lut_path: Path | None, threads: int = 1, timing: str = "in-graph") -> dict:
+def predict_model(model_path: Path, lut_path: Path | None, threads: int = 1, timing: str = "in-graph",
+                  backend: str = "ort-cpu", precision: str | None = None) -> dict:
     """Predicted latency (ms) of any model whose layer signatures the table covers."""
     model = load_model(model_path)
     data = Path(model_path).read_bytes()
+    runtime = make_backend(backend, threads, precision)
     analysis = analyse(model, model_name=Path(model_path).stem)
     prob = analysis.problem
-    table = open_table(lut_path, threads, timing)
+    table = open_table(lut_path, runtime, timing)
     try:
         missing = [layer.name for layer in prob.layers if not table.cells(layer.spec.signature())]
         if missing:
             raise InputError(
                 f"the table lacks {len(missing)} of {len(prob.layers)} layers (e.g. {missing[0]}); "
-                f"run: latprune profile {model_path} --lut {table.path} --timing {timing}")
+                f"run: latprune profile {model_path} --lut {table.path} --timing {timing} --backend {runtime.name}")
         dense = {g.id: g.size for g in prob.groups}
         raw = sum(layer_ms(table, layer, layer.c_in.width(dense), layer.c_out.width(dense))
                   for layer in prob.layers)
@@ -623,27 +690,29 @@ def predict_model(model_path: Path, lut_path: Path | None, threads: int = 1, tim
 
 def profile_model(model_path: Path, lut_path: Path | None, threads: int = 1, points: int = 5,
                   progress: Progress | None = None, timing: str = "in-graph", passes: int = 1,
-                  refine: bool = False) -> dict:
+                  refine: bool = False, backend: str = "ort-cpu", precision: str | None = None,
+                  step: int | None = None) -> dict:
     """Fill the table with the cells this model needs (with `refine`, also where interpolation
     bends: see ensure_profiled), and record its calibration points."""
     progress = progress or Progress()
-    model, data, analysis = prepare(model_path)
+    runtime = make_backend(backend, threads, precision)
+    model, data, analysis = prepare(model_path, step, backend=runtime)
     prob = analysis.problem
-    table = open_table(lut_path, threads, timing)
+    table = open_table(lut_path, runtime, timing)
     try:
         family = model_family(model, data)
         if passes < 1:
             raise InputError(f"--passes must be at least 1, not {passes}")
-        n = ensure_profiled(prob, table, threads, points, progress, analysis, family, passes, refine)
+        n = ensure_profiled(prob, table, runtime, points, progress, analysis, family, passes, refine)
         progress.stage("measuring end to end for calibration")
         if any(g.prunable for g in prob.groups):
             work = Path(tempfile.mkdtemp(prefix="latprune-"))
             try:
-                points = _calibration_points(model_path, analysis, table, threads, work)
+                points = _calibration_points(model_path, analysis, table, _Measurer(runtime, work))
             finally:
                 shutil.rmtree(work, ignore_errors=True)
         else:
-            points = [(predict_raw(prob, table), measure_model(data, threads).median_ms, overhead_elements(prob))]
+            points = [(predict_raw(prob, table), runtime.measure(data).median_ms, overhead_elements(prob))]
         for raw, ms, mel in points:
             table.add_calibration(family, raw, ms, mel)
         return {"cells_measured": n, "cells_total": table.count(), "lut": str(table.path)}

@@ -1,11 +1,11 @@
-"""In-graph kernel timing: a whole model runs under ONNX Runtime's profiler and each kernel's
-time is attributed to a layer by name.
+"""In-graph kernel timing: a whole model runs under its runtime's profiler and each kernel's
+time is attributed to a layer (the backend's `profiled` model: ONNX Runtime's profiler events,
+OpenVINO's performance counters; each maps kernels back to ONNX nodes by its own fusion
+records, profiler/backends/).
 
 Why: a layer timed alone (profiler/layers.py) pays layout reorders at its input and output
 and runs on a cold cache, which a layer inside the model does not; on this AVX-512 CPU the sum
-of isolated layers missed whole-model latency by 6-44% (NOTES.md). ONNX Runtime's profiler
-reports every kernel of a run with the name of the node it executes (after fusion: the output
-of the last node fused into it, plus `_nchwc` for blocked convs). The caller gives the names
+of isolated layers missed whole-model latency by 6-44% (NOTES.md). The caller gives the names
 that belong to each layer (latprune/ingraph_profile.py builds them from the graph analysis); a
 kernel that maps to no layer (pooling, reorders, flatten) is overhead. Models are profiled
 in interleaved rounds beside a reference model, whose time undoes the machine's slow phases.
@@ -14,18 +14,12 @@ Nothing here knows about pruning: it times the models it is given.
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 import tempfile
-import time
-from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import onnx
 
 
 @dataclass
@@ -43,94 +37,6 @@ class ConfigTiming:
     phase_ms: float = 0.0  # the reference model's kernel time in the same rounds (profile_interleaved)
     reference_ms: float = 0.0  # the reference time all times were scaled to (profile_interleaved)
     runs: int = 0  # profiled runs behind each kernel median
-
-
-def _kernel_name(event_name: str) -> str:
-    """The node (or tensor) name a kernel event refers to: without `_kernel_time`, the
-    `_nchwc` of blocked convs and a trailing `/<Name>Fusion/` that ONNX Runtime appends to the
-    node a fusion kept (x·sigmoid(x) runs as `<Mul node>/QuickGeluFusion/`)."""
-    base = event_name[: -len("_kernel_time")]
-    base = re.sub(r"/[A-Za-z]+Fusion/?$", "", base)
-    return base[: -len("_nchwc")] if base.endswith("_nchwc") else base
-
-
-# Kernels that move data between layouts: overhead, never a layer's (NCHWc reorders).
-_LAYOUT_OPS = {"ReorderInput", "ReorderOutput", "Transpose"}
-
-
-def _fused_outputs(path: str) -> dict[str, list[str]]:
-    """{node name: output tensors} of the nodes ONNX Runtime created in its optimised graph
-    (names it made up, e.g. `Gelu_token_3`), layout reorders left out; {} if it wrote none."""
-    try:
-        graph = onnx.load(path, load_external_data=False).graph
-    except Exception:  # pragma: no cover - written by ONNX Runtime itself
-        return {}
-    return {n.name: list(n.output) for n in graph.node if n.op_type not in _LAYOUT_OPS}
-
-
-class _Profiled:
-    """One model open twice: under ONNX Runtime's profiler (kernel times) and plain (end-to-end
-    time of the same moments)."""
-
-    fused_outputs: dict[str, list[str]] = {}  # nodes ONNX Runtime made -> the tensors they write
-
-    def __init__(self, data: bytes, threads: int, prefix: str):
-        from latprune.profiler.onnxrt import make_session, random_feed, session_options
-
-        opts = session_options(threads)
-        opts.enable_profiling = True
-        opts.profile_file_prefix = prefix
-        # ONNX Runtime's optimised graph, to map the kernels of nodes its fusions made (a GELU
-        # written out in five nodes runs as one `Gelu_token_N`) to the tensors they write.
-        optimized = prefix + "_optimized.onnx"
-        opts.optimized_model_filepath = optimized
-        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                      os.path.basename(prefix) + "_optimized.bin")
-        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "64")
-        self.profiled = make_session(data, threads, opts)
-        self.fused_outputs = _fused_outputs(optimized)
-        self.feed = random_feed(self.profiled)
-        self.plain = make_session(data, threads)
-        self.plain_feed = random_feed(self.plain)
-        self.plain_ms: list[float] = []
-        self.runs = 0
-
-    def run(self, timed: bool = True) -> float:
-        """One profiled run and one plain run (counted unless warming up); the plain run's ms."""
-        self.profiled.run(None, self.feed)
-        t0 = time.perf_counter()
-        self.plain.run(None, self.plain_feed)
-        ms = (time.perf_counter() - t0) * 1e3
-        if timed:
-            self.plain_ms.append(ms)
-            self.runs += 1
-        return ms
-
-    def finish(self, names: dict[str, int], widths: dict[int, int] | None) -> ConfigTiming:
-        """Kernel medians over the timed runs (each kernel logs one event per run, warm-up
-        runs first), attributed to layers through `names`."""
-        if self.runs < 1:
-            raise ValueError("no timed run to take kernel times from")
-        events = json.loads(Path(self.profiled.end_profiling()).read_text())
-        kernel_us: dict[str, list[float]] = defaultdict(list)
-        for ev in events:
-            if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
-                kernel_us[ev["name"]].append(float(ev["dur"]))
-        layer_ms: dict[int, float] = defaultdict(float)
-        unmapped_ms, unmapped, unmapped_kernel_ms = 0.0, [], {}
-        for name, durs in kernel_us.items():
-            ms = float(np.median(durs[len(durs) - self.runs:])) / 1e3  # the timed runs only
-            index = names.get(_kernel_name(name))
-            for tensor in self.fused_outputs.get(_kernel_name(name), []) if index is None else ():
-                index = names.get(tensor, index)
-            if index is None:
-                unmapped_ms += ms
-                unmapped.append(_kernel_name(name))
-                unmapped_kernel_ms[_kernel_name(name)] = unmapped_kernel_ms.get(_kernel_name(name), 0.0) + ms
-            else:
-                layer_ms[index] += ms
-        return ConfigTiming(dict(widths or {}), dict(layer_ms), unmapped_ms, float(np.median(self.plain_ms)),
-                            unmapped, unmapped_kernel_ms, runs=self.runs)
 
 
 # How long each model is profiled: at least MIN_SECONDS of runs, between MIN_RUNS and MAX_RUNS
@@ -151,7 +57,7 @@ def profile_interleaved(items: Sequence, build: Callable[[object], bytes], refer
                         names: dict[str, int], threads: int = 1, min_seconds: float = MIN_SECONDS,
                         min_runs: int = MIN_RUNS, max_runs: int = MAX_RUNS, batch: int | None = None,
                         on_config: Callable[[ConfigTiming, float], None] | None = None,
-                        seed: int = 0, phase_ms: float | None = None) -> list[ConfigTiming]:
+                        seed: int = 0, phase_ms: float | None = None, backend=None) -> list[ConfigTiming]:
     """Profile the model `build(item)` for each item (group widths, for the caller), with times
     at the machine's median speed over the whole profile.
 
@@ -168,6 +74,9 @@ def profile_interleaved(items: Sequence, build: Callable[[object], bytes], refer
     below 1-batch measurements).
     `on_config(timing, scale)` is called for each model after its batch with the scale known
     so far; the returned timings use the final one."""
+    if backend is None:
+        from latprune.profiler.backends import get_backend
+        backend = get_backend("ort-cpu", threads=threads)
     if batch is None:  # BATCH, fewer where the sessions of BATCH copies would pass BATCH_BYTES
         batch = int(np.clip(BATCH_BYTES // (2 * max(len(reference), 1)) - 1, 1, BATCH))
     batch = max(1, batch)
@@ -177,8 +86,8 @@ def profile_interleaved(items: Sequence, build: Callable[[object], bytes], refer
     for start in range(0, len(items), batch):
         chunk = list(items[start:start + batch])
         with tempfile.TemporaryDirectory(prefix="latprune-prof-") as tmp:
-            members = [_Profiled(reference, threads, os.path.join(tmp, "ref"))]
-            members += [_Profiled(build(item), threads, os.path.join(tmp, f"ort{j}")) for j, item in enumerate(chunk)]
+            members = [backend.profiled(reference, os.path.join(tmp, "ref"))]
+            members += [backend.profiled(build(item), os.path.join(tmp, f"m{j}")) for j, item in enumerate(chunk)]
             # warm-up; the models' plain run time sizes the rounds
             run_ms = float(np.median([min(m.run(timed=False) for _ in range(3)) for m in members]))
             rounds = max(1, int(np.clip(np.ceil(min_seconds * 1e3 / max(run_ms, 1e-3)), min_runs, max_runs)))

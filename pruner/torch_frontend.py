@@ -573,12 +573,12 @@ def optimize_module(module, example_inputs, out_dir: str | Path, opts, progress=
     report.json, report.html, and out_dir/dense.onnx (the folded export that was measured).
     `opts`: latprune.pipeline.OptimizeOptions.
     """
-    from latprune.pipeline import optimize, resolve_step
+    from latprune.pipeline import make_backend, optimize, resolve_step
 
     out_dir = Path(out_dir)
     inputs = _as_tuple(example_inputs)
-    step = resolve_step(opts.step)
-    opts = dataclasses.replace(opts, step=step)
+    step = resolve_step(opts.step, make_backend(opts.backend, opts.threads, opts.precision))
+    opts = opts.replace(step=step)
     if graph is None:
         graph = analyse_module(module, inputs, step=step, max_candidates=opts.max_candidates,
                                input_names=input_names, output_names=output_names)

@@ -125,9 +125,10 @@ def _has_tensorrt() -> bool:
 
 def register_agent_device(settings: Settings, name: str, backend: str | None = None) -> dict[str, Any]:
     """Upsert the Device row of this machine as farm device `name` (executor celery, queue
-    device.<name>). backend: None (auto: tensorrt when TensorRT works here, else
-    onnxruntime-cpu), "onnxruntime-cpu" or "tensorrt". Returns the row's fields."""
-    from latprune.profiler.fingerprint import cpu_fingerprint, gpu_fingerprint
+    device.<name>). backend: None (auto: trt when TensorRT works here, else ort-cpu), or any
+    backend name (ort-cpu, openvino, trt, ...; older names onnxruntime-cpu and tensorrt too),
+    checked to run here. Returns the row's fields."""
+    from latprune.profiler.backends import BackendUnavailable, canonical_name, get_backend
 
     try:
         name = checked_device(name)
@@ -136,14 +137,16 @@ def register_agent_device(settings: Settings, name: str, backend: str | None = N
     if name == settings.local_device and settings.executor == "inprocess":
         raise InputError(f"{name!r} is the API server's own device (its in-process worker runs it); "
                          "give the agent another name, or run the API with LATPRUNE_EXECUTOR=celery")
-    if backend not in (None, "onnxruntime-cpu", "tensorrt"):
-        raise InputError(f"backend {backend!r}: choose onnxruntime-cpu or tensorrt")
-    trt = _has_tensorrt() if backend != "onnxruntime-cpu" else False
-    if backend == "tensorrt" and not trt:
-        from latprune.profiler.backends import available
-        raise InputError(f"backend tensorrt is not usable here: {available().get('trt')}")
-    backend = "tensorrt" if trt else "onnxruntime-cpu"
-    fingerprint = gpu_fingerprint() if trt else cpu_fingerprint(threads=1)
+    try:
+        if backend is None:
+            backend = "trt" if _has_tensorrt() else "ort-cpu"
+        backend = canonical_name(backend)
+        runtime = get_backend(backend)
+        runtime.check()
+        fingerprint = runtime.fingerprint()
+    except BackendUnavailable as exc:
+        raise InputError(f"backend {backend!r} is not usable here: {exc}") from None
+    trt = backend == "trt"
     with session_scope(settings.db_url) as s:
         dev = s.get(Device, name)
         if dev is not None and dev.executor == "inprocess":

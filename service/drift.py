@@ -47,14 +47,21 @@ def reprofile_device(settings: Settings, device: str, options: dict, progress) -
     the cells of this machine's fingerprints in the device's table, replace their values, and report the drift.
     Cells timed alone are re-timed alone; in-graph cells are re-timed inside pruned copies of
     the models this device last profiled or optimised (up to 3; cells of no such model are
-    left as they are). Runs on the device itself (in-process worker or its agent)."""
-    from latprune.profiler.fingerprint import cpu_fingerprint, fingerprint_id
+    left as they are). Runs on the device itself (in-process worker or its agent), through the
+    device's backend."""
+    from latprune.profiler.backends import get_backend
+    from latprune.profiler.fingerprint import fingerprint_id
+    from latprune.service.jobs import device_backend_name
 
     path = Storage(settings.data_path).lut_path(device)
     threads = int(options.get("threads") or 1)
     max_cells = int(options.get("max_cells") or 200)
+    with session_scope(settings.db_url) as s:
+        backend = get_backend(device_backend_name(s.get(Device, device)), threads=threads,
+                              precision=options.get("precision"))
+    backend.check()
     existing = _existing_cells(path)
-    fps = {timing: cpu_fingerprint(threads=threads, timing=timing) for timing in ("isolated", "in-graph")}
+    fps = {timing: backend.fingerprint(timing=timing) for timing in ("isolated", "in-graph")}
     old = {timing: {k: v for k, v in existing.items() if k[0] == fingerprint_id(fp)} for timing, fp in fps.items()}
     if not any(old.values()):
         fp = fps["in-graph"]
@@ -63,10 +70,11 @@ def reprofile_device(settings: Settings, device: str, options: dict, progress) -
     new: dict = {}
     try:
         if old["isolated"]:
-            new.update(_retime_isolated(path, fps["isolated"], even_sample(old["isolated"], max_cells), progress))
+            new.update(_retime_isolated(path, fps["isolated"], even_sample(old["isolated"], max_cells), progress,
+                                        backend))
         if old["in-graph"]:
             new.update(_retime_in_graph(settings, device, path, fps["in-graph"],
-                                        even_sample(old["in-graph"], max_cells), threads, progress))
+                                        even_sample(old["in-graph"], max_cells), backend, progress))
     except sqlite3.DatabaseError as exc:
         raise InputError(f"the device table could not be written: {exc}") from None
     if not new:
@@ -78,9 +86,8 @@ def reprofile_device(settings: Settings, device: str, options: dict, progress) -
     return {"cells": len(new), "drift": drift, "flagged": drift["flagged"]}
 
 
-def _retime_isolated(path, fp: dict, keys: list, progress) -> dict:
+def _retime_isolated(path, fp: dict, keys: list, progress, backend) -> dict:
     from latprune.lut.store import LatencyTable
-    from latprune.profiler.layers import measure_layer
 
     progress.stage(f"re-profiling {len(keys)} cells one layer at a time")
     table = LatencyTable(path, fp)
@@ -88,7 +95,7 @@ def _retime_isolated(path, fp: dict, keys: list, progress) -> dict:
     try:
         for i, key in enumerate(keys):
             _, sig, c_in, c_out = key
-            stats = measure_layer(LayerSpec(**json.loads(sig)), c_in, c_out, fp["threads"])
+            stats = backend.time_layer(LayerSpec(**json.loads(sig)), c_in, c_out)
             table.put(sig, c_in, c_out, stats.median_ms, stats.runs)
             new[key] = stats.median_ms
             progress.advance(i + 1, len(keys))
@@ -114,7 +121,7 @@ def _device_models(settings: Settings, device: str, limit: int = 3) -> list:
     return paths[:limit]
 
 
-def _retime_in_graph(settings: Settings, device: str, path, fp: dict, keys: list, threads: int, progress) -> dict:
+def _retime_in_graph(settings: Settings, device: str, path, fp: dict, keys: list, backend, progress) -> dict:
     from latprune.ingraph_profile import measured_cells, profile_in_graph
     from latprune.lut.store import LatencyTable
     from latprune.pipeline import prepare
@@ -128,14 +135,14 @@ def _retime_in_graph(settings: Settings, device: str, path, fp: dict, keys: list
             if not wanted:
                 break
             try:
-                _, _, analysis = prepare(model_path)
+                _, _, analysis = prepare(model_path, backend=backend)
                 specs = {layer.spec.signature(): layer.spec for layer in analysis.problem.layers}
                 # this model's cells in the table, on the base grid or a refined one
                 cells = [(specs[sig], ci, co) for sig, ci, co in sorted(wanted) if sig in specs]
                 if not cells:
                     continue
                 progress.stage(f"re-profiling {len(cells)} cells inside pruned copies of a model")
-                _, runs = profile_in_graph(table, analysis, cells, threads, progress=progress.advance, remeasure=True)
+                _, runs = profile_in_graph(table, analysis, cells, backend, progress=progress.advance, remeasure=True)
             except sqlite3.DatabaseError:
                 raise
             except Exception as exc:  # one unusable model must not lose the night's run

@@ -22,12 +22,11 @@ from pathlib import Path
 from latprune.service.db import Artifact, Device, Job, now, session_scope
 from latprune.service.settings import Settings, get_settings
 from latprune.service.storage import ARTIFACT_NAMES, Storage, file_sha256
+from latprune.options import settings_fields
 from latprune.types import InputError, LatpruneError
 
-# Options a job may set, passed to pipeline.OptimizeOptions under the same names.
-OPTION_FIELDS = ("budget_ms", "speedup", "flops_ratio", "params_ratio", "method", "objective", "importance",
-                 "distortion", "repair", "step", "threads", "max_candidates", "time_limit_s", "remove_blocks",
-                 "rounds", "calib_samples", "timing")
+# Options a job may set: latprune.options.OptimizeSettings, passed on under the same names.
+OPTION_FIELDS = settings_fields()
 
 
 class JobProgress:
@@ -74,12 +73,21 @@ def _die_with_parent() -> None:
         os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
-def optimize_options(job: Job, calib_path: Path | None, lut_path: Path):
-    """The pipeline's options for a job; the report names the job's ids, not the server's files."""
+def device_backend_name(device: Device | None) -> str:
+    """The backend registry name of a device's runtime (older rows say onnxruntime-cpu)."""
+    from latprune.profiler.backends import canonical_name
+
+    return canonical_name(device.backend if device is not None and device.backend else "ort-cpu")
+
+
+def optimize_options(job: Job, calib_path: Path | None, lut_path: Path, device: Device | None = None):
+    """The pipeline's options for a job on its device's backend; the report names the job's
+    ids, not the server's files."""
     from latprune.pipeline import OptimizeOptions
 
     fields = {k: job.options[k] for k in OPTION_FIELDS if job.options.get(k) is not None}
     return OptimizeOptions(lut_path=lut_path, calib=str(calib_path) if calib_path else None,
+                           backend=device_backend_name(device),
                            measure_processes=2, model_label=job.model_id, lut_label=f"device {job.device}",
                            calib_label=job.calibration_id, **fields)
 
@@ -99,21 +107,9 @@ def _store_artifacts(settings: Settings, storage: Storage, job_id: str, src: Pat
     return names
 
 
-def _build_engine(device: Device, pruned: Path, out: Path, progress: JobProgress) -> None:
-    """A TensorRT engine of the pruned model, on devices whose agent has TensorRT."""
-    if not device.has_tensorrt:
-        return
-    from latprune.profiler.backends.trt import TensorRTBackend
-
-    progress.stage("building the TensorRT engine")
-    import onnx
-
-    (out / "model.engine").write_bytes(TensorRTBackend().build_engine(onnx.load(str(pruned))))
-
-
 def _summary(report: dict) -> dict:
     keys = ("dense_ms", "budget_ms", "predicted_ms", "measured_ms", "meets_budget", "speedup",
-            "prediction_error", "solver", "wall_seconds", "warnings", "budget")
+            "prediction_error", "solver", "wall_seconds", "warnings", "budget", "backend")
     return {k: report[k] for k in keys if k in report}
 
 
@@ -172,13 +168,14 @@ def _execute(settings: Settings, storage: Storage, job: Job, device: Device, wor
     if job.kind == "profile":
         threads = int(job.options.get("threads") or 1)
         result = pipeline.profile_model(model_path, lut_path, threads=threads, progress=progress,
-                                        timing=job.options.get("timing") or "in-graph")
+                                        timing=job.options.get("timing") or "in-graph",
+                                        backend=device_backend_name(device),
+                                        precision=job.options.get("precision"), step=job.options.get("step"))
         result["lut"] = f"device {job.device}"
         (work / "profile.json").write_text(json.dumps(result, indent=1))
         return result
     calib = storage.calibration_path(job.calibration_id) if job.calibration_id else None
-    report = pipeline.optimize(model_path, work, optimize_options(job, calib, lut_path), progress)
-    _build_engine(device, work / "pruned.onnx", work, progress)
+    report = pipeline.optimize(model_path, work, optimize_options(job, calib, lut_path, device), progress)
     return _summary(report)
 
 

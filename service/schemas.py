@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from latprune.pipeline import DISTORTIONS, IMPORTANCES, METHODS, OBJECTIVES, REPAIRS
+from latprune.options import OptimizeSettings
 from latprune.service.db import JOB_KINDS, JOB_STATES
 
 JobState = Literal[JOB_STATES]  # type: ignore[valid-type]
@@ -96,6 +96,17 @@ class DeviceRegister(BaseModel):
     # Agents register Celery devices only: an in-process device would run on the API server.
     executor: Literal["celery"] = "celery"
 
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        from latprune.profiler.backends import BackendUnavailable, canonical_name
+
+        try:
+            canonical_name(v)
+        except BackendUnavailable as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
     @field_validator("fingerprint")
     @classmethod
     def _finite(cls, v: dict[str, Any]) -> dict[str, Any]:
@@ -104,33 +115,17 @@ class DeviceRegister(BaseModel):
 
 # --- jobs --------------------------------------------------------------------------------------
 
-class JobCreate(BaseModel):
+class JobCreate(OptimizeSettings):
     """A job: `optimize` (exactly one budget) or `profile` (fill the device's latency table with
-    the cells of the model; no budget)."""
+    the cells of the model; no budget). The optimisation options are latprune.options.
+    OptimizeSettings, the same definition the CLI and the pipeline use; the runtime is the
+    device's backend."""
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     kind: Literal["optimize", "profile"] = "optimize"
     model_id: str = Field(max_length=64, description="an uploaded model of yours")
     device: str | None = Field(None, max_length=64, description="target device; default: the server's CPU")
-    budget_ms: float | None = Field(None, gt=0, le=1e6, description="latency budget, ms on the device")
-    speedup: float | None = Field(None, gt=0, le=1000, description="budget as a speedup over the dense model")
-    flops_ratio: float | None = Field(None, gt=0, le=1, description="budget: this share of the dense FLOPs")
-    params_ratio: float | None = Field(None, gt=0, le=1, description="budget: this share of the dense parameters")
-    method: Literal[METHODS] = "milp"  # type: ignore[valid-type]
-    objective: Literal[OBJECTIVES] = "auto"  # type: ignore[valid-type]
-    importance: Literal[IMPORTANCES] = "l1"  # type: ignore[valid-type]
-    distortion: Literal[DISTORTIONS] = "forward"  # type: ignore[valid-type]
-    repair: Literal[REPAIRS] = "auto"  # type: ignore[valid-type]
     calibration_id: str | None = Field(None, max_length=64, description="an uploaded calibration file of yours")
-    calib_samples: int = Field(256, ge=1, le=100_000, description="calibration inputs used at most")
-    step: int | None = Field(None, ge=1, le=1024, description="channel multiple; default: the backend's")
-    threads: int = Field(1, ge=1, le=64)
-    max_candidates: int = Field(16, ge=1, le=256, description="candidate widths per channel group")
-    time_limit_s: float = Field(60.0, gt=0, le=86_400, description="solver time limit, seconds")
-    remove_blocks: Literal["auto", "yes", "no"] = "auto"
-    rounds: int = Field(4, ge=1, le=50, description="measure/recalibrate rounds")
-    timing: Literal["in-graph", "isolated"] = Field(
-        "in-graph", description="how table cells are timed: inside pruned copies of the model, or one layer alone")
 
 
 class ArtifactOut(BaseModel):

@@ -24,7 +24,10 @@ ARTIFACT_NAMES = {
     "plan.json": "application/json",
     "report.json": "application/json",
     "report.html": "text/html",
-    "model.engine": "application/octet-stream",
+    "pruned.xml": "application/xml",  # OpenVINO IR (with pruned.bin)
+    "pruned.bin": "application/octet-stream",
+    "pruned.engine": "application/octet-stream",  # TensorRT engine
+    "model.engine": "application/octet-stream",  # jobs of earlier versions
     "profile.json": "application/json",
     "log.txt": "text/plain",
 }

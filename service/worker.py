@@ -146,17 +146,32 @@ def recover_stale(settings: Settings, own_worker_prefix: str = "") -> list[str]:
     return requeued
 
 
+def local_devices(settings: Settings) -> dict[str, str]:
+    """{device name: backend} of this machine's in-process devices: `local_device` on ONNX
+    Runtime, and `<local_device>-openvino` where OpenVINO is installed."""
+    from latprune.profiler.backends import BackendUnavailable, get_backend
+
+    out = {settings.local_device: "ort-cpu"}
+    try:
+        get_backend("openvino").check()
+        out[f"{settings.local_device}-openvino"] = "openvino"
+    except BackendUnavailable:
+        pass
+    return out
+
+
 def register_local_device(settings: Settings) -> None:
-    """Upsert the Device row of this machine's CPU (ONNX Runtime, 1 thread)."""
-    from latprune.profiler.fingerprint import cpu_fingerprint
+    """Upsert the Device rows of this machine's CPU backends (local_devices; 1 thread)."""
+    from latprune.profiler.backends import get_backend
 
     with session_scope(settings.db_url) as s:
-        dev = s.get(Device, settings.local_device)
-        if dev is None:
-            dev = Device(name=settings.local_device)
-            s.add(dev)
-        dev.executor, dev.queue, dev.backend = "inprocess", "", "onnxruntime-cpu"
-        dev.fingerprint, dev.has_tensorrt, dev.last_seen_at = cpu_fingerprint(threads=1), False, now()
+        for name, backend in local_devices(settings).items():
+            dev = s.get(Device, name)
+            if dev is None:
+                dev = Device(name=name)
+                s.add(dev)
+            dev.executor, dev.queue, dev.backend = "inprocess", "", backend
+            dev.fingerprint, dev.has_tensorrt, dev.last_seen_at = get_backend(backend).fingerprint(), False, now()
 
 
 _pools: list["WorkerPool"] = []

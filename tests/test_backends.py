@@ -31,7 +31,7 @@ def test_unknown_backend_is_a_clear_error():
 def test_available_reports_every_backend_without_raising():
     status = available()
     assert status["ort-cpu"] == "ok"
-    assert set(status) == {"ort-cpu", "ort-cuda", "ort-trt", "trt", "torch"}
+    assert set(status) == {"ort-cpu", "openvino", "ort-cuda", "ort-trt", "trt", "torch"}
     if not HAS_GPU:
         for name in ("ort-cuda", "ort-trt", "trt"):
             assert status[name] != "ok" and status[name]  # says why

@@ -177,8 +177,17 @@ def test_interleaved_rounds_are_sized_by_time_and_scaled_to_the_median_phase():
     assert {t.runs for t in profile_interleaved(items[:1], min_seconds=60, min_runs=4, max_runs=6, **common)} == {6}
 
 
+class _FakeBackend:
+    """A backend whose profiled models are _FakeProfiled."""
+
+    threads = 1
+
+    def profiled(self, data: bytes, prefix: str):
+        return _FakeProfiled(data, 1, prefix)
+
+
 class _FakeProfiled:
-    """Stands in for profiler.ingraph._Profiled: the model bytes say what it is; every plain
+    """Stands in for a backend's ProfiledModel: the model bytes say what it is; every plain
     run takes RUN_MS; kernel times are known (the reference's differ from batch to batch)."""
 
     RUN_MS = 4.0
@@ -207,12 +216,11 @@ def test_interleaving_uses_the_reference_of_each_batch_and_sizes_rounds_and_batc
 
     import latprune.profiler.ingraph as ingraph
 
-    monkeypatch.setattr(ingraph, "_Profiled", _FakeProfiled)
     _FakeProfiled.opened = []
     monkeypatch.setattr(ingraph, "BATCH_BYTES", 2 * 3 * len(b"ref"))  # room for 3 models: ref + 2
     items = [{0: ms} for ms in (1, 2, 3, 4, 5)]  # group widths, here the copy's kernel ms too
     out = ingraph.profile_interleaved(items, lambda w: b"m%d" % w[0], b"ref", {}, min_seconds=0.1,
-                                      min_runs=2, max_runs=1000)
+                                      min_runs=2, max_runs=1000, backend=_FakeBackend())
     assert _FakeProfiled.opened == [[b"ref", b"m1", b"m2"], [b"ref", b"m3", b"m4"], [b"ref", b"m5"]]
     assert {t.runs for t in out} == {math.ceil(0.1 * 1e3 / _FakeProfiled.RUN_MS)}  # 25 rounds, between the limits
     # the reference's kernel sum in batches 1, 2, 3 is 10, 20, 30 ms: the median is 20
@@ -224,7 +232,7 @@ def test_interleaving_uses_the_reference_of_each_batch_and_sizes_rounds_and_batc
     # an earlier profile's scale: every batch goes to it instead of this profile's median
     _FakeProfiled.opened = []
     anchored = ingraph.profile_interleaved(items, lambda w: b"m%d" % w[0], b"ref", {}, min_seconds=0.1,
-                                           min_runs=2, max_runs=1000, phase_ms=40.0)
+                                           min_runs=2, max_runs=1000, phase_ms=40.0, backend=_FakeBackend())
     assert [t.layer_ms[0] for t in anchored] == pytest.approx([w[0] * 40.0 / t.phase_ms for w, t in zip(items, anchored)])
     assert {t.reference_ms for t in anchored} == {40.0}
 
@@ -233,7 +241,7 @@ def test_kernel_medians_skip_the_warmup_runs(tmp_path):
     """Each kernel logs one event per run, warm-up runs first: only the timed ones count."""
     import json
 
-    from latprune.profiler.ingraph import _Profiled
+    from latprune.profiler.backends.onnxrt import OrtProfiled as _Profiled
 
     events = []
     for run, dur in enumerate([9000, 9000, 100, 110, 120]):  # 2 slow warm-up runs, then 3 timed

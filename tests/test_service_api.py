@@ -395,8 +395,12 @@ def test_devices_and_tables(make_api):
     c = api.client
     user, agent = api.token("alice"), api.token("farm", role="agent")
     local = api.settings.local_device
-    devs = c.get("/v1/devices", headers=user).json()
-    assert [d["name"] for d in devs] == [local] and devs[0]["executor"] == "inprocess"
+    devs = {d["name"]: d for d in c.get("/v1/devices", headers=user).json()}
+    assert devs[local]["executor"] == "inprocess" and devs[local]["backend"] == "ort-cpu"
+    # OpenVINO (a test dependency) gives the server a second in-process device
+    assert set(devs) == {local, f"{local}-openvino"}
+    assert devs[f"{local}-openvino"]["backend"] == "openvino"
+    assert devs[f"{local}-openvino"]["fingerprint"]["runtime"].startswith("openvino")
     assert c.get(f"/v1/devices/{local}", headers=user).json()["tables"] == []
 
     reg = {"backend": "tensorrt", "fingerprint": {"gpu": "Test GPU"}, "has_tensorrt": True}
@@ -406,6 +410,7 @@ def test_devices_and_tables(make_api):
     assert_error(c.put("/v1/devices/farm-1", content=b'{"fingerprint": {"x": NaN}}',
                        headers={**agent, "Content-Type": "application/json"}), 422)
     assert_error(c.put("/v1/devices/bad%20name", json=reg, headers=agent), 422)
+    assert_error(c.put("/v1/devices/farm-1", json={**reg, "backend": "coreml"}, headers=agent), 422)
     r = c.put("/v1/devices/farm-1", json=reg, headers=agent)
     assert r.status_code == 201 and r.json()["queue"] == "device.farm-1" and r.json()["executor"] == "celery"
     assert c.put("/v1/devices/farm-1", json=reg, headers=agent).status_code == 200
@@ -441,7 +446,7 @@ def test_devices_and_tables(make_api):
 def test_table_upload_limit(make_api):
     api = make_api(max_table_upload_mb=1)
     agent = api.token("farm", role="agent")
-    api.client.put("/v1/devices/farm-1", json={"backend": "x"}, headers=agent)
+    api.client.put("/v1/devices/farm-1", json={"backend": "ort-cpu"}, headers=agent)
     big = b'{"format": "latprune-lut", "version": 1, "tables": [], "pad": "' + b"a" * (2 * 2**20) + b'"}'
     r = api.client.post("/v1/devices/farm-1/tables", content=big, headers={**agent, "Content-Type": "application/json"})
     assert_error(r, 413)
@@ -525,7 +530,7 @@ def test_review_findings_stay_fixed(make_api, model_bytes):
     c = api.client
     user, agent = api.token("alice"), api.token("farm", role="agent")
     ah = {**agent, "Content-Type": "application/json"}
-    assert c.put("/v1/devices/farm-1", json={"backend": "x"}, headers=agent).status_code == 201
+    assert c.put("/v1/devices/farm-1", json={"backend": "ort-cpu"}, headers=agent).status_code == 201
     surrogate = json.dumps(_table()).replace('"fingerprint": {', '"fingerprint": {"a": "\\ud800", ', 1)
     huge = json.dumps(_table()).replace('"runs": 10', '"runs": 1' + "0" * 400, 1)
     no_tables = '{"format": "latprune-lut", "version": 1}'  # found by schemathesis (was a 500)

@@ -165,7 +165,7 @@ def test_profile_job_runs_on_the_agent(farm, farm_model, running_agent):
 
     with db.session_scope(farm.settings.db_url) as s:
         dev = s.get(db.Device, DEVICE)
-        assert (dev.executor, dev.queue, dev.backend) == ("celery", f"device.{DEVICE}", "onnxruntime-cpu")
+        assert (dev.executor, dev.queue, dev.backend) == ("celery", f"device.{DEVICE}", "ort-cpu")
         assert dev.fingerprint["device"] == "cpu" and not dev.has_tensorrt
     owner, model_id = farm_model
     job_id = farm.submit("profile", owner, model_id, {"threads": 1})

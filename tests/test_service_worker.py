@@ -206,25 +206,17 @@ def test_local_device_is_registered(settings):
         assert dev.executor == "inprocess" and dev.fingerprint["device"] == "cpu"
 
 
-def test_engine_artifact_only_on_tensorrt_devices(tmp_path):
-    """model.engine is built for devices whose agent has TensorRT (skips without a GPU); CPU
-    devices get no engine and need no TensorRT import."""
-    from latprune.service.db import Device as DeviceRow
-    from latprune.service.jobs import JobProgress, _build_engine
+def test_jobs_run_on_their_devices_backend(tmp_path):
+    """A job's options name its device's backend (older rows say onnxruntime-cpu / tensorrt);
+    the pipeline then builds, measures and returns that backend's artifact (tests/test_openvino.py)."""
+    from latprune.service.db import Device as DeviceRow, Job as JobRow
+    from latprune.service.jobs import device_backend_name, optimize_options
 
-    class Quiet(JobProgress):
-        def __init__(self):
-            pass
-
-        def stage(self, name):
-            pass
-
-    model = tmp_path / "m.onnx"
-    onnx.save(residual_cnn(), str(model))
-    _build_engine(DeviceRow(name="cpu", has_tensorrt=False), model, tmp_path, Quiet())
-    assert not (tmp_path / "model.engine").exists()
-    from latprune.profiler.backends import available
-    if available().get("trt") != "ok":
-        pytest.skip(f"TensorRT: {available().get('trt')}")
-    _build_engine(DeviceRow(name="gpu", has_tensorrt=True), model, tmp_path, Quiet())
-    assert (tmp_path / "model.engine").stat().st_size > 0
+    assert device_backend_name(DeviceRow(name="a", backend="onnxruntime-cpu")) == "ort-cpu"
+    assert device_backend_name(DeviceRow(name="b", backend="tensorrt")) == "trt"
+    assert device_backend_name(DeviceRow(name="c", backend="openvino")) == "openvino"
+    assert device_backend_name(None) == "ort-cpu"
+    job = JobRow(id="job_x", kind="optimize", device="c", model_id="mdl_x",
+                 options={"speedup": 2.0, "precision": "f32", "threads": 1})
+    opts = optimize_options(job, None, tmp_path / "lut.sqlite", DeviceRow(name="c", backend="openvino"))
+    assert opts.backend == "openvino" and opts.precision == "f32" and opts.speedup == 2.0

@@ -1,9 +1,32 @@
-"""ONNX Runtime backends: CPU (default) and the CUDA / TensorRT execution providers."""
+"""ONNX Runtime backends: CPU (default) and the CUDA / TensorRT execution providers.
+
+ONNX Runtime's fusion records, used to map profiled kernels back to ONNX nodes, live here
+(`_kernel_name`, `_fused_outputs`): a kernel is named after the node it runs, or after the
+output of the last node fused into it (`<tensor>_nchwc` for blocked convs), or it is a node
+ONNX Runtime made (`Gelu_token_3`, `<node>/QuickGeluFusion/`) whose output tensors its
+optimised graph names.
+"""
 from __future__ import annotations
 
+import json
+import os
+import re
 import time
+from collections import defaultdict
+from pathlib import Path
 
-from latprune.profiler.backends.base import Backend, BackendUnavailable, Runner
+import numpy as np
+
+from latprune.profiler.backends.base import Backend, BackendUnavailable, ProfiledModel, Runner
+from latprune.types import TimingStats
+
+
+def _model_bytes(model) -> bytes:
+    if isinstance(model, bytes):
+        return model
+    if isinstance(model, (str, Path)):
+        return Path(model).read_bytes()
+    return model.SerializeToString()
 
 
 class OrtRunner(Runner):
@@ -22,13 +45,132 @@ class OrtRunner(Runner):
         return (time.perf_counter() - t0) * 1e3
 
 
+def _kernel_name(event_name: str) -> str:
+    """The node (or tensor) name a kernel event refers to: without `_kernel_time`, the
+    `_nchwc` of blocked convs and a trailing `/<Name>Fusion/` that ONNX Runtime appends to the
+    node a fusion kept (x·sigmoid(x) runs as `<Mul node>/QuickGeluFusion/`)."""
+    base = event_name[: -len("_kernel_time")]
+    base = re.sub(r"/[A-Za-z]+Fusion/?$", "", base)
+    return base[: -len("_nchwc")] if base.endswith("_nchwc") else base
+
+
+# Kernels that move data between layouts: overhead, never a layer's (NCHWc reorders).
+_LAYOUT_OPS = {"ReorderInput", "ReorderOutput", "Transpose"}
+
+
+def _fused_outputs(path: str) -> dict[str, list[str]]:
+    """{node name: output tensors} of the nodes in ONNX Runtime's optimised graph (names it
+    made up, e.g. `Gelu_token_3`), layout reorders left out; {} if it wrote none."""
+    import onnx
+
+    try:
+        graph = onnx.load(path, load_external_data=False).graph
+    except Exception:  # pragma: no cover - written by ONNX Runtime itself
+        return {}
+    return {n.name: list(n.output) for n in graph.node if n.op_type not in _LAYOUT_OPS}
+
+
+class OrtProfiled(ProfiledModel):
+    """One model open twice: under ONNX Runtime's profiler (kernel times) and plain (end-to-end
+    time of the same moments)."""
+
+    fused_outputs: dict[str, list[str]] = {}  # nodes ONNX Runtime made -> the tensors they write
+
+    def __init__(self, data: bytes, threads: int, prefix: str):
+        from latprune.profiler.onnxrt import make_session, random_feed, session_options
+
+        opts = session_options(threads)
+        opts.enable_profiling = True
+        opts.profile_file_prefix = prefix
+        # ONNX Runtime's optimised graph, to map the kernels of nodes its fusions made (a GELU
+        # written out in five nodes runs as one `Gelu_token_N`) to the tensors they write.
+        optimized = prefix + "_optimized.onnx"
+        opts.optimized_model_filepath = optimized
+        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                      os.path.basename(prefix) + "_optimized.bin")
+        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "64")
+        self.profiled = make_session(data, threads, opts)
+        self.fused_outputs = _fused_outputs(optimized)
+        self.feed = random_feed(self.profiled)
+        self.plain = make_session(data, threads)
+        self.plain_feed = random_feed(self.plain)
+        self.plain_ms: list[float] = []
+        self.runs = 0
+
+    def run(self, timed: bool = True) -> float:
+        """One profiled run and one plain run (counted unless warming up); the plain run's ms."""
+        self.profiled.run(None, self.feed)
+        t0 = time.perf_counter()
+        self.plain.run(None, self.plain_feed)
+        ms = (time.perf_counter() - t0) * 1e3
+        if timed:
+            self.plain_ms.append(ms)
+            self.runs += 1
+        return ms
+
+    def finish(self, names: dict[str, int], widths: dict[int, int] | None):
+        """Kernel medians over the timed runs (each kernel logs one event per run, warm-up
+        runs first), attributed to layers through `names`."""
+        if self.runs < 1:
+            raise ValueError("no timed run to take kernel times from")
+        events = json.loads(Path(self.profiled.end_profiling()).read_text())
+        kernel_us: dict[str, list[float]] = defaultdict(list)
+        for ev in events:
+            if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
+                kernel_us[ev["name"]].append(float(ev["dur"]))
+        kernel_ms = {}
+        for name, durs in kernel_us.items():
+            key = _kernel_name(name)
+            kernel_ms[key] = kernel_ms.get(key, 0.0) + float(np.median(durs[len(durs) - self.runs:])) / 1e3
+
+        def layer_of(kernel: str) -> int | None:
+            index = names.get(kernel)
+            for tensor in self.fused_outputs.get(kernel, []) if index is None else ():
+                index = names.get(tensor, index)
+            return index
+
+        return attribute_kernels(kernel_ms, layer_of, widths, float(np.median(self.plain_ms)), self.runs)
+
+
+def attribute_kernels(kernel_ms: dict[str, float], layer_of, widths, end_to_end_ms: float, runs: int):
+    """ConfigTiming from per-kernel medians (ms) and a kernel -> layer index (or None) map."""
+    from latprune.profiler.ingraph import ConfigTiming
+
+    layer_ms: dict[int, float] = defaultdict(float)
+    unmapped: dict[str, float] = {}
+    for kernel, ms in kernel_ms.items():
+        index = layer_of(kernel)
+        if index is None:
+            unmapped[kernel] = unmapped.get(kernel, 0.0) + ms
+        else:
+            layer_ms[index] += ms
+    return ConfigTiming(dict(widths or {}), dict(layer_ms), float(sum(unmapped.values())), end_to_end_ms,
+                        list(unmapped), unmapped, runs=runs)
+
+
+PROVIDER_NAMES = {"CPUExecutionProvider": "ort-cpu", "CUDAExecutionProvider": "ort-cuda",
+                  "TensorrtExecutionProvider": "ort-trt"}
+
+
 class OrtBackend(Backend):
-    def __init__(self, provider: str = "CPUExecutionProvider", threads: int = 1, fp16: bool = False) -> None:
+    """ONNX Runtime with one execution provider. CPU: full graph optimisation, `threads`
+    intra-op threads, float32. CUDA / TensorRT EP: precision 'fp16' enables TensorRT's FP16."""
+
+    def __init__(self, provider: str = "CPUExecutionProvider", threads: int = 1, precision: str | None = None,
+                 fp16: bool = False) -> None:
+        super().__init__(threads, precision or ("fp16" if fp16 else None))
         self.provider = provider
-        self.threads = threads
-        self.fp16 = fp16
-        self.name = {"CPUExecutionProvider": "ort-cpu", "CUDAExecutionProvider": "ort-cuda",
-                     "TensorrtExecutionProvider": "ort-trt"}.get(provider, provider)
+        self.fp16 = self.precision == "fp16"
+        self.name = PROVIDER_NAMES.get(provider, provider)
+        gpu = "gpu-ep" if provider != "CPUExecutionProvider" else None
+        from latprune.profiler.fingerprint import TIMINGS
+
+        self.timing_labels = dict(TIMINGS) if gpu is None else {"in-graph": f"ort-profile-in-graph/2-{gpu}",
+                                                                 "isolated": f"ort-isolated/1-{gpu}"}
+
+    @property
+    def cpu(self) -> bool:
+        return self.provider == "CPUExecutionProvider"
 
     def check(self) -> None:
         try:
@@ -37,37 +179,71 @@ class OrtBackend(Backend):
             raise BackendUnavailable("onnxruntime is not installed (pip install onnxruntime)") from None
         if self.provider not in ort.get_available_providers():
             raise BackendUnavailable(
-                f"{self.provider} is not available in this onnxruntime build "
+                f"{self.name}: {self.provider} is not in this onnxruntime build "
                 f"({', '.join(ort.get_available_providers())}); install onnxruntime-gpu on a CUDA machine")
-        if self.provider != "CPUExecutionProvider":
+        if not self.cpu:
             from latprune.profiler.backends.trt import cuda_device_count
             if cuda_device_count() == 0:
-                raise BackendUnavailable(f"{self.provider}: no CUDA device visible")
+                raise BackendUnavailable(f"{self.name}: no CUDA device visible")
+        if self.precision not in (None, "fp32", "float32") and (self.cpu or self.precision != "fp16"):
+            raise BackendUnavailable(f"{self.name}: precision {self.precision!r} is not supported "
+                                     f"({'float32 only' if self.cpu else 'fp32 or fp16'})")
 
-    def load(self, model) -> OrtRunner:
+    def _session(self, model, opts=None):
         self.check()
-        if self.provider == "CPUExecutionProvider":
+        if self.cpu:
             from latprune.profiler.onnxrt import make_session
-            return OrtRunner(make_session(model, self.threads))
+            return make_session(_model_bytes(model), self.threads, opts)
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
+        opts = opts or ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         provider_opts = {}
         if self.provider == "TensorrtExecutionProvider":
             provider_opts = {"trt_fp16_enable": self.fp16, "trt_engine_cache_enable": True,
                              "trt_timing_cache_enable": True}
-        data = model if isinstance(model, bytes) else model.SerializeToString()
-        session = ort.InferenceSession(data, sess_options=opts,
-                                       providers=[(self.provider, provider_opts), "CPUExecutionProvider"])
-        return OrtRunner(session)
+        return ort.InferenceSession(_model_bytes(model), sess_options=opts,
+                                    providers=[(self.provider, provider_opts), "CPUExecutionProvider"])
 
-    def fingerprint(self, batch: int = 1) -> dict:
+    def load(self, model) -> OrtRunner:
+        return OrtRunner(self._session(model))
+
+    def fingerprint(self, batch: int = 1, timing: str = "in-graph") -> dict:
         from latprune.profiler.fingerprint import cpu_fingerprint, gpu_fingerprint
 
-        if self.provider == "CPUExecutionProvider":
-            return cpu_fingerprint(threads=self.threads, batch=batch)
+        if self.cpu:
+            return cpu_fingerprint(threads=self.threads, batch=batch, timing=timing)
         fp = gpu_fingerprint(batch=batch, precision="float16" if self.fp16 else "float32")
         fp["provider"] = self.provider
+        fp["timing"] = self.timing_labels[timing]
         return fp
+
+    def measure(self, model, warmup: int = 5, min_runs: int = 20, min_seconds: float = 1.0) -> TimingStats:
+        if not self.cpu:
+            return super().measure(model, warmup, min_runs, min_seconds)
+        from latprune.profiler.onnxrt import measure_model
+
+        return measure_model(_model_bytes(model), self.threads, warmup, min_runs, min_seconds)
+
+    def measure_interleaved(self, models: dict[str, object], bursts: int = 5, min_runs: int = 10,
+                            min_seconds: float = 0.2) -> dict[str, TimingStats]:
+        if not self.cpu:
+            return super().measure_interleaved(models, bursts, min_runs, min_seconds)
+        from latprune.profiler.onnxrt import measure_interleaved
+
+        return measure_interleaved({k: _model_bytes(v) for k, v in models.items()}, self.threads, bursts,
+                                   min_runs, min_seconds)
+
+    def profiled(self, data: bytes, prefix: str) -> ProfiledModel:
+        if not self.cpu:
+            return super().profiled(data, prefix)
+        self.check()
+        return OrtProfiled(data, self.threads, prefix)
+
+    def time_layer(self, spec, c_in: int, c_out: int) -> TimingStats:
+        if not self.cpu:
+            return super().time_layer(spec, c_in, c_out)
+        from latprune.profiler.layers import measure_layer
+
+        return measure_layer(spec, c_in, c_out, self.threads)

@@ -40,9 +40,11 @@ class TorchRunner(Runner):
 
 class TorchBackend(Backend):
     name = "torch"
+    timing_labels = {"in-graph": "torch-eager/1", "isolated": "torch-eager/1"}
 
     def __init__(self, device: str = "cpu", threads: int = 1, example_shapes=((1, 3, 224, 224),)) -> None:
-        self.device, self.threads, self.shapes = device, threads, [tuple(s) for s in example_shapes]
+        super().__init__(threads, None)
+        self.device, self.shapes = device, [tuple(s) for s in example_shapes]
 
     def check(self) -> None:
         torch = _torch()
@@ -58,10 +60,11 @@ class TorchBackend(Backend):
             torch.set_num_threads(self.threads)
         return TorchRunner(model.eval().to(self.device), self.shapes, self.device)
 
-    def fingerprint(self, batch: int = 1) -> dict:
+    def fingerprint(self, batch: int = 1, timing: str = "in-graph") -> dict:
         from latprune.profiler.fingerprint import cpu_fingerprint, gpu_fingerprint
 
         torch = _torch()
         fp = gpu_fingerprint(batch=batch) if self.device.startswith("cuda") else cpu_fingerprint(self.threads, batch)
-        fp.update({"runtime": f"torch {torch.__version__}", "provider": f"torch-eager-{self.device}"})
+        fp.update({"runtime": f"torch {torch.__version__}", "provider": f"torch-eager-{self.device}",
+                   "timing": self.timing_labels[timing]})
         return fp

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from latprune.profiler.backends.base import Backend, BackendUnavailable, Runner
+from latprune.profiler.backends.base import Backend, BackendUnavailable, ProfiledModel, Runner
 
 
 def cuda_device_count() -> int:
@@ -91,11 +91,21 @@ class TensorRTRunner(Runner):
 
 
 class TensorRTBackend(Backend):
-    name = "trt"
+    """Native TensorRT. precision: 'fp32' (default), 'fp16' or 'int8' (builder flags; INT8
+    without calibration data uses TensorRT's default dynamic ranges, for latency only). The
+    artifact is the serialized engine; measurements load that engine."""
 
-    def __init__(self, fp16: bool = False, opt_level: int = 3, timing_cache: str | Path | None = None,
-                 workspace_mib: int = 1024) -> None:
-        self.fp16, self.opt_level, self.workspace_mib = fp16, opt_level, workspace_mib
+    name = "trt"
+    timing_labels = {"in-graph": "trt-layer-profile/1", "isolated": "trt-isolated/1"}
+    artifact_suffix = ".engine"
+
+    def __init__(self, threads: int = 1, precision: str | None = None, fp16: bool = False, opt_level: int = 3,
+                 timing_cache: str | Path | None = None, workspace_mib: int = 1024) -> None:
+        super().__init__(threads, precision or ("fp16" if fp16 else "fp32"))
+        if self.precision not in ("fp32", "fp16", "int8"):
+            raise BackendUnavailable(f"trt: precision {self.precision!r}: choose fp32, fp16 or int8")
+        self.fp16 = self.precision == "fp16"
+        self.opt_level, self.workspace_mib = opt_level, workspace_mib
         self.timing_cache = Path(timing_cache) if timing_cache else None
         self._ctx = None
 
@@ -118,8 +128,12 @@ class TensorRTBackend(Backend):
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace_mib << 20)
         config.builder_optimization_level = self.opt_level
-        if self.fp16:
+        # layer names (ONNX node names, fused ones joined by ' + ') for TensorRTProfiled
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+        if self.precision == "fp16":
             config.set_flag(trt.BuilderFlag.FP16)
+        elif self.precision == "int8":
+            config.set_flag(trt.BuilderFlag.INT8)
         cache_bytes = self.timing_cache.read_bytes() if self.timing_cache and self.timing_cache.exists() else b""
         cache = config.create_timing_cache(cache_bytes)
         config.set_timing_cache(cache, ignore_mismatch=False)
@@ -130,24 +144,101 @@ class TensorRTBackend(Backend):
             self.timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
         return bytes(engine)
 
+    def build(self, onnx_path: Path, out_dir: Path) -> Path:
+        """The serialized engine of the ONNX file: `<stem>.engine` in out_dir."""
+        out = Path(out_dir) / (Path(onnx_path).stem + self.artifact_suffix)
+        out.write_bytes(self.build_engine(Path(onnx_path).read_bytes()))
+        return out
+
     def load(self, model) -> TensorRTRunner:
+        """A runner for an engine file (`.engine`: the artifact, as built) or an ONNX model
+        (built now)."""
         self.check()
         trt, cuda = _import_trt()
         if self._ctx is None:
             cuda.init()
             self._ctx = cuda.Device(0).retain_primary_context()
+        if isinstance(model, (str, Path)) and str(model).endswith(self.artifact_suffix):
+            serialized = Path(model).read_bytes()
+        else:
+            serialized = self.build_engine(Path(model).read_bytes() if isinstance(model, (str, Path)) else model)
         self._ctx.push()
         try:
-            engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(self.build_engine(model))
+            engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(serialized)
             return TensorRTRunner(engine, engine.create_execution_context(), cuda, cuda.Stream())
         finally:
             self._ctx.pop()
 
-    def fingerprint(self, batch: int = 1) -> dict:
+    def fingerprint(self, batch: int = 1, timing: str = "in-graph") -> dict:
         from latprune.profiler.fingerprint import gpu_fingerprint
 
         trt, _ = _import_trt()
-        fp = gpu_fingerprint(batch=batch, precision="float16" if self.fp16 else "float32")
+        fp = gpu_fingerprint(batch=batch, precision={"fp16": "float16", "int8": "int8"}.get(self.precision, "float32"))
         fp.update({"runtime": f"tensorrt {trt.__version__}", "provider": "tensorrt",
-                   "builder_optimization_level": self.opt_level})
+                   "builder_optimization_level": self.opt_level, "timing": self.timing_labels[timing]})
         return fp
+
+    def profiled(self, data: bytes, prefix: str) -> ProfiledModel:
+        self.check()
+        return TensorRTProfiled(self, data)
+
+
+class TensorRTProfiled(ProfiledModel):
+    """Per-layer times from TensorRT's IProfiler on an engine built with detailed profiling
+    verbosity; each engine layer is mapped back to ONNX nodes through the names in the engine
+    inspector's layer information (fused layers are named after the ONNX nodes they contain,
+    joined by ' + '). Unverified here: no GPU has been lent to any session (scripts/gpu_check.sh)."""
+
+    def __init__(self, backend: "TensorRTBackend", data: bytes) -> None:
+        import json as _json
+
+        trt, cuda = _import_trt()
+        backend.check()
+        self.profile_backend = backend
+        self.runner = backend.load(data)
+        self.plain = backend.load(data)
+        engine = self.runner.engine
+        inspector = engine.create_engine_inspector()
+        info = _json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+        self.layers = [layer if isinstance(layer, str) else layer.get("Name", "") for layer in info.get("Layers", [])]
+        self.times: dict[str, list[float]] = {}
+        outer = self
+
+        class _Profiler(trt.IProfiler):
+            def report_layer_time(self, layer_name, ms):
+                outer._last[layer_name] = outer._last.get(layer_name, 0.0) + ms
+
+        self._profiler = _Profiler()
+        self.runner.context.profiler = self._profiler
+        self._last: dict[str, float] = {}
+        self.feed = self.runner.inputs(1)[0]
+        self.plain_feed = self.plain.inputs(1)[0]
+        self.plain_ms: list[float] = []
+        self.runs = 0
+
+    def run(self, timed: bool = True) -> float:
+        self._last = {}
+        self.runner.run_ms(self.feed)
+        if timed:
+            for name, ms in self._last.items():
+                self.times.setdefault(name, []).append(ms)
+        ms = self.plain.run_ms(self.plain_feed)
+        if timed:
+            self.plain_ms.append(ms)
+            self.runs += 1
+        return ms
+
+    def finish(self, names: dict[str, int], widths: dict[int, int] | None):
+        from latprune.profiler.backends.onnxrt import attribute_kernels
+
+        if self.runs < 1:
+            raise ValueError("no timed run to take kernel times from")
+        kernel_ms = {layer: float(np.median(v)) for layer, v in self.times.items()}
+
+        def layer_of(layer: str) -> int | None:
+            for part in [layer] + [p.strip() for p in layer.replace("||", "+").split("+")]:
+                if part in names:
+                    return names[part]
+            return None
+
+        return attribute_kernels(kernel_ms, layer_of, widths, float(np.median(self.plain_ms)), self.runs)

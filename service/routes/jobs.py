@@ -11,7 +11,8 @@ from fastapi.responses import FileResponse
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from latprune.pipeline import OptimizeOptions, check_options
+from latprune.options import BUDGETS, OptimizeOptions
+from latprune.pipeline import check_options
 from latprune.service import worker
 from latprune.service.db import Artifact, CalibrationFile, Device, Job, ModelFile, new_id, now
 from latprune.service.routes.deps import (ApiError, CallerDep, SessionDep, SettingsDep, StorageDep, checked_id,
@@ -24,7 +25,6 @@ log = logging.getLogger("latprune.service.api")
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(401, 422))
 
-BUDGETS = ("budget_ms", "speedup", "flops_ratio", "params_ratio")
 # Job columns, not pipeline options.
 NOT_OPTIONS = {"kind", "model_id", "calibration_id", "device"}
 
@@ -92,8 +92,9 @@ def submit_job(body: JobCreate, request: Request, session: SessionDep, caller: C
     model = session.get(ModelFile, checked_id(body.model_id, "model"))
     if model is None or model.owner_id != caller.user_id:
         raise not_found("model")
-    if (model.summary or {}).get("conv_layers") == 0:
-        raise ApiError(422, "the model has no convolution layers to prune or profile")
+    if (model.summary or {}).get("layers", (model.summary or {}).get("conv_layers")) == 0:
+        raise ApiError(422, "the model has no layers to prune or profile (no Conv, Gemm or MatMul with "
+                            "constant weights)")
     if body.calibration_id is not None:
         cal = session.get(CalibrationFile, checked_id(body.calibration_id, "calibration file"))
         if cal is None or cal.owner_id != caller.user_id:
