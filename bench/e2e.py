@@ -9,9 +9,11 @@ measured again, is within
 the budget ratio with a 3% allowance for timing noise. The recheck times both models side by
 side in three fresh processes.
 
-    python bench/e2e.py [--models resnet18,...] [--budgets 0.7,0.5] [--threads 1]
+    python bench/e2e.py [--models resnet18,...] [--budgets 0.7,0.5] [--threads 1] [--backend openvino]
 
-Prints a table and writes bench/out/e2e.json. Models are exported to bench/out/models.
+Prints a table and writes bench/out/e2e.json (e2e_<backend>.json). Models are exported to
+bench/out/models. With --backend openvino the recheck is OpenVINO's own benchmark_app (latency
+hint, the same threads and precision), dense and pruned IR alternating, 3 pairs of 5 s runs.
 """
 from __future__ import annotations
 
@@ -42,6 +44,39 @@ def interleaved_ratio(dense: Path, pruned: Path, threads: int, processes: int = 
             "ratio": st["pruned"].median_ms / st["dense"].median_ms}
 
 
+def benchmark_app_ratio(dense: Path, pruned: Path, threads: int, precision: str | None, out: Path,
+                        pairs: int = 3, seconds: int = 5) -> dict:
+    """Latency ratio pruned/dense measured by OpenVINO's benchmark_app on the IR files, the two
+    alternating (dense, pruned, pruned, dense, ...): the median of each run's median latency."""
+    import re
+    import shutil
+    import subprocess
+
+    from latprune.profiler.backends import get_backend
+
+    backend = get_backend("openvino", threads=threads, precision=precision)
+    app = shutil.which("benchmark_app") or str(Path(sys.executable).parent / "benchmark_app")
+    cfg = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1}
+    if precision:
+        cfg["INFERENCE_PRECISION_HINT"] = backend.config()["INFERENCE_PRECISION_HINT"]
+    (out / "benchmark_app.json").write_text(json.dumps({"CPU": cfg}))
+    irs = {"dense": backend.build(dense, out), "pruned": Path(pruned)}
+    medians: dict[str, list[float]] = {"dense": [], "pruned": []}
+    for i in range(pairs):
+        for name in (("dense", "pruned") if i % 2 == 0 else ("pruned", "dense")):
+            proc = subprocess.run([app, "-m", str(irs[name]), "-d", "CPU", "-hint", "latency", "-api", "sync",
+                                   "-load_config", str(out / "benchmark_app.json"), "-t", str(seconds)],
+                                  capture_output=True, text=True)
+            m = re.search(r"Median:\s+([0-9.]+)\s+(ms|us)", proc.stdout)
+            if proc.returncode != 0 or not m:
+                raise RuntimeError(f"benchmark_app failed on {irs[name]}: {proc.stdout[-300:]} {proc.stderr[-300:]}")
+            medians[name].append(float(m.group(1)) / (1000.0 if m.group(2) == "us" else 1.0))
+    import numpy as np
+
+    d, p = float(np.median(medians["dense"])), float(np.median(medians["pruned"]))
+    return {"tool": "benchmark_app", "dense_ms": d, "pruned_ms": p, "ratio": p / d, "runs": medians}
+
+
 def valid(path: Path) -> bool:
     import onnxruntime as ort
 
@@ -50,17 +85,20 @@ def valid(path: Path) -> bool:
     return True
 
 
-def run_one(name: str, ratio: float, threads: int, lut: Path, extra: list[str]) -> dict:
-    return optimize_and_check(name, exported(name), OUT / "e2e" / f"{name}_{ratio:.2f}", ratio, threads,
-                              lut, extra)
+def run_one(name: str, ratio: float, threads: int, lut: Path, extra: list[str], backend: str = "ort-cpu",
+            precision: str | None = None) -> dict:
+    folder = "e2e" if backend == "ort-cpu" else f"e2e_{backend}"
+    return optimize_and_check(name, exported(name), OUT / folder / f"{name}_{ratio:.2f}", ratio, threads,
+                              lut, extra, backend, precision)
 
 
 def optimize_and_check(name: str, model: Path, out: Path, ratio: float, threads: int, lut: Path,
-                       extra: list[str]) -> dict:
+                       extra: list[str], backend: str = "ort-cpu", precision: str | None = None) -> dict:
     """`latprune optimize --speedup 1/ratio` on `model` into `out`, then the independent check:
     valid (full checker, ONNX Runtime loads it) and the latency ratio measured again."""
     cmd = [sys.executable, "-m", "latprune.cli", "optimize", str(model), "--speedup", f"{1 / ratio:.6f}",
-           "--out", str(out), "--lut", str(lut), "--threads", str(threads), "--quiet"] + extra
+           "--out", str(out), "--lut", str(lut), "--threads", str(threads), "--quiet", "--backend", backend] \
+        + (["--precision", precision] if precision else []) + extra
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -69,10 +107,14 @@ def optimize_and_check(name: str, model: Path, out: Path, ratio: float, threads:
         row["error"] = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "?"
         return row
     rep = json.loads((out / "report.json").read_text())
-    check = interleaved_ratio(model, out / "pruned.onnx", threads)
+    if backend == "openvino":
+        check = benchmark_app_ratio(model, out / "pruned.xml", threads, precision, out)
+    else:
+        check = interleaved_ratio(model, out / "pruned.onnx", threads)
     row.update({
         "dense_ms": rep["dense_ms"], "budget_ms": rep["budget_ms"], "predicted_ms": rep["predicted_ms"],
         "measured_ms": rep["measured_ms"], "pred_error": rep["prediction_error"],
+        "ratio_error": rep.get("ratio_error"), "precision": (rep.get("backend") or {}).get("precision"),
         "solve_s": rep["solver"]["seconds"], "rounds": len(rep["rounds"]),
         "blocks_removed": len(rep["blocks"]["removed"]), "cells_measured": rep["lut"]["cells_measured_now"],
         "valid": valid(out / "pruned.onnx"), "check": check,
@@ -87,12 +129,15 @@ def main() -> int:
     ap.add_argument("--budgets", default="0.7,0.5")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lut", default=str(OUT / "lut.sqlite"))
-    ap.add_argument("--json", default=str(OUT / "e2e.json"))
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--backend", default="ort-cpu")
+    ap.add_argument("--precision", default=None)
     args, extra = ap.parse_known_args()
+    args.json = args.json or str(OUT / ("e2e.json" if args.backend == "ort-cpu" else f"e2e_{args.backend}.json"))
     rows = []
     for name in args.models.split(","):
         for ratio in (float(b) for b in args.budgets.split(",")):
-            row = run_one(name, ratio, args.threads, Path(args.lut), extra)
+            row = run_one(name, ratio, args.threads, Path(args.lut), extra, args.backend, args.precision)
             rows.append(row)
             print(json.dumps(row), flush=True)
             Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -31,6 +31,9 @@ median of --truth-runs measurements; it also reports how far one measurement lie
     python bench/lut_fidelity.py [--models resnet18,resnet50,mobilenet_v2] [--configs 30]
                                  [--heldout 200] [--widths step16] [--rounds 60]
                                  [--passes 1] [--truth-runs 3] [--refine] [--skip-build | --skip-models]
+                                 [--backend ort-cpu|openvino] [--precision P]
+
+With --backend, everything (tables, profiles, measurements) runs on that backend.
 
 Prints tables and writes bench/out/lut_fidelity.json.
 """
@@ -54,6 +57,15 @@ TIMINGS = ("in-graph", "isolated")
 # is an outlier statistic.)
 TRUTHS = ("ms",)
 UNIFORM = (1.0, 0.75, 0.5)
+BACKEND = None  # the backend of this run (main sets it from --backend); None: ONNX Runtime, 1 thread
+
+
+def backend():
+    global BACKEND
+    if BACKEND is None:
+        from latprune.profiler.backends import get_backend
+        BACKEND = get_backend("ort-cpu", threads=1)
+    return BACKEND
 
 
 def random_widths(prob, rng, mode: str) -> dict[int, int]:
@@ -73,17 +85,27 @@ def measure_in_rounds(models: list, rounds: int, runs: int = 1) -> list[dict]:
     """Median and spread (p10-p90 of burst medians, relative) of each model's latency (ms),
     timed in `rounds` bursts of `runs`, interleaved over all models in a new random order each
     round."""
+    from latprune.profiler.backends.base import timed_runs
     from latprune.profiler.onnxrt import _timed_runs, make_session, random_feed
 
-    sessions = [make_session(m, 1) for m in models]
-    feeds = [random_feed(s) for s in sessions]
+    if backend().name == "ort-cpu":  # ONNX Runtime keeps its plain sessions (figures comparable)
+        sessions = [make_session(m, 1) for m in models]
+        feeds = [random_feed(s) for s in sessions]
+
+        def burst(i):
+            return _timed_runs(sessions[i], feeds[i], 1, runs, 0.0)
+    else:  # the backend's runners
+        sessions = [backend().load(m) for m in models]
+        feeds = [r.inputs(1) for r in sessions]
+
+        def burst(i):
+            return timed_runs(sessions[i], 1, runs, 0.0, inputs=feeds[i])
     samples: list[list[float]] = [[] for _ in models]
     bursts: list[list[float]] = [[] for _ in models]
     rng = np.random.default_rng(0)
     for _ in range(rounds):
         for i in rng.permutation(len(sessions)):  # no model always first or last in a round
-            s = sessions[i]
-            t = _timed_runs(s, feeds[i], 1, runs, 0.0)
+            t = burst(i)
             samples[i] += t
             bursts[i].append(float(np.median(t)))
     out = []
@@ -108,11 +130,11 @@ def whole_model_errors(name: str, n_configs: int, lut: Path, mode: str, rounds: 
     for timing in TIMINGS:  # cells missing from the table (none when it was built before)
         t0 = time.perf_counter()
         out = profile_model(path, lut, threads=1, timing=timing, passes=profile_passes if timing == "in-graph" else 1,
-                            refine=refine)
+                            refine=refine, backend=backend().name, precision=backend().precision)
         build_s[timing] = {"seconds": time.perf_counter() - t0, "cells_measured": out["cells_measured"]}
         print(f"  {name}: {timing} table: {out['cells_measured']} cells measured in {build_s[timing]['seconds']:.0f} s",
               flush=True)
-    model, data, analysis = prepare(path)
+    model, data, analysis = prepare(path, backend=backend())
     prob = analysis.problem
     rng = np.random.default_rng(seed)
     uniform = [{} if r == 1.0 else uniform_widths(prob, r) for r in UNIFORM]
@@ -134,7 +156,7 @@ def whole_model_errors(name: str, n_configs: int, lut: Path, mode: str, rounds: 
               "measurement_spread_median": float(np.median([t["spread"] for t in timed]))}
     family = model_family(model, data)
     for timing in TIMINGS:
-        table = open_table(lut, 1, timing)
+        table = open_table(lut, backend(), timing)
         raw = np.array([predict_raw(prob, table, w) for w in everything])
         for row, r in zip(rows, raw[nu:]):
             row[f"{timing}_sum_ms"] = float(r)
@@ -172,18 +194,18 @@ def table_build(heldout: int, passes: int, truth_runs: int, seed: int = 0, refin
     interpolation error on held-out cells, each measured `truth_runs` times (median)."""
     from latprune.lut.predict import layer_ms, space_values
     from latprune.pipeline import ensure_profiled, open_table, prepare, Progress
-    from latprune.profiler.fingerprint import preferred_channel_step
     from latprune.ingraph_profile import config_cells, profile_configs, reference_key
 
-    _, _, analysis = prepare(exported("resnet50"))
+    _, _, analysis = prepare(exported("resnet50"), backend=backend())
     prob = analysis.problem
-    step = preferred_channel_step()
-    path = OUT / f"lut_resnet50_build_{passes}pass{'_refined' if refine else ''}.sqlite"  # kept (lut heatmap)
+    step = backend().channel_step()
+    suffix = "" if backend().name == "ort-cpu" else f"_{backend().name}"
+    path = OUT / f"lut_resnet50_build_{passes}pass{'_refined' if refine else ''}{suffix}.sqlite"  # kept (lut heatmap)
     path.unlink(missing_ok=True)
-    table = open_table(path, 1, "in-graph")
+    table = open_table(path, backend(), "in-graph")
     try:
         t0 = time.perf_counter()
-        measured = ensure_profiled(prob, table, 1, 5, Progress(), analysis, passes=passes, refine=refine)
+        measured = ensure_profiled(prob, table, backend(), 5, Progress(), analysis, passes=passes, refine=refine)
         phase = table.reference_phase(reference_key(analysis.model))  # the table's scale
         wall = time.perf_counter() - t0
         full = set()
@@ -203,7 +225,7 @@ def table_build(heldout: int, passes: int, truth_runs: int, seed: int = 0, refin
             # each measurement in its own profiling sessions and rounds (a repeat in the same
             # rounds would share their moments)
             for rep in range(truth_runs):
-                for timing in profile_configs(analysis, configs, 1, seed=rep, phase_ms=phase):
+                for timing in profile_configs(analysis, configs, backend(), seed=rep, phase_ms=phase):
                     full_w = {g.id: timing.widths.get(g.id, g.size) for g in prob.groups}
                     for index, ci, co in config_cells(prob, timing.widths):
                         layer = prob.layers[index]
@@ -255,8 +277,16 @@ def main() -> int:
     ap.add_argument("--truth-runs", type=int, default=3, help="measurements (median) of each held-out cell")
     ap.add_argument("--widths", default="step16", help="comma-separated: stepK (multiples of K; 16 is the "
                     "solver's default on AVX-512) or any (arbitrary integers)")
-    ap.add_argument("--out", default=str(OUT / "lut_fidelity.json"))
+    ap.add_argument("--out", default=None, help="JSON (default bench/out/lut_fidelity[_BACKEND].json)")
+    ap.add_argument("--backend", default="ort-cpu")
+    ap.add_argument("--precision", default=None)
     args = ap.parse_args()
+    global BACKEND
+    from latprune.profiler.backends import get_backend
+    BACKEND = get_backend(args.backend, threads=1, precision=args.precision)
+    BACKEND.check()
+    suffix = "" if BACKEND.name == "ort-cpu" else f"_{BACKEND.name}"
+    args.out = args.out or str(OUT / f"lut_fidelity{suffix}.json")
     result = {"whole_model": [], "table_build": []}
     for mode in args.widths.split(",") if not args.skip_models else []:
         for name in args.models.split(","):

@@ -123,6 +123,7 @@ def optimize(
     max_candidates: int = typer.Option(16, "--max-candidates", help=help_text("max_candidates")),
     remove_blocks: str = typer.Option("auto", "--remove-blocks", help=help_text("remove_blocks")),
     rounds: int = typer.Option(4, "--rounds", help=help_text("rounds")),
+    prune_streams: str = typer.Option("auto", "--prune-streams", help=help_text("prune_streams")),
     time_limit: float = typer.Option(60.0, "--time-limit", help=help_text("time_limit_s")),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress and no summary table"),
     show_progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
@@ -139,7 +140,7 @@ def optimize(
         opts = OptimizeOptions.from_flags(budget_ms=budget_ms, speedup=speedup, threads=threads, lut_path=lut,
                                backend=backend, precision=precision,
                                method=method, step=step, max_candidates=max_candidates,
-                               remove_blocks=remove_blocks, rounds=rounds,
+                               remove_blocks=remove_blocks, rounds=rounds, prune_streams=prune_streams,
                                time_limit_s=time_limit, importance=importance, objective=objective,
                                distortion=distortion, calib=calib, calib_samples=calib_samples,
                                repair=repair, flops_ratio=flops_ratio, params_ratio=params_ratio,
@@ -572,7 +573,7 @@ def agent(
                                     help="jobs at once (more than 1 makes concurrent timings noisy)"),
     loglevel: str = typer.Option("info", "--loglevel", help="Celery log level"),
     backend: Optional[str] = typer.Option(None, "--backend",
-                                          help="onnxruntime-cpu | tensorrt (default: tensorrt when it works here)"),
+                                          help="ort-cpu | openvino | trt | ort-cuda | ort-trt (default: trt when TensorRT works here, else ort-cpu)"),
 ) -> None:
     """Run this machine as farm device NAME: a Celery worker that runs the device's jobs.
 

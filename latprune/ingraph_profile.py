@@ -29,7 +29,7 @@ def layer_names(model: onnx.ModelProto, problem: Problem) -> dict[str, int]:
     The chain follows single consumers through BatchNorm, activations (SiLU pairs too) and
     residual Adds (pruner.ops.layers.kernel_chain)."""
     from latprune.pruner.model_io import initializer_arrays
-    from latprune.pruner.ops import GraphView
+    from latprune.pruner.ops import GraphView, handler_for
     from latprune.pruner.ops.layers import kernel_chain
 
     view = GraphView(model.graph, {}, initializer_arrays(model), {})
@@ -41,7 +41,9 @@ def layer_names(model: onnx.ModelProto, problem: Problem) -> dict[str, int]:
             continue
         names.setdefault(node.name, index)
         names.setdefault(node.output[0], index)
-        for nxt in kernel_chain(node, view, _FUSABLE):  # conv -> (BN) -> (Add) -> activation
+        handler = handler_for(node)
+        members = handler.layer_members(node, view) if hasattr(handler, "layer_members") else []
+        for nxt in members + kernel_chain(node, view, _FUSABLE):  # conv -> (BN) -> (Add) -> activation
             names.setdefault(nxt.name, index)
             names.setdefault(nxt.output[0], index)
     return names

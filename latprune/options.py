@@ -57,6 +57,9 @@ class OptimizeSettings(BaseModel):
         "auto", description="remove whole residual blocks: auto (distortion objective: priced and allowed; "
                             "importance: only when the budget needs it) | yes | no")
     rounds: int = Field(4, ge=1, le=50, description="re-solve rounds when the measurement misses")
+    prune_streams: Literal["auto", "yes", "no"] = Field(
+        "auto", description="prune channel groups that a LayerNorm normalises (the residual stream): auto (yes, "
+                            "except in models with attention, whose every block reads the stream) | yes | no")
     timing: Literal["in-graph", "isolated"] = Field(
         "in-graph", description="how table cells are timed: in-graph (kernels inside pruned copies of the model, "
                                 "the runtime's profiler) | isolated (one-layer models)")

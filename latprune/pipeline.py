@@ -118,14 +118,22 @@ def resolve_step(step: int | None, backend=None) -> int:
 
 
 def prepare(model_path: Path, step: int | None = None, max_candidates: int = 16,
-            importance: str = "l1", backend=None) -> tuple[onnx.ModelProto, bytes, Analysis]:
+            importance: str = "l1", backend=None, prune_streams: str = "auto") -> tuple[onnx.ModelProto, bytes, Analysis]:
     """Load, validate and analyse a model; fill importance. Raises InputError on bad input.
-    `step` None: the backend's preferred channel multiple."""
+    `step` None: the backend's preferred channel multiple. `prune_streams` (auto | yes | no):
+    whether LayerNorm-normalised groups may be pruned (auto: not in models with attention)."""
     step = resolve_step(step, backend)
     model = load_model(model_path)
     data = Path(model_path).read_bytes()
     analysis = analyse(model, step=step, max_candidates=max_candidates, model_name=Path(model_path).stem)
     prob = analysis.problem
+    attention = any(layer.spec.op == "Attention" for layer in prob.layers)
+    if prune_streams == "no" or (prune_streams == "auto" and attention):
+        frozen = analysis.stream_groups()
+        analysis.freeze_groups(frozen)
+        if frozen:
+            analysis.notes.append(f"{len(frozen)} residual-stream group(s) normalised by LayerNorm kept whole "
+                                  "(--prune-streams yes to prune them)")
     if not prob.layers:
         raise InputError(f"{model_path}: the model has no layers to prune (no Conv, Gemm or "
                          "MatMul with constant weights)")
@@ -365,7 +373,8 @@ def optimize_model(model_path: Path, opts: OptimizeOptions, progress: Progress |
         progress.stage(f"probing the channel multiple {backend.name} runs fastest at")
     opts = opts.replace(step=resolve_step(opts.step, backend))
     progress.stage("analysing the model")
-    model, data, analysis = prepare(model_path, opts.step, opts.max_candidates, opts.importance, backend)
+    model, data, analysis = prepare(model_path, opts.step, opts.max_candidates, opts.importance, backend,
+                                    opts.prune_streams)
     prob = analysis.problem
     if not any(g.prunable for g in prob.groups):
         raise InputError(f"{model_path}: no prunable channel groups (see the analysis notes)")

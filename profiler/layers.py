@@ -24,6 +24,16 @@ def layer_model(spec: LayerSpec, c_in: int, c_out: int, seed: int = 0) -> onnx.M
             inits.append(numpy_helper.from_array(np.zeros(c_out, np.float32), "B"))
             ins.append("B")
         nodes.append(helper.make_node("Gemm", ins, ["y"], transB=1))
+    elif spec.op == "Attention":  # softmax(q kᵀ / √d) v with c_in / head_dim heads
+        d = spec.kernel[0]
+        heads = max(1, c_in // d)
+        n_q, n_k = spec.input_hw
+        x_shape = [spec.batch, heads, n_q, d]
+        inits.append(numpy_helper.from_array(rng.standard_normal((spec.batch, heads, d, n_k)).astype(np.float32), "K"))
+        inits.append(numpy_helper.from_array(rng.standard_normal((spec.batch, heads, n_k, d)).astype(np.float32), "V"))
+        inits.append(numpy_helper.from_array(np.array(d ** -0.5, np.float32), "S"))
+        nodes += [helper.make_node("MatMul", ["x", "K"], ["qk"]), helper.make_node("Mul", ["qk", "S"], ["s"]),
+                  helper.make_node("Softmax", ["s"], ["p"], axis=-1), helper.make_node("MatMul", ["p", "V"], ["y"])]
     elif spec.op == "MatMul":  # a weight along the last axis of (batch, tokens..., c_in)
         x_shape = [spec.batch] + list(spec.input_hw) + [c_in]
         inits.append(numpy_helper.from_array(rng.standard_normal((c_in, c_out)).astype(np.float32), "W"))

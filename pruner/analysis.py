@@ -135,6 +135,26 @@ class Analysis:
         others = tuple(a for a in range(alive.ndim) if a != axis)
         return np.nonzero(alive.any(axis=others) if others else alive)[0]
 
+    def stream_groups(self) -> set[int]:
+        """Prunable groups whose channels a LayerNormalization normalises (the residual stream
+        of transformer blocks, ConvNeXt's stages)."""
+        by_name = {n.name: n for n in self.model.graph.node}
+        out: set[int] = set()
+        for name, axes in self.params.items():
+            if by_name[name].op_type != "LayerNormalization":
+                continue
+            for pa in axes:
+                m = self.maps.get(pa.tensor)
+                if m is not None:
+                    out |= {int(g) for g in np.unique(self.atom_group[m.ids.reshape(-1)])}
+        return {g for g in out if self.problem.groups[g].prunable}
+
+    def freeze_groups(self, gids) -> None:
+        """Make these groups non-prunable (kept whole): a user's choice after analysis."""
+        for gid in gids:
+            g = self.problem.groups[gid]
+            g.prunable, g.candidate_widths = False, [g.size]
+
     @property
     def source_rows(self) -> dict[int, list[tuple[str, str, int, int, int]]]:
         """Per group: (layer node, weight name, weight axis, channel index in the layer output,
@@ -210,7 +230,8 @@ def analyse(model: onnx.ModelProto, step: int = 8, max_candidates: int = 16,
         if node.op_type == "Identity" and node.input and node.input[0] in inits:
             continue
         handler = handler_for(node)
-        if not any(i in maps for i in node.input if i) and not (handler is not None and handler.is_layer):
+        if not any(i in maps for i in node.input if i) and not (
+                handler is not None and (handler.is_layer or handler.creates_channels)):
             continue  # no channels involved: constants, shape arithmetic, ...
         if handler is None:
             fix_node(node, f"operator {node.op_type}{'' if node.domain in ('', 'ai.onnx') else ' (' + node.domain + ')'} not understood")
@@ -229,13 +250,14 @@ def analyse(model: onnx.ModelProto, step: int = 8, max_candidates: int = 16,
     view.opset = opset
     layer_nodes = ctx.layer_nodes
     layer_axes = {n.name: handler_for(n).layer_axes(n, view) for n in layer_nodes}
+    layer_io_tensors = {n.name: _layer_tensors(n, view) for n in layer_nodes}
 
     # ---- classes -> groups ------------------------------------------------------------
     n_atoms = len(uf.parent)
     roots = np.array([uf.find(a) for a in range(n_atoms)], dtype=np.int64)
     layer_io: list[str] = []
     for node in layer_nodes:
-        layer_io += [node.input[0], node.output[0]]
+        layer_io += list(layer_io_tensors[node.name])
     class_tensor_counts: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for t in dict.fromkeys(layer_io):
         if t in maps:
@@ -274,13 +296,21 @@ def analyse(model: onnx.ModelProto, step: int = 8, max_candidates: int = 16,
                                    members=list(counts)[:4]))
 
     # ---- layers -------------------------------------------------------------------------
-    def space(t: str, axis: int) -> tuple[Space, int]:
+    def space(t: str, axis: int | None) -> tuple[Space, int]:
+        """The width of tensor t's channel `axis` as a Space (axis None: every channel axis of an
+        attention query, heads x head_dim)."""
         m = maps.get(t)
         shape = shapes.get(t) or []
-        if m is None or m.axes != (axis,):
+        if axis is None:
+            if m is None:
+                c = int(np.prod(shape)) // max(1, shape[0] * shape[-2]) if len(shape) >= 3 else (shape or [1])[-1]
+                return Space(fixed=c), c
+            ids = m.ids.reshape(-1)
+        elif m is None or not set(m.axes) <= {axis}:
             c = shape[axis] if len(shape) > axis else 1
             return Space(fixed=c), c
-        ids = m.flat()
+        else:
+            ids = np.broadcast_to(m.ids, [shape[a] if a == axis else 1 for a in range(len(shape))]).reshape(-1)
         sp = Space()
         for g, n in zip(*np.unique(atom_group[ids], return_counts=True)):
             g, n = int(g), int(n)
@@ -294,8 +324,9 @@ def analyse(model: onnx.ModelProto, step: int = 8, max_candidates: int = 16,
     for node in layer_nodes:
         spec = handler_for(node).layer_spec(node, view)
         in_axis, out_axis = layer_axes[node.name]
-        cin, dense_in = space(node.input[0], in_axis)
-        cout, dense_out = space(node.output[0], out_axis)
+        t_in, t_out = layer_io_tensors[node.name]
+        cin, dense_in = space(t_in, in_axis)
+        cout, dense_out = space(t_out, out_axis)
         layers.append(Layer(node.name, spec, cin, cout, dense_in, dense_out))
 
     blocks = _find_blocks(graph, shapes, inits)
@@ -332,6 +363,14 @@ def analyse(model: onnx.ModelProto, step: int = 8, max_candidates: int = 16,
             params[node.name] = found
     problem = Problem(model_name, groups, layers, blocks, step, overheads)
     return Analysis(model, problem, maps, atom_group, atom_pos, shapes, params, notes, opset)
+
+
+def _layer_tensors(node, view) -> tuple[str, str]:
+    """The tensors whose channels are a layer's input and output widths."""
+    handler = handler_for(node)
+    if hasattr(handler, "layer_tensors"):
+        return handler.layer_tensors(node, view)
+    return node.input[0], node.output[0]
 
 
 def _overheads(graph, shapes, maps, layer_nodes, node_block, space, view) -> list[Overhead]:

@@ -13,6 +13,9 @@ KINDS = ("flops", "params")
 def layer_count(layer: Layer, c_in: int, c_out: int, kind: str) -> float:
     """MFLOPs (multiply-adds × 2) or millions of parameters of one layer at these widths."""
     spec = layer.spec
+    if spec.op == "Attention":  # q kᵀ and p v: 2 · n_q · n_k · width multiply-adds each; no weights
+        n_q, n_k = spec.input_hw
+        return 0.0 if kind == "params" else 2.0 * 2 * n_q * n_k * c_in * spec.batch / 1e6
     k = int(np.prod(spec.kernel)) if spec.kernel else 1
     if spec.depthwise:
         weights = c_in * k

@@ -328,3 +328,141 @@ MODERN_BUILDERS = {
     "shuffle": shuffle_cnn,
     "grouped_se": grouped_se_cnn,
 }
+
+
+# ---- transformer blocks (issue 14) -------------------------------------------------------------
+
+def _linear(g: GraphBuilder, x: str, c_in: int, c_out: int) -> str:
+    """x @ W + b as torch.onnx exports nn.Linear on (B, N, C)."""
+    w = g.init(g.rng.normal(0, c_in ** -0.5, (c_in, c_out)).astype(np.float32))
+    return g.node("Add", [g.node("MatMul", [x, w]), g.init(g.rng.normal(0, 0.02, c_out).astype(np.float32), "b")])
+
+
+def _layernorm(g: GraphBuilder, x: str, c: int) -> str:
+    return g.node("LayerNormalization", [x, g.init(g.rng.uniform(0.8, 1.2, c).astype(np.float32), "ln"),
+                                         g.init(g.rng.normal(0, 0.05, c).astype(np.float32), "ln")], axis=-1)
+
+
+def _gelu(g: GraphBuilder, x: str) -> str:
+    """Exact GELU as exported: x · 0.5 · (1 + erf(x / √2))."""
+    erf = g.node("Erf", [g.node("Div", [x, g.init(np.array(1.4142135, np.float32), "c")])])
+    return g.node("Mul", [g.node("Mul", [x, g.node("Add", [erf, g.init(np.array(1.0, np.float32), "c")])]),
+                          g.init(np.array(0.5, np.float32), "c")])
+
+
+def _attention_core(g: GraphBuilder, q: str, k: str, v: str, heads: int, tokens: int, dim: int,
+                    mask: str | None = None) -> str:
+    """softmax(q kᵀ · d^-½ [+ mask]) v on (B, H, N, d), back to (B, N, D)."""
+    d = dim // heads
+    kt = g.node("Transpose", [k], perm=[0, 1, 3, 2])
+    scores = g.node("Mul", [g.node("MatMul", [q, kt]), g.init(np.array(d ** -0.5, np.float32), "c")])
+    if mask is not None:
+        scores = g.node("Add", [scores, mask])
+    out = g.node("MatMul", [g.node("Softmax", [scores], axis=-1), v])
+    out = g.node("Transpose", [out], perm=[0, 2, 1, 3])
+    return g.node("Reshape", [out, g.init(np.array([1, tokens, dim], np.int64), "shp")])
+
+
+def vit_like(seed: int = 0, dim: int = 32, heads: int = 4, depth: int = 2, gather_qkv: bool = False) -> onnx.ModelProto:
+    """A timm-style ViT on a 16x16 image: patch conv (4x4) to 16 tokens, a class token
+    (Concat) and positional embedding (Add), pre-norm blocks with a fused QKV projection
+    (Reshape to (B, N, 3, H, d), Transpose to (3, B, H, N, d), then Split + Squeeze, or Gather
+    with `gather_qkv`), attention, projection and a GELU MLP (4x) with residual Adds; final
+    LayerNorm, the class token (Gather) and a linear head."""
+    g = GraphBuilder(in_shape=(1, 3, 16, 16), seed=seed)
+    w = g.init(g.rng.normal(0, 0.3, (dim, 3, 4, 4)).astype(np.float32))
+    x = g.node("Conv", ["input", w, g.init(np.zeros(dim, np.float32), "b")], kernel_shape=[4, 4],
+               strides=[4, 4], pads=[0, 0, 0, 0])                    # patches: (1, D, 4, 4)
+    x = g.node("Transpose", [g.node("Reshape", [x, g.init(np.array([1, dim, 16], np.int64), "shp")])],
+               perm=[0, 2, 1])                                      # (1, 16, D)
+    cls = g.init(g.rng.normal(0, 0.02, (1, 1, dim)).astype(np.float32), "cls")
+    x = g.node("Concat", [cls, x], axis=1)                         # (1, 17, D)
+    x = g.node("Add", [x, g.init(g.rng.normal(0, 0.02, (1, 17, dim)).astype(np.float32), "pos")])
+    n, d = 17, dim // heads
+    for _ in range(depth):
+        y = _linear(g, _layernorm(g, x, dim), dim, 3 * dim)
+        y = g.node("Reshape", [y, g.init(np.array([1, n, 3, heads, d], np.int64), "shp")])
+        y = g.node("Transpose", [y], perm=[2, 0, 3, 1, 4])        # (3, 1, H, N, d)
+        if gather_qkv:
+            q, k, v = (g.node("Gather", [y, g.init(np.array(i, np.int64), "i")], axis=0) for i in range(3))
+        else:
+            parts = g.node("Split", [y, g.init(np.array([1, 1, 1], np.int64), "sp")], n_out=3, axis=0)
+            q, k, v = (g.node("Squeeze", [p, g.init(np.array([0], np.int64), "ax")]) for p in parts)
+        y = _linear(g, _attention_core(g, q, k, v, heads, n, dim), dim, dim)
+        x = g.node("Add", [x, y])
+        y = _linear(g, _gelu(g, _linear(g, _layernorm(g, x, dim), dim, 4 * dim)), 4 * dim, dim)
+        x = g.node("Add", [x, y])
+    x = _layernorm(g, x, dim)
+    x = g.node("Gather", [x, g.init(np.array(0, np.int64), "i")], axis=1)  # (1, D): the class token
+    w = g.init(g.rng.normal(0, 0.3, (10, dim)).astype(np.float32))
+    return g.build(g.node("Gemm", [x, w, g.init(np.zeros(10, np.float32), "b")], transB=1), "vit_like")
+
+
+def bert_like(seed: int = 0, dim: int = 32, heads: int = 4, depth: int = 2, tokens: int = 12,
+              vocab: int = 50) -> onnx.ModelProto:
+    """A BERT-style encoder: input_ids (1, S) int64 and attention_mask (1, S) float; word
+    embeddings (Gather) + positions, LayerNorm; post-norm blocks with separate Q/K/V
+    projections (Reshape to (B, S, H, d), Transpose), the mask added to the scores as
+    (1 - mask)·-1e4 broadcast over heads and queries, output projection, GELU MLP; returns the
+    last hidden state (1, S, D)."""
+    g = GraphBuilder(seed=seed)
+    g.inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, tokens]),
+                helper.make_tensor_value_info("attention_mask", TensorProto.FLOAT, [1, tokens])]
+    x = g.node("Gather", [g.init(g.rng.normal(0, 0.5, (vocab, dim)).astype(np.float32), "emb"), "input_ids"], axis=0)
+    x = g.node("Add", [x, g.init(g.rng.normal(0, 0.1, (1, tokens, dim)).astype(np.float32), "pos")])
+    x = _layernorm(g, x, dim)
+    m = g.node("Mul", [g.node("Sub", [g.init(np.array(1.0, np.float32), "c"), "attention_mask"]),
+                       g.init(np.array(-1e4, np.float32), "c")])
+    m = g.node("Reshape", [m, g.init(np.array([1, 1, 1, tokens], np.int64), "shp")])
+    d = dim // heads
+    for _ in range(depth):
+        def split_heads(t, perm=(0, 2, 1, 3)):
+            t = g.node("Reshape", [t, g.init(np.array([1, tokens, heads, d], np.int64), "shp")])
+            return g.node("Transpose", [t], perm=list(perm))
+        q, k, v = (split_heads(_linear(g, x, dim, dim)) for _ in range(3))
+        y = _linear(g, _attention_core(g, q, k, v, heads, tokens, dim, mask=m), dim, dim)
+        x = _layernorm(g, g.node("Add", [x, y]), dim)
+        y = _linear(g, _gelu(g, _linear(g, x, dim, 4 * dim)), 4 * dim, dim)
+        x = _layernorm(g, g.node("Add", [x, y]), dim)
+    return g.build(x, "bert_like")
+
+
+def mobilevit_like(seed: int = 0, c: int = 16, dim: int = 24, heads: int = 2) -> onnx.ModelProto:
+    """A MobileViT-style hybrid block on a 16x16 map: conv 3x3, conv 1x1 to the transformer
+    width, unfold 2x2 patches to (B·4, 64 tokens, dim) with Reshape/Transpose, one pre-norm
+    transformer layer (fused QKV with Gather), fold back, conv 1x1, Concat with the block's
+    input, fuse conv 3x3, then a classifier head."""
+    g = GraphBuilder(seed=seed)
+    x = g.relu(g.bn(g.conv("input", 3, c), c))
+    y = g.conv(g.relu(g.conv(x, c, c)), c, dim, k=1)               # (1, dim, 16, 16)
+    # unfold: (1, dim, 8, 2, 8, 2) -> (1, 2, 2, 8, 8, dim) -> (4, 64, dim)
+    y = g.node("Reshape", [y, g.init(np.array([1, dim, 8, 2, 8, 2], np.int64), "shp")])
+    y = g.node("Transpose", [y], perm=[0, 3, 5, 2, 4, 1])
+    y = g.node("Reshape", [y, g.init(np.array([4, 64, dim], np.int64), "shp")])
+    n, d = 64, dim // heads
+    t = _linear(g, _layernorm(g, y, dim), dim, 3 * dim)
+    t = g.node("Reshape", [t, g.init(np.array([4, n, 3, heads, d], np.int64), "shp")])
+    t = g.node("Transpose", [t], perm=[2, 0, 3, 1, 4])
+    q, k, v = (g.node("Gather", [t, g.init(np.array(i, np.int64), "i")], axis=0) for i in range(3))
+    kt = g.node("Transpose", [k], perm=[0, 1, 3, 2])
+    a = g.node("Softmax", [g.node("Mul", [g.node("MatMul", [q, kt]), g.init(np.array(d ** -0.5, np.float32), "c")])],
+               axis=-1)
+    o = g.node("Transpose", [g.node("MatMul", [a, v])], perm=[0, 2, 1, 3])
+    o = _linear(g, g.node("Reshape", [o, g.init(np.array([4, n, dim], np.int64), "shp")]), dim, dim)
+    y = g.node("Add", [y, o])
+    y = g.node("Add", [y, _linear(g, _gelu(g, _linear(g, _layernorm(g, y, dim), dim, 2 * dim)), 2 * dim, dim)])
+    # fold back: (4, 64, dim) -> (1, 2, 2, 8, 8, dim) -> (1, dim, 8, 2, 8, 2) -> (1, dim, 16, 16)
+    y = g.node("Reshape", [y, g.init(np.array([1, 2, 2, 8, 8, dim], np.int64), "shp")])
+    y = g.node("Transpose", [y], perm=[0, 5, 3, 1, 4, 2])
+    y = g.node("Reshape", [y, g.init(np.array([1, dim, 16, 16], np.int64), "shp")])
+    y = g.relu(g.bn(g.conv(y, dim, c, k=1), c))
+    x = g.relu(g.conv(g.node("Concat", [x, y], axis=1), 2 * c, c))
+    return g.build(g.head(x, c), "mobilevit_like")
+
+
+TRANSFORMER_BUILDERS = {
+    "vit_like": vit_like,
+    "vit_gather": lambda seed=0: vit_like(seed, gather_qkv=True),
+    "bert_like": bert_like,
+    "mobilevit_like": mobilevit_like,
+}

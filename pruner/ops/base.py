@@ -87,6 +87,10 @@ class AtomMap:
     def transposed(self, perm: list[int]) -> "AtomMap":
         return AtomMap(self.ids.transpose(perm), tuple(sorted(perm.index(a) for a in self.axes)))
 
+    def squeezed(self) -> "AtomMap":
+        """The same map without channel axes of size 1 (one channel there: nothing to cut)."""
+        return AtomMap(self.ids, tuple(a for a in self.axes if self.ids.shape[a] > 1))
+
     def with_axis_removed(self, axis: int) -> "AtomMap":
         """Drop a size-1 axis that carries no channels (a reduction with keepdims=0)."""
         return AtomMap(np.squeeze(self.ids, axis=axis),
@@ -118,6 +122,8 @@ class OpHandler:
     op_types: ClassVar[tuple[str, ...]] = ()
     # A layer: a node with a constant weight whose output channels are new (conv, gemm).
     is_layer: ClassVar[bool] = False
+    # Makes channels even when no input carries any (a layer, an embedding lookup).
+    creates_channels: ClassVar[bool] = False
 
     def propagate(self, node: onnx.NodeProto, ctx: "PropagateContext") -> None:
         raise NotUnderstood(f"operator {node.op_type} not understood")
@@ -202,13 +208,13 @@ class PropagateContext(GraphView):
         shape = self.shape(tensor)
         if shape is None:
             raise NotUnderstood("output shape unknown")
-        m = AtomMap.along(self.new_atoms(shape[axis], creator), axis, len(shape))
+        m = AtomMap.along(self.new_atoms(shape[axis], creator), axis, len(shape)).squeezed()
         self.maps[tensor] = m
         return m
 
     def set_map(self, tensor: str, m: AtomMap | None) -> None:
         if tensor and m is not None:
-            self.maps[tensor] = m
+            self.maps[tensor] = m.squeezed()
 
     def tie(self, a: np.ndarray, b: np.ndarray) -> None:
         """Atoms a[i] and b[i] (same shape, or broadcastable) become one channel."""

@@ -18,7 +18,7 @@ FUSABLE_ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigm
 
 def _require_channels_on(ctx, tensor: str, axis: int) -> AtomMap | None:
     m = ctx.map(tensor)
-    if m is not None and m.axes != (axis,):
+    if m is not None and not set(m.axes) <= {axis}:
         raise NotUnderstood(f"input channels are not on axis {axis}")
     return m
 
@@ -219,6 +219,43 @@ class Conv(OpHandler):
         return y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1]) if y.ndim == 4 else y
 
 
+def _restrict(m: AtomMap, axes: list[int]) -> np.ndarray:
+    """m's ids reduced to `axes` (index 0 along its other channel axes)."""
+    ids = m.ids
+    for x in m.axes:
+        if x not in axes:
+            ids = np.take(ids, [0], axis=x)
+    return ids
+
+
+def attention_members(node, ctx) -> list | None:
+    """For a product of two activations that computes attention scores: the nodes after it up
+    to the product of the probabilities with the values (element-wise scaling or masking,
+    Softmax, that MatMul); None when it is not one."""
+    tensor, members = node.output[0], []
+    for _ in range(6):
+        users = ctx.consumers(tensor)
+        if len(users) != 1:
+            return None
+        user = users[0]
+        members.append(user)
+        if user.op_type == "Softmax":
+            probs = user.output[0]
+            region = activation_region(probs, ctx)  # e.g. Where(IsNaN(p), 0, p) of exported SDPA
+            if region is not None:
+                members += region[0]
+                probs = region[1]
+            after = ctx.consumers(probs)
+            if len(after) == 1 and after[0].op_type == "MatMul" and after[0].input[0] == probs \
+                    and ctx.const(after[0].input[1]) is None:
+                return members + [after[0]]
+            return None
+        if user.op_type not in ("Mul", "Div", "Add", "Sub", "Where", "Cast", "Max", "Min"):
+            return None
+        tensor = user.output[0]
+    return None
+
+
 def im2col(x: np.ndarray, node, kernel: tuple[int, int]) -> np.ndarray:
     """Patches (N·H_out·W_out, C·kh·kw) of a 2-D conv's input, in the weight's (c, kh, kw) order."""
     pads = list(attr(node, "pads", [0, 0, 0, 0]))
@@ -336,15 +373,30 @@ class MatMul(OpHandler):
     """x @ W with a constant 2-D weight W (K, N): the channels of x's last axis are read and
     N new channels are made on the last axis. A 2-D x is timed as a Gemm; x of higher rank
     (tokens, channels-last maps) as 'MatMul' with the sizes before the channel axis in the
-    spec. A MatMul of two activations (attention) is not a layer."""
+    spec.
+
+    A product of two activations (batched: A (..., M, K) @ B (..., K, N)) ties the channels
+    of A's last axis with those of B's axis -2 (a contraction over a head dimension) and the
+    broadcast batch axes of both (heads); the output keeps the batch axes' channels, A's M
+    axis and B's N axis. When it computes attention scores (its output goes, through
+    element-wise ops, into a Softmax whose probabilities another such product reads), the
+    attention core (QKᵀ, softmax, AV) is a layer of its own: op 'Attention', whose width is
+    that of its query (heads x head_dim), timed in the graph from its kernels."""
 
     op_types = ("MatMul",)
     is_layer = True
 
+    @staticmethod
+    def weighted(node, ctx) -> bool:
+        return ctx.const(node.input[0]) is None and ctx.const(node.input[1]) is not None
+
     def propagate(self, node, ctx) -> None:
         x = node.input[0]
-        if ctx.const(x) is not None or ctx.const(node.input[1]) is None:
-            raise NotUnderstood("not a product of an activation with a weight initializer")
+        if ctx.const(x) is None and ctx.const(node.input[1]) is None:
+            self._activation_product(node, ctx)
+            return
+        if ctx.const(x) is not None:
+            raise NotUnderstood("a weight times an activation (W @ x)")
         rank = ctx.rank(x)
         if rank is None or rank < 2 or ctx.const(node.input[1]).ndim != 2:
             raise NotUnderstood("not a product of an activation with a 2-D weight")
@@ -352,14 +404,70 @@ class MatMul(OpHandler):
         ctx.new_map(node.output[0], rank - 1, node.name)
         ctx.layer_nodes.append(node)
 
+    def _activation_product(self, node, ctx) -> None:
+        a_name, b_name = node.input[0], node.input[1]
+        s_a, s_b, s_out = ctx.shape(a_name), ctx.shape(b_name), ctx.shape(node.output[0])
+        if s_a is None or s_b is None or s_out is None or len(s_a) < 2 or len(s_b) < 2:
+            raise NotUnderstood("shape unknown")
+        rank = len(s_out)
+        a, b = ctx.map(a_name), ctx.map(b_name)
+        a = a.aligned(rank) if a is not None else None
+        b = b.aligned(rank) if b is not None else None
+        k_a, k_b = rank - 1, rank - 2  # contraction axes
+        if a is not None and b is not None and k_a in a.axes and k_b in b.axes:
+            ids_a = np.moveaxis(np.take(a.ids, [0], axis=rank - 2), k_a, -1)  # (..., 1, K)
+            ids_b = np.moveaxis(np.take(b.ids, [0], axis=rank - 1), k_b, -1)
+            ctx.tie(ids_a, ids_b)
+        elif (a is not None and k_a in a.axes) or (b is not None and k_b in b.axes):
+            for m in (a, b):  # channels contracted with untracked values: fixed
+                if m is not None:
+                    ctx.fix(m.ids)
+        batch = set(range(rank - 2))
+        parts = []
+        for m, keep in ((a, batch | {rank - 2}), (b, batch | {rank - 1})):
+            if m is None:
+                continue
+            contract = k_a if m is a else k_b
+            if contract in m.axes and not ctx.tied_along(m, contract):
+                kept_axes = tuple(x for x in m.axes if x in keep and x not in batch)
+            else:
+                kept_axes = tuple(x for x in m.axes if x in keep)
+            if kept_axes:
+                ids = np.take(m.ids, [0], axis=contract)
+                parts.append(AtomMap(ids, kept_axes))
+        if not parts:
+            return
+        parts.sort(key=lambda p: -len(p.axes))  # the output's ids from the side mapping most axes
+        for p in parts[1:]:  # shared batch axes (heads): the same channels on both sides
+            shared = [x for x in p.axes if x in parts[0].axes and x in batch]
+            if shared:
+                ctx.tie(_restrict(parts[0], shared), _restrict(p, shared))
+        axes = tuple(sorted({x for p in parts for x in p.axes}))
+        common = np.broadcast_shapes(*(p.ids.shape for p in parts))
+        ctx.set_map(node.output[0], AtomMap(np.broadcast_to(parts[0].ids, common).copy(), axes))
+        if attention_members(node, ctx) is not None and ctx.map(a_name) is not None:
+            ctx.layer_nodes.append(node)
+
     def params(self, node, ctx) -> list[ParamAxis]:
+        if not self.weighted(node, ctx):
+            return []
         rank = ctx.rank(node.input[0])
         return [ParamAxis(1, 1, node.output[0], rank - 1, "produce", "weight"),
                 ParamAxis(1, 0, node.input[0], rank - 1, "consume", "weight")]
 
-    def layer_axes(self, node, ctx) -> tuple[int, int]:
+    def layer_axes(self, node, ctx) -> tuple[int | None, int | None]:
+        """(input axis, output axis); None: every channel axis of the query (attention)."""
+        if not self.weighted(node, ctx):
+            return None, None
         rank = ctx.rank(node.input[0])
         return rank - 1, rank - 1
+
+    def layer_tensors(self, node, ctx) -> tuple[str, str]:
+        """The tensors whose channels are the layer's input and output widths: the query for
+        both sides of an attention core (its width is the heads it keeps)."""
+        if not self.weighted(node, ctx):
+            return node.input[0], node.input[0]
+        return node.input[0], node.output[0]
 
     @staticmethod
     def bias_add(node, ctx):
@@ -375,13 +483,23 @@ class MatMul(OpHandler):
 
     def layer_spec(self, node, ctx) -> LayerSpec:
         s_in = ctx.shape(node.input[0]) or [1, 1]
+        if not self.weighted(node, ctx):  # attention core: tokens of queries and keys, head dim
+            s_out = ctx.shape(node.output[0]) or [1, 1, 1]
+            return LayerSpec("Attention", [s_in[-1]], [], [], [], False, list(s_out[-2:]), s_in[0],
+                             activation="", has_bias=False)
         if len(s_in) == 2:
             return LayerSpec("Gemm", [], [], [], [], False, [], s_in[0], activation="", has_bias=False)
         return LayerSpec("MatMul", [], [], [], [], False, list(s_in[1:-1]), s_in[0], activation="",
                          has_bias=self.bias_add(node, ctx) is not None)
 
+    def layer_members(self, node, ctx) -> list:
+        """Nodes whose kernels count towards the layer in-graph, beyond the node: an attention
+        core's scaling/masking, Softmax and probabilities @ values."""
+        members = attention_members(node, ctx) if not self.weighted(node, ctx) else None
+        return members or []
+
     def repairable(self, node, ctx) -> bool:
-        return True
+        return self.weighted(node, ctx)
 
     def weight_matrix(self, node, w, b):
         return w.T.astype(np.float64), (b.astype(np.float64) if b is not None else np.zeros(w.shape[1]))

@@ -19,7 +19,7 @@ class BatchNorm(OpHandler):
 
     def propagate(self, node, ctx) -> None:
         m = ctx.map(node.input[0])
-        if m.axes != (1,):
+        if not set(m.axes) <= {1}:
             raise NotUnderstood("channels are not on axis 1")
         ctx.set_map(node.output[0], m)
         for extra in node.output[1:]:  # training-mode running statistics

@@ -69,6 +69,17 @@ def _segments(s_in: list[int], s_out: list[int]) -> list[tuple[list[int], list[i
     return segs
 
 
+def _free_axis(varying: list[int], s_out: list[int]) -> int:
+    """Of the axes a channel axis was split into, the one whose positions stay prunable (the
+    channels are tied along the others). A split that keeps the innermost factor on the
+    tensor's last axis is a split into heads ((3,) heads, head_dim: attention) or groups of
+    channels-last data: the factor before the innermost is free, so whole heads are pruned and
+    the head dimension is kept. Otherwise (channel shuffle on NCHW: (2, C/2)) the largest."""
+    if varying[-1] == len(s_out) - 1:
+        return varying[-2]
+    return max(varying, key=lambda o: (s_out[o], o))
+
+
 def reshape_map(m: AtomMap, s_in: list[int], s_out: list[int], ctx) -> AtomMap:
     """The atom map after reshaping a tensor of shape s_in (map m) to s_out (module doc)."""
     segs = _segments(s_in, s_out)
@@ -100,7 +111,7 @@ def reshape_map(m: AtomMap, s_in: list[int], s_out: list[int], ctx) -> AtomMap:
                 axes.append(o)
         varying = [o for o in outs if o in axes]
         if len(varying) > 1:  # channels split over several axes: keep blocks rectangular
-            free = max(varying, key=lambda o: (s_out[o], o))
+            free = _free_axis(varying, s_out)
             for f in range(ids.shape[free]):
                 ctx.tie_all(np.take(ids, f, axis=free))
     return AtomMap(np.ascontiguousarray(ids), tuple(sorted(axes)))
@@ -357,12 +368,29 @@ class Pad(OpHandler):
 class Gather(OpHandler):
     """Gather along an axis without channels passes them; along a channel axis only a scalar
     index into positions that all hold the same channels (tied: e.g. q/k/v of a fused
-    projection whose heads are tied) is followed."""
+    projection whose heads are tied) is followed. An embedding lookup (a constant (V, D) table
+    gathered along axis 0 by computed indices: BERT's word embeddings) makes D new channels,
+    and the table's columns follow them."""
 
     op_types = ("Gather",)
+    creates_channels = True
+
+    @staticmethod
+    def _embedding(node, ctx) -> bool:
+        table = ctx.const(node.input[0])
+        return (table is not None and table.ndim == 2 and ctx.const(node.input[1]) is None
+                and int(attr(node, "axis", 0)) == 0)
 
     def propagate(self, node, ctx) -> None:
+        if self._embedding(node, ctx):
+            rank = ctx.rank(node.output[0])
+            if rank is None:
+                raise NotUnderstood("output shape unknown")
+            ctx.new_map(node.output[0], rank - 1, node.name)
+            return
         m = ctx.map(node.input[0])
+        if m is None:
+            return  # indices with channels, constant data: nothing to follow
         index = ctx.const(node.input[1])
         axis = _norm_axis(int(attr(node, "axis", 0)), m.rank)
         if index is None:
@@ -376,6 +404,11 @@ class Gather(OpHandler):
         shape = list(m.ids.shape[:axis]) + [1] * index.ndim + list(m.ids.shape[axis + 1:])
         axes = tuple(a if a < axis else a - 1 + index.ndim for a in m.axes)
         ctx.set_map(node.output[0], AtomMap(m.ids.reshape(shape), axes))
+
+    def params(self, node, ctx) -> list[ParamAxis]:
+        if not self._embedding(node, ctx) or ctx.map(node.output[0]) is None:
+            return []
+        return [ParamAxis(0, 1, node.output[0], ctx.rank(node.output[0]) - 1, "produce", "weight")]
 
 
 class Expand(OpHandler):
