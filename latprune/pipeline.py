@@ -117,6 +117,18 @@ def resolve_step(step: int | None, backend=None) -> int:
     return (backend or make_backend()).channel_step()
 
 
+def apply_stream_policy(analysis: Analysis, prune_streams: str = "auto") -> None:
+    """Keep LayerNorm-normalised channel groups whole unless pruning them is allowed:
+    prune_streams 'yes', or 'auto' in a model without attention layers."""
+    attention = any(layer.spec.op == "Attention" for layer in analysis.problem.layers)
+    if prune_streams == "no" or (prune_streams == "auto" and attention):
+        frozen = analysis.stream_groups()
+        analysis.freeze_groups(frozen)
+        if frozen:
+            analysis.notes.append(f"{len(frozen)} residual-stream group(s) normalised by LayerNorm kept whole "
+                                  "(--prune-streams yes to prune them)")
+
+
 def prepare(model_path: Path, step: int | None = None, max_candidates: int = 16,
             importance: str = "l1", backend=None, prune_streams: str = "auto") -> tuple[onnx.ModelProto, bytes, Analysis]:
     """Load, validate and analyse a model; fill importance. Raises InputError on bad input.
@@ -127,13 +139,7 @@ def prepare(model_path: Path, step: int | None = None, max_candidates: int = 16,
     data = Path(model_path).read_bytes()
     analysis = analyse(model, step=step, max_candidates=max_candidates, model_name=Path(model_path).stem)
     prob = analysis.problem
-    attention = any(layer.spec.op == "Attention" for layer in prob.layers)
-    if prune_streams == "no" or (prune_streams == "auto" and attention):
-        frozen = analysis.stream_groups()
-        analysis.freeze_groups(frozen)
-        if frozen:
-            analysis.notes.append(f"{len(frozen)} residual-stream group(s) normalised by LayerNorm kept whole "
-                                  "(--prune-streams yes to prune them)")
+    apply_stream_policy(analysis, prune_streams)
     if not prob.layers:
         raise InputError(f"{model_path}: the model has no layers to prune (no Conv, Gemm or "
                          "MatMul with constant weights)")

@@ -191,9 +191,10 @@ def _candidates(size: int, step: int, max_candidates: int, unit: int = 1) -> lis
 
 
 def analyse(model: onnx.ModelProto, step: int = 8, max_candidates: int = 16,
-            model_name: str = "model") -> Analysis:
-    """Find channel groups, removable blocks and layer specs of `model` (validated ONNX)."""
-    model = normalise(model)
+            model_name: str = "model", keep_parameters: bool = False) -> Analysis:
+    """Find channel groups, removable blocks and layer specs of `model` (validated ONNX).
+    `keep_parameters`: normalise without removing x + 0 / x · 1 (pruner.model_io.normalise)."""
+    model = normalise(model, keep_parameters)
     static = with_static_shapes(model)
     shapes = tensor_shapes(static)
     graph = model.graph

@@ -61,13 +61,15 @@ def model_from_bytes(data: bytes, name: str = "model") -> onnx.ModelProto:
     return model
 
 
-def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
+def normalise(model: onnx.ModelProto, keep_parameters: bool = False) -> onnx.ModelProto:
     """Return a copy with constant subgraphs and shape computations folded into initializers
     (onnxslim: constant folding and dead-node elimination only, see `fold_constants`), Constant
     nodes turned into initializers, unique node names and initializers removed from the graph
     inputs (old exporters list them there). Node names, initializer names and symbolic (e.g.
-    batch) input dimensions are kept."""
-    model = fold_constants(_resolve_weight_aliases(model))
+    batch) input dimensions are kept. `keep_parameters`: no dead-node elimination, which
+    removes x + 0 and x · 1 (a freshly initialised bias or scale): a module being trained (the
+    torch frontend) needs every parameter in the graph."""
+    model = fold_constants(_resolve_weight_aliases(model), keep_parameters)
     graph = model.graph
     inits = {i.name for i in graph.initializer}
     keep_nodes = []
@@ -132,7 +134,7 @@ def _resolve_weight_aliases(model: onnx.ModelProto) -> onnx.ModelProto:
 _SLIM_SKIP = ["graph_fusion", "weight_tying", "subexpression_elimination"]
 
 
-def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+def fold_constants(model: onnx.ModelProto, keep_parameters: bool = False) -> onnx.ModelProto:
     """A copy of `model` with shape computations (Shape -> Gather -> Div chains that give
     Split sizes, Reshape targets, Resize scales) and other constant subgraphs folded, by
     onnxslim's constant folding and dead-node elimination. A symbolic batch dimension
@@ -150,7 +152,8 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     logging.getLogger("onnxslim").setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            slim = onnxslim.slim(copy.deepcopy(model), skip_optimizations=_SLIM_SKIP)
+            skip = _SLIM_SKIP + (["dead_node_elimination"] if keep_parameters else [])
+            slim = onnxslim.slim(copy.deepcopy(model), skip_optimizations=skip)
     except Exception:
         return original
     if not isinstance(slim, onnx.ModelProto) or len(slim.graph.output) != len(original.graph.output) \

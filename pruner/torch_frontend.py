@@ -255,6 +255,10 @@ class TorchPruneGraph:
     block_slices: dict[int, list[ParamSlice]] = field(default_factory=dict)  # block -> branch output producers
     names: dict[str, str] = field(default_factory=dict)  # ONNX initializer -> module tensor name
     notes: list[str] = field(default_factory=list)
+    # initializers that are a module tensor transposed (an nn.Linear weight read by MatMul as
+    # Wᵀ; the exporter writes Transpose(W), which normalisation folds into a constant)
+    transposed: set[str] = field(default_factory=set)
+
 
     @property
     def problem(self):
@@ -273,17 +277,27 @@ def _module_tensors(module) -> dict[str, Any]:
     return out
 
 
-def _name_map(model: onnx.ModelProto, module) -> dict[str, str]:
-    """ONNX initializer (and Identity alias) name -> module tensor name. The TorchScript
-    exporter names initializers by their state-dict keys; an initializer with any other name
-    (a constant built in forward) is not a module tensor. No match by value: a constant that
-    happens to equal a parameter must not follow it through training."""
+def _name_map(model: onnx.ModelProto, module, raw: onnx.ModelProto | None = None) -> tuple[dict[str, str], set[str]]:
+    """(ONNX initializer (and Identity alias) name -> module tensor name, the initializers that
+    are a module tensor transposed). The TorchScript exporter names initializers by their
+    state-dict keys; an nn.Linear on a (B, N, C) input is exported as MatMul(x, Transpose(W)),
+    whose folded constant keeps the Transpose's output name (read from the `raw` export). An
+    initializer with any other name (a constant built in forward) is not a module tensor. No
+    match by value: a constant that happens to equal a parameter must not follow it through
+    training."""
     tensors = _module_tensors(module)
     names = {i.name: i.name for i in model.graph.initializer if i.name in tensors}
+    transposed: set[str] = set()
+    inits = {i.name for i in model.graph.initializer}
+    for node in (raw or model).graph.node:
+        if node.op_type == "Transpose" and node.input[0] in tensors and node.output[0] in inits \
+                and tensors[node.input[0]].dim() == 2 and list(_attr(node, "perm", [1, 0])) == [1, 0]:
+            names[node.output[0]] = node.input[0]
+            transposed.add(node.output[0])
     for node in model.graph.node:  # shared weights: Identity(initializer)
         if node.op_type == "Identity" and node.input[0] in names and node.output[0] not in names:
             names[node.output[0]] = names[node.input[0]]
-    return names
+    return names, transposed
 
 
 def _patch_bn_bias(analysis: Analysis) -> None:
@@ -371,10 +385,12 @@ def _producer_rows(analysis: Analysis) -> dict[int, list[tuple[str, str, str, in
 
 
 def _to_slices(rows, names: dict[str, str], role: str, gid_label: str, needed: bool,
-               notes: list[str]) -> list[ParamSlice]:
+               notes: list[str], transposed: set[str] = frozenset()) -> list[ParamSlice]:
     out = []
     for node_name, t, kind, axis, idx, pos, dec in rows:
         name = names.get(t)
+        if t in transposed:
+            axis = 1 - axis  # the module's tensor is the transpose of this initializer
         if name is None:
             if needed and dec:
                 raise InputError(
@@ -390,7 +406,7 @@ def _to_slices(rows, names: dict[str, str], role: str, gid_label: str, needed: b
 def analyse_module(module, example_inputs, step: int | None = None, max_candidates: int = 16,
                    model_name: str = "module", verify: bool = True,
                    input_names: list[str] | None = None,
-                   output_names: list[str] | None = None) -> TorchPruneGraph:
+                   output_names: list[str] | None = None, prune_streams: str = "auto") -> TorchPruneGraph:
     """Export `module` with names (`export_with_names`), analyse the export with the ONNX
     analyser and map every prunable group and removable block onto module tensors.
 
@@ -399,19 +415,20 @@ def analyse_module(module, example_inputs, step: int | None = None, max_candidat
     pipeline.prepare computes it on a BN-folded export (module doc). Raises
     InputError when a tensor that makes a channel's value is not a module parameter/buffer.
     """
-    from latprune.pipeline import resolve_step
+    from latprune.pipeline import apply_stream_policy, resolve_step
     from latprune.solver.importance import magnitude_importance
 
     inputs = _as_tuple(example_inputs)
     exported = export_with_names(module, inputs, verify=verify, input_names=input_names,
                                  output_names=output_names)
     analysis = analyse(exported, step=resolve_step(step), max_candidates=max_candidates,
-                       model_name=model_name)
+                       model_name=model_name, keep_parameters=True)
+    apply_stream_policy(analysis, prune_streams)
     _patch_bn_bias(analysis)
     prob = analysis.problem
     magnitude_importance(prob, _folded_weight_slices(analysis), norm="l1")
     notes: list[str] = []
-    names = _name_map(analysis.model, module)
+    names, transposed = _name_map(analysis.model, module, exported)
     producers = _producer_rows(analysis)
     consumers: dict[int, dict[tuple, tuple[list[int], list[int]]]] = defaultdict(lambda: defaultdict(lambda: ([], [])))
     for gid, crows in consumer_slices(analysis).items():
@@ -425,10 +442,10 @@ def analyse_module(module, example_inputs, step: int | None = None, max_candidat
         if not g.prunable:
             continue
         label = f"group {g.id}"
-        sl = _to_slices(producers.get(g.id, []), names, "producer", label, True, notes)
+        sl = _to_slices(producers.get(g.id, []), names, "producer", label, True, notes, transposed)
         crows = [(layer, w, "weight", axis, np.asarray(ps, np.int64), np.asarray(qs, np.int64), False)
                  for (layer, w, axis), (ps, qs) in consumers.get(g.id, {}).items()]
-        sl += _to_slices(crows, names, "consumer", label, False, notes)
+        sl += _to_slices(crows, names, "consumer", label, False, notes, transposed)
         param_slices[g.id] = sl
     block_slices: dict[int, list[ParamSlice]] = {}
     by_name = {n.name: n for n in analysis.model.graph.node}
@@ -441,32 +458,40 @@ def analyse_module(module, example_inputs, step: int | None = None, max_candidat
         for gid in (sorted(set(int(g) for g in cm[0])) if cm is not None else []):
             rows += [r for r in producers.get(gid, []) if r[0] in inside]
         try:
-            block_slices[b.id] = _to_slices(rows, names, "producer", f"block {b.id}", True, notes)
+            block_slices[b.id] = _to_slices(rows, names, "producer", f"block {b.id}", True, notes, transposed)
         except InputError as exc:  # only fatal if a plan removes this block by decay (pruner.dpm)
             notes.append(f"block {b.id} cannot be decayed: {exc}")
-    return TorchPruneGraph(module, inputs, exported, analysis, param_slices, block_slices, names, notes)
+    return TorchPruneGraph(module, inputs, exported, analysis, param_slices, block_slices, names, notes, transposed)
 
 
 # ---- current weights, pruned export -------------------------------------------------------------
 
 def current_analysis(graph: TorchPruneGraph) -> Analysis:
-    """`graph.analysis` with every initializer that is a module tensor replaced by the module's
-    current value (same graph, groups and ids): what surgery and the gradient estimators use."""
+    """`graph.analysis` with every initializer recomputed from the module's current tensors
+    (same graph, groups and ids): what surgery and the gradient estimators use. The export is
+    normalised again with the current tensors, so constants that normalisation folded from
+    module tensors (an nn.Linear weight transposed for MatMul, a class token expanded to the
+    batch) follow training too."""
+    from latprune.pruner.model_io import normalise
+
     torch = _torch()
     tensors = graph.tensors()
-    model = copy.deepcopy(graph.analysis.model)
+    raw = copy.deepcopy(graph.onnx)
     with torch.no_grad():
-        for init in model.graph.initializer:
-            name = graph.names.get(init.name)
-            if name is None or name not in tensors:
+        for init in raw.graph.initializer:
+            if init.name not in tensors:
                 continue
-            arr = tensors[name].detach().cpu().numpy()
+            arr = tensors[init.name].detach().cpu().numpy()
             if tuple(arr.shape) != tuple(init.dims):
-                raise InputError(f"module tensor {name} has shape {tuple(arr.shape)}, the export had "
+                raise InputError(f"module tensor {init.name} has shape {tuple(arr.shape)}, the export had "
                                  f"{tuple(init.dims)}: the module changed shape since analyse_module")
-            new = numpy_helper.from_array(np.ascontiguousarray(arr.astype(
-                onnx.helper.tensor_dtype_to_np_dtype(init.data_type))), init.name)
-            init.CopyFrom(new)
+            init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr.astype(
+                onnx.helper.tensor_dtype_to_np_dtype(init.data_type))), init.name))
+    fresh = {i.name: i for i in normalise(raw, keep_parameters=True).graph.initializer}
+    model = copy.deepcopy(graph.analysis.model)
+    for init in model.graph.initializer:
+        if init.name in fresh and tuple(fresh[init.name].dims) == tuple(init.dims):
+            init.CopyFrom(fresh[init.name])
     return dataclasses.replace(graph.analysis, model=model)
 
 
@@ -573,7 +598,7 @@ def optimize_module(module, example_inputs, out_dir: str | Path, opts, progress=
     report.json, report.html, and out_dir/dense.onnx (the folded export that was measured).
     `opts`: latprune.pipeline.OptimizeOptions.
     """
-    from latprune.pipeline import make_backend, optimize, resolve_step
+    from latprune.pipeline import apply_stream_policy, make_backend, optimize, resolve_step
 
     out_dir = Path(out_dir)
     inputs = _as_tuple(example_inputs)
@@ -581,10 +606,12 @@ def optimize_module(module, example_inputs, out_dir: str | Path, opts, progress=
     opts = opts.replace(step=step)
     if graph is None:
         graph = analyse_module(module, inputs, step=step, max_candidates=opts.max_candidates,
-                               input_names=input_names, output_names=output_names)
+                               input_names=input_names, output_names=output_names,
+                               prune_streams=opts.prune_streams)
     folded = export_folded(module, inputs, input_names=input_names, output_names=output_names)
-    diffs = structure_differences(analyse(folded, step=step, max_candidates=opts.max_candidates),
-                                  graph.analysis)
+    folded_analysis = analyse(folded, step=step, max_candidates=opts.max_candidates, keep_parameters=True)
+    apply_stream_policy(folded_analysis, opts.prune_streams)
+    diffs = structure_differences(folded_analysis, graph.analysis)
     if diffs:
         raise InputError("the BN-folded export and the named export analyse differently, so the "
                          f"plan cannot be mapped onto the module: {diffs[0]}")

@@ -248,3 +248,34 @@ def test_cli_finetune_bad_input_is_one_line_exit_2(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_dpm_on_a_vit_heads_mlp_and_a_block():
+    """The torch frontend takes a ViT written like timm's (fused qkv Linear, unbind, GELU MLP):
+    heads and MLP widths map to module tensors (Linear weights read transposed by MatMul), DPM
+    decays them to exact zeros and cutting them changes no output."""
+    from latprune.models_vit import cifar_vit
+
+    torch.manual_seed(0)
+    m = cifar_vit(image=16, patch=4, dim=32, depth=2, heads=4, mlp_ratio=2.0).eval()
+    for p in m.parameters():  # non-zero biases and norms: every parameter stays in the graph
+        with torch.no_grad():
+            p.add_(0.02 * torch.randn_like(p))
+    x = torch.randn(1, 3, 16, 16)
+    graph = analyse_module(m, x, step=2)
+    prob = graph.problem
+    heads = [g for g in prob.groups if g.prunable and g.size == 4]
+    mlp = [g for g in prob.groups if g.prunable and g.size == 64]
+    assert len(heads) == 2 and len(mlp) == 2 and not [g for g in prob.groups if g.prunable and g.size == 32]
+    names = {s.name for g in heads for s in graph.param_slices[g.id]}
+    assert {"blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias", "blocks.0.attn.proj.weight"} <= names
+    plan = half_plan(graph, removed_blocks=[prob.groups[mlp[1].id].inner_of_block])
+    dpm = DecayPruner(graph, plan, decay_steps=4, rectify=False)
+    train(m, dpm, 6)
+    assert dpm.complete
+    assert all(bool((v == 0).all()) for v in entry_values(graph, removed_entries(graph, plan)))
+    pruned = export_pruned(graph, dpm.finish())
+    sess = ort_session(pruned)
+    with torch.no_grad():
+        ref = m(x).numpy()
+    np.testing.assert_allclose(sess.run(None, {"input": x.numpy()})[0], ref, atol=1e-4)
