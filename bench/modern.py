@@ -44,6 +44,7 @@ from e2e import optimize_and_check  # noqa: E402
 
 OUT = HERE / "out"
 MODELS = ("yolov8s", "ssdlite320_net", "ssdlite320", "convnext_tiny", "regnety_016", "resnext50_32x4d")
+TRANSFORMERS = ("deit_small", "vit_base", "mobilevit_s", "bert_base")
 
 
 def exported(name: str) -> Path:
@@ -53,14 +54,17 @@ def exported(name: str) -> Path:
     return path
 
 
-def _run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+def _run(model: onnx.ModelProto, x) -> list[np.ndarray]:
+    """Outputs for every item of x (an image batch, or {input name: batch}), one item a run."""
     import onnxruntime as ort
 
+    feeds = x if isinstance(x, dict) else {"input": x}
+    n = len(next(iter(feeds.values())))
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return [np.concatenate([sess.run(None, {"input": x[i:i + 1]})[k] for i in range(len(x))])
-            for k in range(len(sess.get_outputs()))]
+    return [np.concatenate([sess.run(None, {k: v[i:i + 1] for k, v in feeds.items()})[j] for i in range(n)])
+            for j in range(len(sess.get_outputs()))]
 
 
 def _io(model: onnx.ModelProto):
@@ -75,11 +79,15 @@ def coverage(name: str, runs: int = 5) -> dict:
     from latprune.profiler.backends.onnxrt import OrtProfiled as _Profiled
     from latprune.pruner.analysis import analyse
 
+    from latprune.pipeline import apply_stream_policy
+
     model = onnx.load(str(exported(name)))
     t0 = time.perf_counter()
     an = analyse(model, step=16)
+    apply_stream_policy(an, "auto")  # as optimize does: transformers keep their residual stream
     analyse_s = time.perf_counter() - t0
     prob = an.problem
+    heads = {t[0] for layer in prob.layers if layer.spec.op == "Attention" for t in layer.c_in.terms}
     names = layer_names(an.model, prob)
     prunable_layers = {i for i, layer in enumerate(prob.layers)
                        if any(prob.groups[g].prunable for g, _ in layer.c_in.terms + layer.c_out.terms)}
@@ -106,6 +114,8 @@ def coverage(name: str, runs: int = 5) -> dict:
     top = sorted(timing.unmapped_kernel_ms.items(), key=lambda kv: -kv[1])[:8]
     return {"model": name, "layers": len(prob.layers), "groups": len(prob.groups),
             "prunable_groups": sum(g.prunable for g in prob.groups), "blocks": len(prob.blocks),
+            "attention_layers": sum(layer.spec.op == "Attention" for layer in prob.layers),
+            "head_groups": len(heads), "heads": sum(prob.groups[g].size for g in heads),
             "notes": an.notes, "analyse_s": analyse_s, "dense_kernel_ms": total,
             "dense_end_to_end_ms": timing.end_to_end_ms,
             "share_prunable_layers": in_prunable_layers / total if total else 0.0,
@@ -122,7 +132,9 @@ def identity(name: str, plans: int = 3) -> dict:
 
     model = onnx.load(str(exported(name)))
     an = analyse(model, step=16)
-    x = zoo.model_inputs(name, 2)
+    from latprune.pipeline import apply_stream_policy
+    apply_stream_policy(an, "auto")
+    x = zoo.model_feeds(name, 2)
     want = _run(model, x)
     same = apply_plan(an, Plan(kept={}))
     worst = 0.0
@@ -140,7 +152,7 @@ def identity(name: str, plans: int = 3) -> dict:
                                         replace=False).tolist())
                 for g in prob.groups if g.prunable}
         pruned = apply_plan(an, Plan(kept=kept, removed_blocks=removed))  # full checker
-        outs = _run(pruned, x[:1])
+        outs = _run(pruned, {k: v[:1] for k, v in x.items()})
         ok += _io(pruned) == _io(model) and [o.shape for o in outs] == [w[:1].shape for w in want]
     return {"zero_plan_max_rel_diff": worst, "random_plans_valid": f"{ok}/{plans}"}
 
@@ -216,7 +228,8 @@ def main() -> int:
             results.setdefault("coverage", {})[name] = row
             save()
             print(f"{name:16s} layers {row['layers']:4d}  groups {row['prunable_groups']:3d}/{row['groups']:3d}  "
-                  f"blocks {row['blocks']:3d}  notes {len(row['notes']):2d}  prunable layers "
+                  f"blocks {row['blocks']:3d}  heads {row['heads']:3d} in {row['head_groups']:2d} groups  "
+                  f"notes {len(row['notes']):2d}  prunable layers "
                   f"{row['share_prunable_layers']:.1%}  width-dependent {row['share_width_dependent']:.1%}  "
                   f"dense {row['dense_end_to_end_ms']:.1f} ms  zero-plan diff {row['zero_plan_max_rel_diff']:.1e}  "
                   f"random plans {row['random_plans_valid']}", flush=True)

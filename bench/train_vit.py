@@ -65,7 +65,7 @@ def main() -> int:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         top1 = evaluate(model, x_test, y_test)
         print(f"epoch {epoch + 1}/{args.epochs}: loss {np.mean(losses):.3f}, top-1 {100 * top1:.2f}%, "
               f"{time.perf_counter() - t0:.0f} s", flush=True)

@@ -22,6 +22,12 @@ recalibrate_batchnorm, so that their outputs depend on the image; weights stay r
 convnext_tiny       timm ``convnext_tiny``                                        224
 regnety_016         timm ``regnety_016`` (RegNetY-1.6GF: grouped convs + SE)      224
 resnext50_32x4d     torchvision ``resnext50_32x4d``                              224
+deit_small          timm ``deit_small_patch16_224`` (6 heads, 12 blocks)          224
+vit_base            timm ``vit_base_patch16_224`` (12 heads, 12 blocks)           224
+mobilevit_s         timm ``mobilevit_s`` (hybrid conv-attention)                  256
+bert_base           HF transformers ``BertModel(BertConfig())`` (12 layers, 768,  128 tokens
+                    12 heads), inputs input_ids and attention_mask (1, 128)
+                    int64, output the last hidden state
 ==================  =========================================================  ==========
 
 Needs the bench extras in the venv: ``pip install torch==2.14.1 torchvision==0.29.1 timm
@@ -38,8 +44,12 @@ from pathlib import Path
 
 import numpy as np
 
-ZOO = ("yolov8s", "ssdlite320", "ssdlite320_net", "convnext_tiny", "regnety_016", "resnext50_32x4d")
-INPUT_SIZE = {"yolov8s": 640, "ssdlite320": 320, "ssdlite320_net": 320}
+ZOO = ("yolov8s", "ssdlite320", "ssdlite320_net", "convnext_tiny", "regnety_016", "resnext50_32x4d",
+       "deit_small", "vit_base", "mobilevit_s", "bert_base")
+INPUT_SIZE = {"yolov8s": 640, "ssdlite320": 320, "ssdlite320_net": 320, "mobilevit_s": 256}
+TIMM_NAMES = {"convnext_tiny": "convnext_tiny", "regnety_016": "regnety_016", "deit_small": "deit_small_patch16_224",
+              "vit_base": "vit_base_patch16_224", "mobilevit_s": "mobilevit_s"}
+BERT_TOKENS = 128
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -119,10 +129,24 @@ def _module(name: str):
                 return out["bbox_regression"], out["cls_logits"]
 
         return Net().eval()
-    if name in ("convnext_tiny", "regnety_016"):
+    if name in TIMM_NAMES:
         import timm
 
-        return timm.create_model(name, pretrained=False).eval()
+        return timm.create_model(TIMM_NAMES[name], pretrained=False).eval()
+    if name == "bert_base":
+        from transformers import BertConfig, BertModel
+
+        bert = BertModel(BertConfig()).eval()
+
+        class Encoder(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.bert = bert
+
+            def forward(self, input_ids, attention_mask):
+                return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+        return Encoder().eval()
     if name == "resnext50_32x4d":
         import torchvision
 
@@ -141,19 +165,19 @@ def export(name: str, path: str | Path) -> Path:
     module = _module(name)
     if name in RECALIBRATED:  # images 12..19 (the proxy bench calibrates on 0..7, evaluates on 8..17)
         recalibrate_batchnorm(module, model_inputs(name, RECALIBRATED[name], offset=12))
-    size = input_size(name)
-    example = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    feeds = model_feeds(name, 1)
+    example = tuple(torch.from_numpy(v) for v in feeds.values())
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        expected = module(example)
+        expected = module(*example)
         expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
         buf = io.BytesIO()
-        torch.onnx.export(module, (example,), buf, dynamo=False, opset_version=17, input_names=["input"])
+        torch.onnx.export(module, example, buf, dynamo=False, opset_version=17, input_names=list(feeds))
     model = onnx.load_from_string(buf.getvalue())
     onnx.checker.check_model(model, full_check=True)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
-    got = ort.InferenceSession(model.SerializeToString(), opts).run(None, {"input": example.numpy()})
+    got = ort.InferenceSession(model.SerializeToString(), opts).run(None, feeds)
     for g, e in zip(got, expected):
         e = e.numpy()
         if g.shape != e.shape:
@@ -195,6 +219,17 @@ def model_inputs(name: str, n: int, offset: int = 0) -> np.ndarray:
     mean = np.array(IMAGENET_MEAN, np.float32).reshape(1, 3, 1, 1)
     std = np.array(IMAGENET_STD, np.float32).reshape(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def model_feeds(name: str, n: int = 1, offset: int = 0) -> dict[str, np.ndarray]:
+    """Inputs of model `name` by input name: real images prepared as it expects (model_inputs),
+    or for BERT random token ids (seeded by `offset`) with the last quarter masked out."""
+    if name == "bert_base":
+        rng = np.random.default_rng(offset)
+        mask = np.ones((n, BERT_TOKENS), np.int64)
+        mask[:, 3 * BERT_TOKENS // 4:] = 0
+        return {"input_ids": rng.integers(1000, 30000, (n, BERT_TOKENS)).astype(np.int64), "attention_mask": mask}
+    return {"input": model_inputs(name, n, offset)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -124,6 +124,7 @@ def optimize(
     remove_blocks: str = typer.Option("auto", "--remove-blocks", help=help_text("remove_blocks")),
     rounds: int = typer.Option(4, "--rounds", help=help_text("rounds")),
     prune_streams: str = typer.Option("auto", "--prune-streams", help=help_text("prune_streams")),
+    sequence_length: Optional[int] = typer.Option(None, "--sequence-length", help=help_text("sequence_length")),
     time_limit: float = typer.Option(60.0, "--time-limit", help=help_text("time_limit_s")),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress and no summary table"),
     show_progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
@@ -141,6 +142,7 @@ def optimize(
                                backend=backend, precision=precision,
                                method=method, step=step, max_candidates=max_candidates,
                                remove_blocks=remove_blocks, rounds=rounds, prune_streams=prune_streams,
+                               sequence_length=sequence_length,
                                time_limit_s=time_limit, importance=importance, objective=objective,
                                distortion=distortion, calib=calib, calib_samples=calib_samples,
                                repair=repair, flops_ratio=flops_ratio, params_ratio=params_ratio,
@@ -204,13 +206,14 @@ def predict(
     backend: str = BACKEND_OPTION,
     precision: Optional[str] = PRECISION_OPTION,
     timing: str = TIMING_OPTION,
+    sequence_length: Optional[int] = typer.Option(None, "--sequence-length", help=help_text("sequence_length")),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Predicted latency of MODEL from the latency table (any model the table covers)."""
     from latprune.pipeline import predict_model
 
     try:
-        out = predict_model(model, lut, threads, timing, backend, precision)
+        out = predict_model(model, lut, threads, timing, backend, precision, sequence_length)
     except LatpruneError as exc:
         _fail(exc)
         return
@@ -233,6 +236,7 @@ def profile(
                                "different runs and keep the median"),
     refine: bool = typer.Option(False, "--refine/--no-refine", help="also measure widths between grid "
                                 "widths where interpolation misses the measured cells by more than 5%"),
+    sequence_length: Optional[int] = typer.Option(None, "--sequence-length", help=help_text("sequence_length")),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     show_progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
 ) -> None:
@@ -245,7 +249,7 @@ def profile(
             raise LatpruneError(f"--device {device}: only 'cpu' is available; choose the runtime with --backend")
         _pin(cpus)
         out = profile_model(model, lut, threads, points, _RichProgress(quiet, show_progress), timing, passes,
-                            refine, backend, precision)
+                            refine, backend, precision, sequence_length=sequence_length)
     except LatpruneError as exc:
         _fail(exc)
         return

@@ -139,12 +139,13 @@ def profile_configs(analysis, configs: list[dict[int, int]], backend=1,
     prob = analysis.problem
 
     def build(widths: dict[int, int]) -> bytes:
-        return apply_plan(analysis, first_channels_plan(prob, widths), check=False).SerializeToString()
+        return analysis.static_model(apply_plan(analysis, first_channels_plan(prob, widths), check=False)
+                                     ).SerializeToString()
 
     from latprune.profiler.backends import as_backend
 
     backend = as_backend(backend)
-    return profile_interleaved(configs, build, analysis.model.SerializeToString(),
+    return profile_interleaved(configs, build, analysis.static_model().SerializeToString(),
                                layer_names(analysis.model, prob), backend.threads, min_seconds=min_seconds,
                                on_config=on_config, seed=seed, phase_ms=phase_ms, backend=backend)
 

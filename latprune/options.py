@@ -57,6 +57,10 @@ class OptimizeSettings(BaseModel):
         "auto", description="remove whole residual blocks: auto (distortion objective: priced and allowed; "
                             "importance: only when the budget needs it) | yes | no")
     rounds: int = Field(4, ge=1, le=50, description="re-solve rounds when the measurement misses")
+    sequence_length: int | None = Field(None, ge=1, le=65536,
+                                        description="size of the model's dynamic input axes other than the batch "
+                                                    "(sequence length) for analysis, tables and timing "
+                                                    "(default 128 when it has any); the pruned model keeps them dynamic")
     prune_streams: Literal["auto", "yes", "no"] = Field(
         "auto", description="prune channel groups that a LayerNorm normalises (the residual stream): auto (yes, "
                             "except in models with attention, whose every block reads the stream) | yes | no")

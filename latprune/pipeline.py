@@ -129,15 +129,29 @@ def apply_stream_policy(analysis: Analysis, prune_streams: str = "auto") -> None
                                   "(--prune-streams yes to prune them)")
 
 
+DEFAULT_SEQUENCE_LENGTH = 128
+
+
 def prepare(model_path: Path, step: int | None = None, max_candidates: int = 16,
-            importance: str = "l1", backend=None, prune_streams: str = "auto") -> tuple[onnx.ModelProto, bytes, Analysis]:
+            importance: str = "l1", backend=None, prune_streams: str = "auto",
+            sequence_length: int | None = None) -> tuple[onnx.ModelProto, bytes, Analysis]:
     """Load, validate and analyse a model; fill importance. Raises InputError on bad input.
     `step` None: the backend's preferred channel multiple. `prune_streams` (auto | yes | no):
-    whether LayerNorm-normalised groups may be pruned (auto: not in models with attention)."""
+    whether LayerNorm-normalised groups may be pruned (auto: not in models with attention).
+    `sequence_length`: the size of dynamic input axes other than the batch (default 128 when
+    the model has any)."""
+    from latprune.pruner.model_io import dynamic_lengths
+
     step = resolve_step(step, backend)
     model = load_model(model_path)
     data = Path(model_path).read_bytes()
-    analysis = analyse(model, step=step, max_candidates=max_candidates, model_name=Path(model_path).stem)
+    dynamic = dynamic_lengths(model)
+    length = (sequence_length or DEFAULT_SEQUENCE_LENGTH) if dynamic else None
+    analysis = analyse(model, step=step, max_candidates=max_candidates, model_name=Path(model_path).stem,
+                       length=length)
+    if dynamic:
+        analysis.notes.append(f"dynamic input axes {', '.join(sorted(set(dynamic)))} analysed, profiled and "
+                              f"timed at {length} (--sequence-length); the pruned model keeps them dynamic")
     prob = analysis.problem
     apply_stream_policy(analysis, prune_streams)
     if not prob.layers:
@@ -320,17 +334,25 @@ class _Measurer:
     """End-to-end measurements through the backend: each ONNX model is built into the
     backend's artifact first (ONNX Runtime: the file itself; OpenVINO: IR; TensorRT: an engine)
     and the artifacts are timed side by side in fresh processes, so what is measured is what
-    is delivered."""
+    is delivered. A model with dynamic sequence axes is timed at `length`."""
 
-    def __init__(self, backend, work: Path) -> None:
-        self.backend, self.work = backend, work
+    def __init__(self, backend, work: Path, length: int | None = None) -> None:
+        self.backend, self.work, self.length = backend, work, length
         self.built: dict[Path, Path] = {}
 
     def artifact(self, onnx_path: Path) -> Path:
+        from latprune.pruner.model_io import dynamic_lengths, fix_input_dims
+
         onnx_path = Path(onnx_path)
         if onnx_path not in self.built:
             folder = Path(tempfile.mkdtemp(dir=self.work, prefix="artifact-"))
-            self.built[onnx_path] = self.backend.build(onnx_path, folder)
+            source = onnx_path
+            if self.length is not None:
+                model = load_model(onnx_path)
+                if dynamic_lengths(model):
+                    source = folder / onnx_path.name
+                    save_model_atomic(fix_input_dims(model, 1, self.length), source)
+            self.built[onnx_path] = self.backend.build(source, folder)
         return self.built[onnx_path]
 
     def forget(self, onnx_path: Path) -> None:
@@ -380,7 +402,7 @@ def optimize_model(model_path: Path, opts: OptimizeOptions, progress: Progress |
     opts = opts.replace(step=resolve_step(opts.step, backend))
     progress.stage("analysing the model")
     model, data, analysis = prepare(model_path, opts.step, opts.max_candidates, opts.importance, backend,
-                                    opts.prune_streams)
+                                    opts.prune_streams, opts.sequence_length)
     prob = analysis.problem
     if not any(g.prunable for g in prob.groups):
         raise InputError(f"{model_path}: no prunable channel groups (see the analysis notes)")
@@ -389,7 +411,7 @@ def optimize_model(model_path: Path, opts: OptimizeOptions, progress: Progress |
     keep = Path(tempfile.mkdtemp(prefix="latprune-artifact-"))
     work = Path(tempfile.mkdtemp(prefix="latprune-"))
     try:
-        measurer = _Measurer(backend, work)
+        measurer = _Measurer(backend, work, analysis.length)
         if opts.flops_ratio is not None or opts.params_ratio is not None:
             plan, pruned, report = _optimize_counts(model_path, opts, analysis, scoring, family, progress, wall0,
                                                      measurer)
@@ -398,7 +420,8 @@ def optimize_model(model_path: Path, opts: OptimizeOptions, progress: Progress |
                                                       measurer, backend)
         save_model_atomic(pruned, work / "final.onnx")
         artifact = measurer.artifact(work / "final.onnx")
-        artifacts = _keep_artifact(artifact, keep) if artifact != work / "final.onnx" else []
+        # an ONNX artifact (ONNX Runtime) is pruned.onnx itself (timed at the sequence length)
+        artifacts = _keep_artifact(artifact, keep) if artifact.suffix != ".onnx" else []
         report["backend"] = {"name": backend.name, "precision": backend.fingerprint(timing=opts.timing).get("precision"),
                              "artifacts": ["pruned.onnx"] + [p.name for p in artifacts]}
         return OptimizeResult(plan, pruned, report, artifacts, keep)
@@ -678,12 +701,16 @@ def write_result(result: OptimizeResult, out_dir: Path) -> None:
 
 
 def predict_model(model_path: Path, lut_path: Path | None, threads: int = 1, timing: str = "in-graph",
-                  backend: str = "ort-cpu", precision: str | None = None) -> dict:
+                  backend: str = "ort-cpu", precision: str | None = None,
+                  sequence_length: int | None = None) -> dict:
     """Predicted latency (ms) of any model whose layer signatures the table covers."""
+    from latprune.pruner.model_io import dynamic_lengths
+
     model = load_model(model_path)
     data = Path(model_path).read_bytes()
     runtime = make_backend(backend, threads, precision)
-    analysis = analyse(model, model_name=Path(model_path).stem)
+    length = (sequence_length or DEFAULT_SEQUENCE_LENGTH) if dynamic_lengths(model) else None
+    analysis = analyse(model, model_name=Path(model_path).stem, length=length)
     prob = analysis.problem
     table = open_table(lut_path, runtime, timing)
     try:
@@ -706,12 +733,12 @@ def predict_model(model_path: Path, lut_path: Path | None, threads: int = 1, tim
 def profile_model(model_path: Path, lut_path: Path | None, threads: int = 1, points: int = 5,
                   progress: Progress | None = None, timing: str = "in-graph", passes: int = 1,
                   refine: bool = False, backend: str = "ort-cpu", precision: str | None = None,
-                  step: int | None = None) -> dict:
+                  step: int | None = None, sequence_length: int | None = None) -> dict:
     """Fill the table with the cells this model needs (with `refine`, also where interpolation
     bends: see ensure_profiled), and record its calibration points."""
     progress = progress or Progress()
     runtime = make_backend(backend, threads, precision)
-    model, data, analysis = prepare(model_path, step, backend=runtime)
+    model, data, analysis = prepare(model_path, step, backend=runtime, sequence_length=sequence_length)
     prob = analysis.problem
     table = open_table(lut_path, runtime, timing)
     try:
@@ -723,11 +750,12 @@ def profile_model(model_path: Path, lut_path: Path | None, threads: int = 1, poi
         if any(g.prunable for g in prob.groups):
             work = Path(tempfile.mkdtemp(prefix="latprune-"))
             try:
-                points = _calibration_points(model_path, analysis, table, _Measurer(runtime, work))
+                points = _calibration_points(model_path, analysis, table, _Measurer(runtime, work, analysis.length))
             finally:
                 shutil.rmtree(work, ignore_errors=True)
         else:
-            points = [(predict_raw(prob, table), runtime.measure(data).median_ms, overhead_elements(prob))]
+            points = [(predict_raw(prob, table), runtime.measure(analysis.static_model(model).SerializeToString()).median_ms,
+                       overhead_elements(prob))]
         for raw, ms, mel in points:
             table.add_calibration(family, raw, ms, mel)
         return {"cells_measured": n, "cells_total": table.count(), "lut": str(table.path)}

@@ -88,6 +88,15 @@ class Analysis:
     params: dict[str, list[ParamAxis]]  # node name -> constant inputs that follow channels
     notes: list[str] = field(default_factory=list)
     opset: int = 17
+    length: int | None = None  # size given to dynamic input axes other than the batch
+
+    def static_model(self, model: onnx.ModelProto | None = None) -> onnx.ModelProto:
+        """`model` (default the analysed one) with dynamic sequence axes fixed to `length`:
+        what is timed (the table is keyed by that length)."""
+        from latprune.pruner.model_io import fix_input_dims
+
+        model = self.model if model is None else model
+        return model if self.length is None else fix_input_dims(model, 1, self.length)
 
     def view(self) -> GraphView:
         """Read access to the analysed graph (shapes, constants, maps) for the handlers."""
@@ -191,11 +200,13 @@ def _candidates(size: int, step: int, max_candidates: int, unit: int = 1) -> lis
 
 
 def analyse(model: onnx.ModelProto, step: int = 8, max_candidates: int = 16,
-            model_name: str = "model", keep_parameters: bool = False) -> Analysis:
+            model_name: str = "model", keep_parameters: bool = False, length: int | None = None) -> Analysis:
     """Find channel groups, removable blocks and layer specs of `model` (validated ONNX).
-    `keep_parameters`: normalise without removing x + 0 / x · 1 (pruner.model_io.normalise)."""
+    `keep_parameters`: normalise without removing x + 0 / x · 1 (pruner.model_io.normalise).
+    `length`: the size of dynamic input axes other than the batch (a sequence length; the
+    layer specs, hence the latency table, are for it); the analysed model keeps them dynamic."""
     model = normalise(model, keep_parameters)
-    static = with_static_shapes(model)
+    static = with_static_shapes(model, 1, length)
     shapes = tensor_shapes(static)
     graph = model.graph
     inits = initializer_arrays(model)
@@ -363,7 +374,7 @@ def analyse(model: onnx.ModelProto, step: int = 8, max_candidates: int = 16,
         if found:
             params[node.name] = found
     problem = Problem(model_name, groups, layers, blocks, step, overheads)
-    return Analysis(model, problem, maps, atom_group, atom_pos, shapes, params, notes, opset)
+    return Analysis(model, problem, maps, atom_group, atom_pos, shapes, params, notes, opset, length)
 
 
 def _layer_tensors(node, view) -> tuple[str, str]:

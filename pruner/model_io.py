@@ -211,13 +211,30 @@ def _fold(node: onnx.NodeProto, graph: onnx.GraphProto, opset: int) -> list[Tens
     return result
 
 
-def with_static_shapes(model: onnx.ModelProto, batch: int = 1) -> onnx.ModelProto:
-    """Copy of `model` with symbolic input dims set to `batch` and shapes inferred."""
+def dynamic_lengths(model: onnx.ModelProto) -> list[str]:
+    """Names of the symbolic input dims other than the batch (dim 0): sequence axes."""
+    out = []
+    for inp in model.graph.input:
+        for i, dim in enumerate(inp.type.tensor_type.shape.dim):
+            if i > 0 and not dim.HasField("dim_value"):
+                out.append(dim.dim_param or f"{inp.name}[{i}]")
+    return out
+
+
+def fix_input_dims(model: onnx.ModelProto, batch: int = 1, length: int | None = None) -> onnx.ModelProto:
+    """Copy of `model` whose symbolic input dims are concrete: dim 0 `batch`, the others
+    `length` (a dynamic sequence axis; `batch` when None)."""
     model = copy.deepcopy(model)
     for inp in model.graph.input:
-        for dim in inp.type.tensor_type.shape.dim:
+        for i, dim in enumerate(inp.type.tensor_type.shape.dim):
             if not dim.HasField("dim_value"):
-                dim.dim_value = batch
+                dim.dim_value = batch if i == 0 or length is None else length
+    return model
+
+
+def with_static_shapes(model: onnx.ModelProto, batch: int = 1, length: int | None = None) -> onnx.ModelProto:
+    """Copy of `model` with symbolic input dims set (fix_input_dims) and shapes inferred."""
+    model = fix_input_dims(model, batch, length)
     del model.graph.value_info[:]
     try:
         return shape_inference.infer_shapes(model, data_prop=True)

@@ -170,3 +170,33 @@ def test_attention_kernels_belong_to_the_attention_layer():
     softmax = [n for n in an.model.graph.node if n.op_type == "Softmax"]
     av = [n for n in an.model.graph.node if n.op_type == "MatMul" and n.input[0] in {s.output[0] for s in softmax}]
     assert [names[s.name] for s in softmax] == att and [names[m.name] for m in av] == att
+
+
+def test_dynamic_sequence_axis_survives_and_sets_the_table_key(tmp_path):
+    """An encoder exported with a dynamic sequence axis: analysed and timed at the sequence
+    length asked for (the MatMul and attention keys carry it), pruned with the axis still
+    dynamic, and the pruned model runs at other lengths."""
+    from latprune.pipeline import OptimizeOptions, optimize
+
+    model = bert_like(tokens=12)
+    for inp in model.graph.input:
+        inp.type.tensor_type.shape.dim[1].dim_param = "seq"
+    for node in model.graph.node:  # Reshape targets with the sequence as 0 (copy) / -1
+        if node.op_type == "Reshape":
+            init = next(i for i in model.graph.initializer if i.name == node.input[1])
+            arr = onnx.numpy_helper.to_array(init).copy()
+            arr[1 if len(arr) == 4 and arr[1] == 12 else 3 if len(arr) == 4 else 1] = -1
+            init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+    onnx.save(model, str(tmp_path / "enc.onnx"))
+    an = analyse(model, length=12)
+    att = [layer for layer in an.problem.layers if layer.spec.op == "Attention"]
+    assert att and att[0].spec.input_hw == [12, 12]
+    assert [layer.spec.input_hw for layer in an.problem.layers if layer.spec.op == "MatMul"][0] == [12]
+    opts = OptimizeOptions(params_ratio=0.7, lut_path=tmp_path / "lut.sqlite", sequence_length=12, rounds=2,
+                           measure_processes=1)
+    report = optimize(tmp_path / "enc.onnx", tmp_path / "out", opts)
+    assert any("dynamic input axes" in n for n in report["notes"])
+    pruned = onnx.load(str(tmp_path / "out" / "pruned.onnx"))
+    assert pruned.graph.input[0].type.tensor_type.shape.dim[1].dim_param == "seq"
+    feeds = _feeds(bert_like(tokens=12))
+    assert _run(pruned, feeds)[0].shape == (1, 12, 32)
