@@ -105,8 +105,10 @@ def repair(analysis: Analysis, plan: Plan, pruned: onnx.ModelProto, x: np.ndarra
             diff = handler.target_rows(y_dense).astype(np.float64) - handler.target_rows(got[out]).astype(np.float64)
             w_new, b_new = w_mat, b0 + diff.mean(axis=0)
         else:
-            w_new, b_new = _least_squares(got[node.input[0]], y_dense, w_mat, b0, orig, handler,
-                                          w0.shape, ridge, chunk)
+            fit = _least_squares(got[node.input[0]], y_dense, w_mat, b0, orig, handler, w0.shape, ridge, chunk)
+            if fit is None:  # the fit did not generalise to held-out items: keep the surgery's weights
+                continue
+            w_new, b_new = fit
         w_out, b_out = handler.from_matrix(orig, w_new, b_new, w0.shape)
         _write_layer(model, node, w_out, b_out, b_name, bias_site)
         if progress:
@@ -126,22 +128,53 @@ def _bias_site(orig, node, model, view):
     return None if add is None else (add, site[1])
 
 
+# Every CHECK_EVERY-th calibration item is held out of a first fit: the refit is kept only when
+# it beats the surgery's weights on those items. With few rows per feature (late layers of a
+# detector on 5x5 maps, a handful of images) a fit can follow the calibration images and do worse
+# on others than the weights it started from; the check catches that without a threshold.
+CHECK_EVERY = 4
+
+
 def _least_squares(x_in: np.ndarray, y_dense: np.ndarray, w_mat: np.ndarray, b0: np.ndarray,
                    node: onnx.NodeProto, handler, w_shape: tuple, ridge: float,
-                   chunk: int) -> tuple[np.ndarray, np.ndarray]:
-    """Ridge-anchored least squares for (W, b): rows = positions, features = patches + 1."""
+                   chunk: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Ridge-anchored least squares for (W, b): rows = positions, features = patches + 1.
+    None when the fit on the other items does worse than (W0, b0) on the held-out items."""
     n_feat = w_mat.shape[1] + 1
-    ata = np.zeros((n_feat, n_feat))
-    aty = np.zeros((n_feat, w_mat.shape[0]))
+    held = np.arange(len(x_in)) % CHECK_EVERY == CHECK_EVERY - 1 if len(x_in) >= CHECK_EVERY else None
+    normal = {part: (np.zeros((n_feat, n_feat)), np.zeros((n_feat, w_mat.shape[0])), [0.0])
+              for part in (False, True)}
     for s in range(0, len(x_in), chunk):
-        a = handler.design_rows(node, x_in[s:s + chunk], w_shape)
-        a = np.concatenate([a.astype(np.float64), np.ones((len(a), 1))], axis=1)
-        y = handler.target_rows(y_dense[s:s + chunk]).astype(np.float64)
-        ata += a.T @ a
-        aty += a.T @ y
-    lam = ridge * float(np.mean(np.diag(ata))) + 1e-12
+        a_all = handler.design_rows(node, x_in[s:s + chunk], w_shape)
+        y_all = handler.target_rows(y_dense[s:s + chunk])
+        per_item = len(a_all) // len(x_in[s:s + chunk])
+        item_of_row = s + np.arange(len(a_all)) // per_item
+        for part in (False, True):
+            rows = (held[item_of_row] == part) if held is not None else np.full(len(a_all), not part)
+            if not rows.any():
+                continue
+            a = np.concatenate([a_all[rows].astype(np.float64), np.ones((int(rows.sum()), 1))], axis=1)
+            y = y_all[rows].astype(np.float64)
+            ata, aty, yty = normal[part]
+            ata += a.T @ a
+            aty += a.T @ y
+            yty[0] += float(np.sum(y * y))
     w0 = np.concatenate([w_mat, b0[:, None]], axis=1).T  # (features, out)
-    sol = np.linalg.solve(ata + lam * np.eye(n_feat), aty + lam * w0)
+
+    def solve(ata, aty):
+        lam = ridge * float(np.mean(np.diag(ata))) + 1e-12
+        return np.linalg.solve(ata + lam * np.eye(n_feat), aty + lam * w0)
+
+    fit_ata, fit_aty, _ = normal[False]
+    if held is not None and held.any():
+        c_ata, c_aty, c_yty = normal[True]
+
+        def sse(w):  # squared error on the held-out rows, from their normal equations
+            return float(np.sum(w * (c_ata @ w)) - 2 * np.sum(w * c_aty) + c_yty[0])
+        if sse(solve(fit_ata, fit_aty)) >= sse(w0):
+            return None
+        fit_ata, fit_aty = fit_ata + c_ata, fit_aty + c_aty
+    sol = solve(fit_ata, fit_aty)
     return sol[:-1].T, sol[-1]
 
 

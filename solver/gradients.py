@@ -188,6 +188,8 @@ def taylor_bn_importance(analysis, x: np.ndarray, y: np.ndarray | None = None,
     def run(sl):
         outs, cap = net(torch.from_numpy(x[sl]), taps=keys)
         logits = outs[0]
+        if logits.shape[0] != len(x[sl]):  # a Reshape fixes the batch at 1: start over item by item
+            raise RuntimeError("the graph's outputs do not follow the batch")
         if y is not None:
             labels = torch.as_tensor(np.asarray(y[sl]), dtype=torch.long)
         else:
@@ -250,6 +252,8 @@ def _probe_products(analysis, x: np.ndarray, tap_keys: list[tuple[str, int]], pr
             state["gen"] = torch.Generator().manual_seed(seed)
         outs, cap = net(torch.from_numpy(x[sl]), taps=tap_keys)
         f = _outputs_vector(torch, outs, analysis)
+        if f.shape[0] != len(x[sl]):  # a Reshape fixes the batch at 1: start over item by item
+            raise RuntimeError("the graph's outputs do not follow the batch")
         tensors = [cap[k] for k in tap_keys]
         values = [t.detach() for t in tensors]
         b = f.shape[0]

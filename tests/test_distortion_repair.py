@@ -304,3 +304,33 @@ def test_lsq_repair_on_modern_blocks(name):
         refit = {n.name for n in lsq.graph.node if any("__repaired_W" in i for i in n.input)}
         assert sum(n.op_type == "MatMul" and n.name in refit for n in lsq.graph.node) >= 2
         assert any("__repaired_B" in i for n in lsq.graph.node if n.op_type == "Add" for i in n.input)
+
+
+# ---- the held-out check of a refit ---------------------------------------------------------
+
+def _gemm_fit(n_items: int, noise: float, seed: int = 0):
+    """(refit or None, true W, starting W) for a 64-in, 8-out Gemm whose targets are x @ W_true.T
+    plus `noise`, starting from W_true perturbed."""
+    from latprune.pruner.ops.layers import Gemm
+    from latprune.pruner.repair import _least_squares
+    rng = np.random.default_rng(seed)
+    w_true = rng.standard_normal((8, 64))
+    w_start = w_true + 0.3 * rng.standard_normal(w_true.shape)
+    x = rng.standard_normal((n_items, 64)).astype(np.float32)
+    y = (x @ w_true.T + noise * rng.standard_normal((n_items, 8))).astype(np.float32)
+    node = onnx.helper.make_node("Gemm", ["x", "W", "B"], ["y"], transB=1)
+    fit = _least_squares(x, y, w_start, np.zeros(8), node, Gemm(), w_true.shape, ridge=1e-6, chunk=16)
+    return fit, w_true, w_start
+
+
+def test_refit_is_kept_when_it_generalises_to_held_out_items():
+    fit, w_true, w_start = _gemm_fit(n_items=512, noise=0.01)
+    assert fit is not None
+    assert np.abs(fit[0] - w_true).max() < 0.05 < np.abs(w_start - w_true).max()
+
+
+def test_refit_from_too_few_items_is_rejected_by_the_held_out_check():
+    # 24 fitting rows for 65 features and targets that are mostly noise: the fit matches the
+    # calibration items and is worse than the starting weights on the held-out ones
+    fit, _, _ = _gemm_fit(n_items=32, noise=5.0)
+    assert fit is None
