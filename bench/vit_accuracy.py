@@ -48,6 +48,9 @@ def onnx_top1(path: Path, x: np.ndarray, y: np.ndarray, batch: int = 500) -> flo
     opts.intra_op_num_threads = 2
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
+    fixed = sess.get_inputs()[0].shape[0]
+    if isinstance(fixed, int):  # the export fixed the batch (the ViT's reshapes): that many at a time
+        batch = fixed
     correct = 0
     for s in range(0, len(x), batch):
         correct += int((sess.run(None, {name: x[s:s + batch]})[0].argmax(1) == y[s:s + batch]).sum())
