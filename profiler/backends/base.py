@@ -76,6 +76,47 @@ class ProfiledModel(abc.ABC):
         ...
 
 
+class PairedProfiled(ProfiledModel):
+    """In-graph profiling with the model compiled twice: a profiled copy whose per-kernel times
+    each run records, and a plain copy whose run time is the latency (profiling adds overhead).
+    Subclasses set `plain` (a Runner) and `plain_feed`, and give `_kernel_times` (one profiled
+    run: kernel name -> ms) and `_layer_of` (kernel name -> layer index, from the runtime's
+    fusion records)."""
+
+    def _start(self) -> None:
+        self.kernel_samples: dict[str, list[float]] = {}
+        self.plain_ms: list[float] = []
+        self.runs = 0
+
+    @abc.abstractmethod
+    def _kernel_times(self) -> dict[str, float]:
+        ...
+
+    @abc.abstractmethod
+    def _layer_of(self, kernel: str, names: dict[str, int]) -> int | None:
+        ...
+
+    def run(self, timed: bool = True) -> float:
+        kernels = self._kernel_times()
+        if timed:
+            for name, ms in kernels.items():
+                self.kernel_samples.setdefault(name, []).append(ms)
+        ms = self.plain.run_ms(self.plain_feed)
+        if timed:
+            self.plain_ms.append(ms)
+            self.runs += 1
+        return ms
+
+    def finish(self, names: dict[str, int], widths: dict[int, int] | None) -> "ConfigTiming":
+        from latprune.profiler.backends.onnxrt import attribute_kernels
+
+        if self.runs < 1:
+            raise ValueError("no timed run to take kernel times from")
+        kernel_ms = {k: float(np.median(v)) for k, v in self.kernel_samples.items()}
+        return attribute_kernels(kernel_ms, lambda k: self._layer_of(k, names), widths,
+                                 float(np.median(self.plain_ms)), self.runs)
+
+
 def timing_stats(samples: list[float]) -> TimingStats:
     arr = np.asarray(samples)
     return TimingStats(float(np.median(arr)), float(np.percentile(arr, 90)), float(arr.min()), len(arr))

@@ -14,12 +14,11 @@ original names (latprune.ingraph_profile.layer_names), else it is overhead.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from latprune.profiler.backends.base import Backend, BackendUnavailable, ProfiledModel, Runner
+from latprune.profiler.backends.base import Backend, BackendUnavailable, PairedProfiled, ProfiledModel, Runner
 from latprune.types import TimingStats
 
 PRECISIONS = {"f32": "f32", "fp32": "f32", "float32": "f32", "bf16": "bf16", "bfloat16": "bf16",
@@ -81,7 +80,7 @@ class OpenVINORunner(Runner):
         return (time.perf_counter() - t0) * 1e3
 
 
-class OpenVINOProfiled(ProfiledModel):
+class OpenVINOProfiled(PairedProfiled):
     """One model compiled twice: with performance counters (per-node times) and plain."""
 
     def __init__(self, backend: "OpenVINOBackend", data: bytes) -> None:
@@ -96,35 +95,20 @@ class OpenVINOProfiled(ProfiledModel):
             info = op.get_rt_info()
             names = info["originalLayersNames"].astype(str) if "originalLayersNames" in info else ""
             self.originals[op.get_friendly_name()] = [n for n in names.split(",") if n]
-        self.node_us: dict[str, list[float]] = defaultdict(list)
-        self.plain_ms: list[float] = []
-        self.runs = 0
+        self._start()
 
-    def run(self, timed: bool = True) -> float:
+    def _kernel_times(self) -> dict[str, float]:
         self.request.infer(self.feed, share_inputs=True, share_outputs=True)
-        if timed:
-            for p in self.request.get_profiling_info():
-                if p.status.name == "EXECUTED":
-                    self.node_us[p.node_name].append(p.real_time.total_seconds() * 1e6)
-        ms = self.plain.run_ms(self.plain_feed)
-        if timed:
-            self.plain_ms.append(ms)
-            self.runs += 1
-        return ms
+        times: dict[str, float] = {}
+        for p in self.request.get_profiling_info():
+            if p.status.name == "EXECUTED":
+                times[p.node_name] = times.get(p.node_name, 0.0) + p.real_time.total_seconds() * 1e3
+        return times
 
-    def finish(self, names: dict[str, int], widths: dict[int, int] | None):
-        from latprune.profiler.backends.onnxrt import attribute_kernels
-
-        if self.runs < 1:
-            raise ValueError("no timed run to take kernel times from")
-        kernel_ms = {node: float(np.median(us)) / 1e3 for node, us in self.node_us.items()}
-
-        def layer_of(node: str) -> int | None:
-            if node in names:
-                return names[node]
-            return next((names[o] for o in self.originals.get(node, []) if o in names), None)
-
-        return attribute_kernels(kernel_ms, layer_of, widths, float(np.median(self.plain_ms)), self.runs)
+    def _layer_of(self, node: str, names: dict[str, int]) -> int | None:
+        if node in names:
+            return names[node]
+        return next((names[o] for o in self.originals.get(node, []) if o in names), None)
 
 
 class OpenVINOBackend(Backend):

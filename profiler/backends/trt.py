@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from latprune.profiler.backends.base import Backend, BackendUnavailable, ProfiledModel, Runner
+from latprune.profiler.backends.base import Backend, BackendUnavailable, PairedProfiled, ProfiledModel, Runner
 
 
 def cuda_device_count() -> int:
@@ -183,7 +183,7 @@ class TensorRTBackend(Backend):
         return TensorRTProfiled(self, data)
 
 
-class TensorRTProfiled(ProfiledModel):
+class TensorRTProfiled(PairedProfiled):
     """Per-layer times from TensorRT's IProfiler on an engine built with detailed profiling
     verbosity; each engine layer is mapped back to ONNX nodes through the names in the engine
     inspector's layer information (fused layers are named after the ONNX nodes they contain,
@@ -201,7 +201,6 @@ class TensorRTProfiled(ProfiledModel):
         inspector = engine.create_engine_inspector()
         info = _json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
         self.layers = [layer if isinstance(layer, str) else layer.get("Name", "") for layer in info.get("Layers", [])]
-        self.times: dict[str, list[float]] = {}
         outer = self
 
         class _Profiler(trt.IProfiler):
@@ -213,32 +212,15 @@ class TensorRTProfiled(ProfiledModel):
         self._last: dict[str, float] = {}
         self.feed = self.runner.inputs(1)[0]
         self.plain_feed = self.plain.inputs(1)[0]
-        self.plain_ms: list[float] = []
-        self.runs = 0
+        self._start()
 
-    def run(self, timed: bool = True) -> float:
+    def _kernel_times(self) -> dict[str, float]:
         self._last = {}
         self.runner.run_ms(self.feed)
-        if timed:
-            for name, ms in self._last.items():
-                self.times.setdefault(name, []).append(ms)
-        ms = self.plain.run_ms(self.plain_feed)
-        if timed:
-            self.plain_ms.append(ms)
-            self.runs += 1
-        return ms
+        return dict(self._last)
 
-    def finish(self, names: dict[str, int], widths: dict[int, int] | None):
-        from latprune.profiler.backends.onnxrt import attribute_kernels
-
-        if self.runs < 1:
-            raise ValueError("no timed run to take kernel times from")
-        kernel_ms = {layer: float(np.median(v)) for layer, v in self.times.items()}
-
-        def layer_of(layer: str) -> int | None:
-            for part in [layer] + [p.strip() for p in layer.replace("||", "+").split("+")]:
-                if part in names:
-                    return names[part]
-            return None
-
-        return attribute_kernels(kernel_ms, layer_of, widths, float(np.median(self.plain_ms)), self.runs)
+    def _layer_of(self, layer: str, names: dict[str, int]) -> int | None:
+        for part in [layer] + [p.strip() for p in layer.replace("||", "+").split("+")]:
+            if part in names:
+                return names[part]
+        return None
