@@ -334,3 +334,30 @@ def test_refit_from_too_few_items_is_rejected_by_the_held_out_check():
     # calibration items and is worse than the starting weights on the held-out ones
     fit, _, _ = _gemm_fit(n_items=32, noise=5.0)
     assert fit is None
+
+
+# ---- forward passes of graphs that hard-code a batch of 1 ----------------------------------
+
+def _fixed_batch_graph(merge_batch: bool) -> onnx.ModelProto:
+    """x (1, 4) -> Reshape to a hard-coded (1, -1) -> Add a (1, 4) constant (fails for a batch
+    above 1), or -> ReduceSum over the merged axis (runs, but its output loses the batch)."""
+    from onnx import TensorProto, helper
+
+    tail = (helper.make_node("ReduceSum", ["r"], ["y"], keepdims=1, axes=[1]) if merge_batch
+            else helper.make_node("Add", ["r", "c"], ["y"]))
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "s"], ["r"]), tail], "fixed_batch",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1 if merge_batch else 4])],
+        [numpy_helper.from_array(np.array([1, -1], np.int64), "s"),
+         numpy_helper.from_array(np.arange(4, dtype=np.float32)[None], "c")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+
+
+@pytest.mark.parametrize("merge_batch", [False, True], ids=["fails_batched", "merges_the_batch"])
+def test_runner_goes_item_by_item_when_the_graph_fixes_the_batch(merge_batch):
+    x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    got = Runner(_fixed_batch_graph(merge_batch)).logits(x)
+    want = x.sum(axis=1, keepdims=True) if merge_batch else x + np.arange(4, dtype=np.float32)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-6)
