@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -110,6 +109,24 @@ def _claimed_by(settings, job_id):
         return s.get(Job, job_id).worker
 
 
+def _job_processes(settings) -> list[int]:
+    """Pids of job and timing processes started for this test's service home (their environment
+    carries LATPRUNE_HOME): other latprune processes on the machine (a bench) are not counted."""
+    import psutil
+
+    left = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "latprune.profiler.compare" not in cmd and "latprune.service.jobs" not in cmd:
+            continue
+        try:
+            if proc.environ().get("LATPRUNE_HOME") == str(settings.home):
+                left.append(proc.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return left
+
+
 def test_pool_runs_queued_jobs_and_cancel_kills_a_running_one(settings):
     pool = worker.WorkerPool(settings)
     pool.start()
@@ -128,9 +145,7 @@ def test_pool_runs_queued_jobs_and_cancel_kills_a_running_one(settings):
         job = _wait(settings, job_id, ("cancelled", "succeeded", "failed"), timeout=30)
         assert job.state == "cancelled", (job.state, job.error)
         time.sleep(0.5)
-        left = subprocess.run(["pgrep", "-f", "latprune.profiler.compare|latprune.service.jobs"],
-                              capture_output=True, text=True).stdout.split()
-        assert left == [], "cancel left the job's processes running"
+        assert _job_processes(settings) == [], "cancel left the job's processes running"
         assert not list(Path(tempfile.gettempdir()).glob(f"latprune-*/{job_id}*"))
         assert pool.alive()
         # the pool keeps going: the next job runs to the end
