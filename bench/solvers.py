@@ -8,7 +8,7 @@ best objective found by an exact method. Exact methods (HiGHS MILP, SCIP on the 
 MindtPy OA) should agree within their relative gap; the DP and the baselines are heuristics on
 the bilayer problem.
 
-    python bench/solvers.py [--models resnet50,resnet152] [--methods ...] [--time-limit 120] [--gap 1e-3]
+    python bench/solvers.py [--models resnet50,resnet152,PATH.onnx] [--methods ...] [--time-limit 120] [--gap 1e-3]
 
 Prints a table and writes bench/out/solvers.json.
 """
@@ -53,9 +53,12 @@ def main() -> int:
     args = ap.parse_args()
     rows = []
     for name in args.models.split(","):
-        _, _, analysis = prepare(bench_models.exported(name))
+        # a name from bench/models.py, or the path of any ONNX file (e.g. a bench/zoo.py export)
+        path = Path(name) if name.endswith(".onnx") else bench_models.exported(name)
+        name = path.stem
+        _, _, analysis = prepare(path)
         prob = analysis.problem
-        table = open_table(Path(args.lut), threads=1)
+        table = open_table(Path(args.lut), 1)  # ONNX Runtime, 1 thread
         try:
             n = ensure_profiled(prob, table, 1, 5, Progress(), analysis)
             costs = layer_costs(prob, table)

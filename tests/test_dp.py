@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 
 from conftest import assert_plan_well_formed
-from onnx_builders import ALL_BUILDERS, GraphBuilder, residual_cnn
+from onnx_builders import ALL_BUILDERS, GraphBuilder, residual_cnn, vit_like
 from test_solver import FAKE_FP, _budget, _fill_table, _problem
 from latprune.lut.predict import layer_costs
+from latprune.pipeline import apply_stream_policy
 from latprune.lut.store import LatencyTable
 from latprune.pruner.analysis import analyse
 from latprune.solver.brute import solve_brute
 from latprune.solver.budgets import analytic_costs, dense_count, layer_count
-from latprune.solver.dp import knapsack, solve_dp
+from latprune.solver.dp import knapsack, separable_upper_bound, solve_dp
 from latprune.solver.milp import solve_milp
 from latprune.solver.objective import distortion_objective
 from latprune.solver.problem_costs import SolveInput, dense_raw_latency, evaluate, min_raw_latency
@@ -214,6 +215,51 @@ def test_dp_is_exact_on_a_separable_problem():
         dp = solve_dp(inp)
         _feasible(inp, dp)
         assert dp.objective == pytest.approx(brute.objective, rel=1e-12), trial
+
+
+def _vit_problem(seed: int = 0):
+    """A 2-block ViT (heads and MLP widths, 4 removable branches, the residual stream kept):
+    every layer moves with one unit, so its MILP is a multiple-choice knapsack."""
+    analysis = analyse(vit_like(seed=seed), step=8, max_candidates=4)
+    apply_stream_policy(analysis)  # the default for models with attention: the stream is kept
+    prob = analysis.problem
+    table = LatencyTable(":memory:", FAKE_FP)
+    try:
+        _fill_table(table, prob, seed=seed)
+        costs = layer_costs(prob, table)
+    finally:
+        table.close()
+    return prob, costs
+
+
+def test_knapsack_bound_holds_and_lets_the_milp_stop_within_its_gap():
+    """separable_upper_bound is never below the brute-force optimum, and the MILP stopped at
+    its first plan within mip_rel_gap of the bound is within that gap of the optimum."""
+    prob, costs = _vit_problem()
+    assert prob.blocks and sum(g.prunable for g in prob.groups) >= 4
+    rng = np.random.default_rng(11)
+    stopped_by_bound = 0
+    for trial in range(8):
+        for g in prob.groups:
+            g.importance = [float(v) for v in rng.uniform(0.1, 2.0, g.size)]
+        blocks = trial % 2 == 0
+        budget = _budget(prob, costs, rng, 1.0, 0.0, blocks)
+        inp = SolveInput(prob, costs, budget, allow_block_removal=blocks, mip_rel_gap=1e-3)
+        brute = solve_brute(inp)
+        bound = separable_upper_bound(inp)
+        assert bound is not None and bound >= brute.objective - 1e-9, (trial, bound, brute.objective)
+        milp = solve_milp(inp)
+        _feasible(inp, milp)
+        assert milp.objective >= brute.objective - 1e-3 * abs(bound) - 1e-9, trial
+        stopped_by_bound += "knapsack DP bound" in milp.status
+    assert stopped_by_bound > 0
+
+
+def test_knapsack_bound_is_none_when_a_layer_couples_two_groups(problems):
+    prob, costs = problems["residual"]
+    inp = SolveInput(prob, costs, dense_raw_latency(SolveInput(prob, costs, 1.0)) * 0.7)
+    assert separable_upper_bound(inp) is None
+    assert "knapsack" not in solve_milp(inp).status
 
 
 # ---- distortion objective: DP, MILP and brute force agree ----------------------------------
