@@ -145,8 +145,9 @@ def _knapsack(values: list[np.ndarray], costs: list[np.ndarray], budget: float, 
 
     def to_bins(cost) -> np.ndarray:
         """Costs in whole bins, rounded up (or down); beyond the budget clipped to bins + 1."""
-        c = np.minimum(np.asarray(cost, dtype=float) / delta, bins + 1)
+        c = np.minimum(np.asarray(cost, dtype=float) / delta, bins + 2)
         whole = np.ceil(c - 1e-9) if round_up else np.maximum(np.floor(c - 1e-9), 0)
+        whole = np.where(c - 1e-9 > bins, bins + 1, whole)  # beyond the budget either way
         return np.where(c <= 0, 0, whole).astype(np.int64)
 
     dp = np.zeros(bins + 1)  # best value with total cost ≤ s bins
