@@ -10,13 +10,23 @@ from latprune.solver.problem_costs import SolveInput, evaluate, make_plan
 
 def uniform_widths(problem: Problem, ratio: float) -> dict[int, int]:
     """Width of each prunable group at keep-ratio `ratio`, rounded up to a multiple of the
-    step (never below the smallest candidate, never above the group size)."""
+    step (never below the smallest candidate, never above the group size). A group counted in
+    coarser atoms than channels (attention heads, whole groups of a grouped convolution: its
+    candidates are not multiples of the step, or it has fewer atoms than the step) keeps
+    ceil(ratio · atoms), at least one, snapped up to its candidates: the step rule kept every
+    head of a ViT at every ratio."""
     widths = {}
+    step = problem.step
     for g in problem.groups:
         if not g.prunable:
             continue
-        w = math.ceil(g.size * ratio / problem.step) * problem.step
-        widths[g.id] = max(min(w, g.size), min(g.size, problem.step))
+        cands = g.candidate_widths or [g.size]
+        if g.size <= step or any(c % step for c in cands[:-1]):
+            w = max(1, math.ceil(g.size * ratio - 1e-9))
+            widths[g.id] = min((c for c in cands if c >= w), default=g.size)
+            continue
+        w = math.ceil(g.size * ratio / step) * step
+        widths[g.id] = max(min(w, g.size), min(g.size, step))
     return widths
 
 

@@ -200,3 +200,22 @@ def test_dynamic_sequence_axis_survives_and_sets_the_table_key(tmp_path):
     assert pruned.graph.input[0].type.tensor_type.shape.dim[1].dim_param == "seq"
     feeds = _feeds(bert_like(tokens=12))
     assert _run(pruned, feeds)[0].shape == (1, 12, 32)
+
+
+def test_uniform_ratio_prunes_heads_too():
+    """The uniform baseline and the pipeline's calibration models (uniform 0.75 and 0.5) cut
+    heads like any other group: a head group has fewer atoms than the channel step, and the
+    step rule once kept all of them at every ratio."""
+    from latprune.solver.uniform import uniform_widths
+
+    an = analyse(vit_like(), step=8)
+    heads = _heads(an)
+    assert heads
+    half = uniform_widths(an.problem, 0.5)
+    for g in heads:
+        assert half[g.id] == 2 and half[g.id] in g.candidate_widths
+    assert all(uniform_widths(an.problem, 0.0)[g.id] == 1 for g in heads)
+    mlp = [g for g in an.problem.groups if g.prunable and g.size == 128]
+    assert mlp and all(half[g.id] == 64 for g in mlp)  # channel groups: multiples of the step
+    pruned = apply_plan(an, Plan(kept={gid: list(range(w)) for gid, w in half.items()}))
+    assert _run(pruned, _feeds(vit_like()))[0].shape == (1, 10)
