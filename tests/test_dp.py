@@ -189,12 +189,7 @@ def test_dp_is_exact_on_a_separable_problem():
     for layer in prob.layers:  # the premise: one prunable group per layer
         gids = {gid for gid, _ in layer.c_in.terms + layer.c_out.terms if prob.groups[gid].prunable}
         assert len(gids) == 1
-    table = LatencyTable(":memory:", FAKE_FP)
-    try:
-        _fill_table(table, prob, seed=3)
-        costs = layer_costs(prob, table)
-    finally:
-        table.close()
+    costs = _table_costs(prob, seed=3)
     rng = np.random.default_rng(5)
     for g in prob.groups:
         g.importance = [1.0] * g.size
@@ -217,19 +212,23 @@ def test_dp_is_exact_on_a_separable_problem():
         assert dp.objective == pytest.approx(brute.objective, rel=1e-12), trial
 
 
-def _vit_problem(seed: int = 0):
-    """A 2-block ViT (heads and MLP widths, 4 removable branches, the residual stream kept):
-    every layer moves with one unit, so its MILP is a multiple-choice knapsack."""
-    analysis = analyse(vit_like(seed=seed), step=8, max_candidates=4)
-    apply_stream_policy(analysis)  # the default for models with attention: the stream is kept
-    prob = analysis.problem
+def _table_costs(prob, seed: int):
+    """Layer costs of `prob` from a made-up table (test_solver._fill_table)."""
     table = LatencyTable(":memory:", FAKE_FP)
     try:
         _fill_table(table, prob, seed=seed)
-        costs = layer_costs(prob, table)
+        return layer_costs(prob, table)
     finally:
         table.close()
-    return prob, costs
+
+
+def _vit_problem(seed: int = 0, max_candidates: int = 4, **shape):
+    """A ViT (default 2 blocks: heads and MLP widths, 4 removable branches) with the residual
+    stream kept, as the pipeline does for attention models: every layer moves with one unit,
+    so its MILP is a multiple-choice knapsack."""
+    analysis = analyse(vit_like(seed=seed, **shape), step=8, max_candidates=max_candidates)
+    apply_stream_policy(analysis)
+    return analysis.problem, _table_costs(analysis.problem, seed)
 
 
 def test_knapsack_bound_holds_and_lets_the_milp_stop_within_its_gap():
@@ -261,15 +260,7 @@ def test_knapsack_bound_holds_and_lets_the_milp_stop_within_its_gap():
 def test_milp_stops_at_the_knapsack_bound_on_a_deeper_vit():
     """Six blocks of near-equal importance (the symmetric case where HiGHS proves the last
     0.1% slowly): the MILP stops at a feasible plan within its gap of the DP bound."""
-    analysis = analyse(vit_like(dim=64, heads=8, depth=6), step=8, max_candidates=16)
-    apply_stream_policy(analysis)
-    prob = analysis.problem
-    table = LatencyTable(":memory:", FAKE_FP)
-    try:
-        _fill_table(table, prob, seed=0)
-        costs = layer_costs(prob, table)
-    finally:
-        table.close()
+    prob, costs = _vit_problem(max_candidates=16, dim=64, heads=8, depth=6)
     rng = np.random.default_rng(3)
     for g in prob.groups:
         g.importance = [1.0 + 0.01 * float(v) for v in rng.uniform(0, 1, g.size)]
