@@ -92,8 +92,8 @@ def main() -> int:
     images = load_train_images(subset=5120, seed=1)
     calib = work / "calib.npz"
     if not calib.is_file():
-        from latprune.finetune import _normalise
-        np.savez(calib, x=_normalise(images[0][:512]))
+        from latprune.finetune import normalise_images
+        np.savez(calib, x=normalise_images(images[0][:512]))
     if not any(r["config"] == "dense" for r in state["rows"]):
         state["rows"].append({"budget": 1.0, "config": "dense", "top1": onnx_top1(dense, x_test, y_test)})
         save()

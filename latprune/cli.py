@@ -648,7 +648,8 @@ def finetune(
     threads: int = typer.Option(1, "--threads", help=help_text("threads")),
     solver: str = typer.Option("milp", "--solver", help="plan solver, as optimize --method"),
     calib: Optional[str] = typer.Option(None, "--calib", help="calibration inputs for the distortion objective "
-                                        "(as optimize --calib); default: the magnitude prior"),
+                                        "(as optimize --calib); default: 256 of the training images "
+                                        "themselves; 'none': the magnitude prior"),
     distortion: str = typer.Option("forward", "--distortion", help="with --calib: forward | fisher"),
     step: Optional[int] = typer.Option(None, "--step", help="channel widths are multiples of STEP"),
     torch_threads: int = typer.Option(0, "--torch-threads", help="torch intra-op threads for training "
@@ -709,7 +710,10 @@ def _run_finetune(model, out, speedup, budget_ms, method, epochs, decay_steps, r
         import torch
     except ImportError:
         raise LatpruneError("latprune finetune needs PyTorch: pip install torch") from None
+    import numpy as np
+
     from latprune.finetune import METHODS, cifar_test, data_dir, evaluate, finetune as run_finetune
+    from latprune.finetune import load_train_images, normalise_images
     from latprune.pipeline import OptimizeOptions, check_options
     from latprune.profiler.compare import compare_in_subprocesses
     from latprune.pruner.model_io import save_model_atomic
@@ -724,6 +728,9 @@ def _run_finetune(model, out, speedup, budget_ms, method, epochs, decay_steps, r
         raise LatpruneError("--epochs, --lr, --batch-size and --subset must be positive")
     if decay_steps is not None and decay_steps < 1:
         raise LatpruneError(f"--decay-steps must be at least 1, not {decay_steps}")
+    own_calib = calib is None  # plan from the training inputs the command holds (issue 16)
+    if calib is not None and calib.lower() == "none":
+        calib = None
     opts = OptimizeOptions.from_flags(budget_ms=budget_ms, speedup=speedup, threads=threads, lut_path=lut, method=solver,
                            step=step, calib=calib, distortion=distortion, repair="none",
                            measure_processes=2)
@@ -741,6 +748,11 @@ def _run_finetune(model, out, speedup, budget_ms, method, epochs, decay_steps, r
     example = torch.from_numpy(x_test[:1].copy())
     work = Path(tempfile.mkdtemp(prefix="latprune-finetune-"))
     try:
+        if own_calib:
+            progress.stage(f"taking {opts.calib_samples} training images as calibration inputs")
+            x_cal, _ = load_train_images(opts.calib_samples, data, seed=seed + 1)
+            np.savez(work / "calib.npz", x=normalise_images(x_cal))
+            opts = opts.replace(calib=str(work / "calib.npz"), calib_label=f"{len(x_cal)} training images")
         graph, plan, opt_report = optimize_module(module, example, work / "plan", opts, progress,
                                                   output_names=["logits"])
         progress.stage(f"fine-tuning ({method}, {epochs:g} epochs) towards the plan")

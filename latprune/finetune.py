@@ -56,7 +56,7 @@ def data_dir(path: str | Path | None = None) -> Path:
     return path
 
 
-def _normalise(x_u8: np.ndarray) -> np.ndarray:
+def normalise_images(x_u8: np.ndarray) -> np.ndarray:
     """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) normalised."""
     from latprune.models_cifar import CIFAR_MEAN, CIFAR_STD
 
@@ -76,7 +76,7 @@ def cifar_test(limit: int | None = None, data: str | Path | None = None) -> tupl
         stride = 1 if limit is None else max(1, len(d["y"]) // max(limit, 1))
         x_u8 = d["x"][::stride][:limit]
         y = d["y"][::stride][:limit].astype(np.int64)
-    return _normalise(x_u8), y
+    return normalise_images(x_u8), y
 
 
 def load_train_images(subset: int | None = None, data: str | Path | None = None,
@@ -140,7 +140,7 @@ class CifarTrain(_dataset_base()):  # type: ignore[misc]
             img = padded[r:r + 32, c:c + 32]
             if self.rng.random() < 0.5:
                 img = img[:, ::-1]
-        x = _normalise(np.ascontiguousarray(img)[None])[0]
+        x = normalise_images(np.ascontiguousarray(img)[None])[0]
         return torch.from_numpy(x), int(self.y[i])
 
 
