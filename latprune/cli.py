@@ -779,7 +779,8 @@ def _run_finetune(model, out, speedup, budget_ms, method, epochs, decay_steps, r
             "speedup": timed["dense"].median_ms / timed["pruned"].median_ms,
             "top1_dense": top1_dense, "top1_oneshot_no_finetune": None,
             "top1_after": top1_onnx, "top1_after_torch": top1_masked, "test_images": int(len(y_test)),
-            "solver": opt_report.get("solver"), "optimize": {k: opt_report.get(k) for k in (
+            "solver": opt_report.get("solver"), "scoring": opt_report.get("scoring"),
+            "optimize": {k: opt_report.get(k) for k in (
                 "dense_ms", "budget_ms", "predicted_ms", "measured_ms", "speedup", "groups", "blocks")},
             "finetune": {"epochs": epochs, "steps": res.total_steps, "decay_steps": res.decay_steps,
                          "lr": lr, "batch_size": batch_size, "seed": seed, "subset": subset,
