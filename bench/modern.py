@@ -211,32 +211,6 @@ def accuracy_proxy(name: str, lut: Path, threads: int, ratio: float = 0.7, calib
             "variants": rows}
 
 
-def ratio_errors(results: dict, lut: Path) -> None:
-    """Fill `ratio_error` (predicted share of the dense latency vs the measured share, both
-    from the optimize run: free of the machine's drift between calibration and check) for
-    budget rows whose report predates that field, from the report's calibration and table."""
-    from latprune.lut.predict import overhead_elements, predict_raw
-    from latprune.lut.store import Calibration
-    from latprune.pipeline import open_table, prepare
-
-    for key, row in results.get("budgets", {}).items():
-        if "check" not in row or row.get("ratio_error") is not None:
-            continue
-        name, ratio = key.split("@")
-        rep = json.loads((OUT / "modern" / f"{name}_{float(ratio):.2f}" / "report.json").read_text())
-        if rep.get("ratio_error") is not None:
-            row["ratio_error"] = rep["ratio_error"]
-            continue
-        _, _, an = prepare(exported(name), rep["step"])
-        table = open_table(lut, 1, "in-graph")
-        cal = rep["calibration"]
-        dense_pred = Calibration(cal["scale"], cal["ms_per_melement"], cal["offset_ms"]).predict(
-            predict_raw(an.problem, table), overhead_elements(an.problem))
-        table.close()
-        row["dense_predicted_ms"] = dense_pred
-        row["ratio_error"] = (rep["predicted_ms"] / dense_pred) / (rep["measured_ms"] / rep["dense_ms"]) - 1
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS))
@@ -247,7 +221,6 @@ def main() -> int:
     ap.add_argument("--skip-budgets", action="store_true")
     ap.add_argument("--proxy", action="store_true", help="the detector accuracy proxy (yolov8s)")
     ap.add_argument("--extra", default="", help="extra optimize arguments")
-    ap.add_argument("--ratio-errors", action="store_true", help="only fill ratio_error of earlier runs")
     args = ap.parse_args()
     (OUT / "modern").mkdir(parents=True, exist_ok=True)
     path = OUT / "modern.json"
@@ -256,14 +229,6 @@ def main() -> int:
 
     def save():
         path.write_text(json.dumps(results, indent=1, default=str))
-
-    if args.ratio_errors:
-        ratio_errors(results, args.lut)
-        save()
-        for key, row in results.get("budgets", {}).items():
-            if row.get("ratio_error") is not None:
-                print(f"{key:24s} prediction error {row['pred_error']:+.1%}  ratio error {row['ratio_error']:+.1%}")
-        return 0
 
     for name in models:
         if not args.skip_coverage:
@@ -296,8 +261,6 @@ def main() -> int:
             for label, v in row["variants"].items():
                 print(f"{name:16s} 0.70x  {label:18s} {v}", flush=True)
     budgets = [r for r in results.get("budgets", {}).values() if "pred_error" in r]
-    for r in budgets:
-        r.setdefault("ratio_error", None)
     if budgets:
         errs = [abs(r["pred_error"]) for r in budgets]
         print(f"prediction error of the final plans: median {np.median(errs):.1%} over {len(errs)}; "

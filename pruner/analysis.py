@@ -159,10 +159,19 @@ class Analysis:
         return {g for g in out if self.problem.groups[g].prunable}
 
     def freeze_groups(self, gids) -> None:
-        """Make these groups non-prunable (kept whole): a user's choice after analysis."""
-        for gid in gids:
+        """Make these groups non-prunable (kept whole): a user's choice after analysis. Their
+        terms in layer and overhead spaces become fixed widths, as analysis writes the spaces
+        of groups that were never prunable (the solvers read only prunable groups' terms)."""
+        frozen = set(gids)
+        for gid in frozen:
             g = self.problem.groups[gid]
             g.prunable, g.candidate_widths = False, [g.size]
+        spaces = [sp for layer in self.problem.layers for sp in (layer.c_in, layer.c_out)]
+        for sp in spaces + [o.space for o in self.problem.overheads]:
+            kept = [(g, m) for g, m in sp.terms if g in frozen]
+            if kept:
+                sp.fixed += sum(m * self.problem.groups[g].size for g, m in kept)
+                sp.terms = [(g, m) for g, m in sp.terms if g not in frozen]
 
     @property
     def source_rows(self) -> dict[int, list[tuple[str, str, int, int, int]]]:

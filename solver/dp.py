@@ -124,6 +124,26 @@ def _assign(base: dict[int, int], removed: set[int], unit: Unit, option) -> tupl
     return widths, rem
 
 
+def _unit_deltas(inp: SolveInput, units: list[Unit], costs: _Costs, widths: dict[int, int],
+                 removed: set[int]) -> tuple[list[np.ndarray], list[np.ndarray], float]:
+    """Per unit, its options' values and the change in raw latency each option makes to the
+    assignment (widths, removed), and that assignment's raw latency."""
+    prob = inp.problem
+    base_layers = [costs.layer(l, widths, removed) for l in range(len(prob.layers))]
+    base_over = [costs.overhead(k, widths, removed) for k in range(len(prob.overheads))]
+    vals, cs = [], []
+    for u, unit in enumerate(units):
+        vals.append(np.array([o[2] for o in unit.options]))
+        deltas = []
+        for opt in unit.options:
+            w2, r2 = _assign(widths, removed, unit, opt)
+            d = sum(costs.layer(l, w2, r2) - base_layers[l] for l in costs.unit_layers[u])
+            d += sum(costs.overhead(k, w2, r2) - base_over[k] for k in costs.unit_overheads[u])
+            deltas.append(d)
+        cs.append(np.array(deltas))
+    return vals, cs, sum(base_layers) + sum(base_over)
+
+
 def knapsack(values: list[np.ndarray], costs: list[np.ndarray], budget: float, bins: int) -> list[int] | None:
     """Maximise Σ values[u][o_u] s.t. Σ costs[u][o_u] ≤ budget (costs ≥ 0, rounded up to
     budget/bins). Returns the chosen option per unit, or None when nothing fits."""
@@ -202,22 +222,9 @@ def separable_upper_bound(inp: SolveInput, bins: tuple[int, ...] = (20000, 10000
     costs = _Costs(inp, units)
     if any(len(us) > 1 for us in costs.layer_units + costs.overhead_units):
         return None
-    prob = inp.problem
-    widths = {g.id: g.size for g in prob.groups}
-    removed: set[int] = set()
-    base_layers = [costs.layer(l, widths, removed) for l in range(len(prob.layers))]
-    base_over = [costs.overhead(k, widths, removed) for k in range(len(prob.overheads))]
-    vals, cs = [], []
-    for u, unit in enumerate(units):
-        vals.append(np.array([o[2] for o in unit.options]))
-        deltas = []
-        for opt in unit.options:  # exact: no other unit moves these layers
-            w2, r2 = _assign(widths, removed, unit, opt)
-            d = sum(costs.layer(l, w2, r2) - base_layers[l] for l in costs.unit_layers[u])
-            d += sum(costs.overhead(k, w2, r2) - base_over[k] for k in costs.unit_overheads[u])
-            deltas.append(d)
-        cs.append(np.array(deltas))
-    cap = inp.raw_budget - sum(base_layers) - sum(base_over) - sum(float(c.min()) for c in cs)
+    # exact deltas from the dense model: no other unit moves a unit's layers
+    vals, cs, base_total = _unit_deltas(inp, units, costs, {g.id: g.size for g in inp.problem.groups}, set())
+    cap = inp.raw_budget - base_total - sum(float(c.min()) for c in cs)
     cs = [c - c.min() for c in cs]
     gap = inp.mip_rel_gap if rel_gap is None else rel_gap
     bound = None
@@ -274,19 +281,7 @@ def _descend(inp: SolveInput, units: list[Unit], costs: _Costs, widths: dict[int
     cut = 0.0  # budget reduction after an answer that overspent the exact budget
     seen: set[tuple] = set()
     for _ in range(passes):
-        base_layers = [costs.layer(l, widths, removed) for l in range(len(prob.layers))]
-        base_over = [costs.overhead(k, widths, removed) for k in range(len(prob.overheads))]
-        base_total = sum(base_layers) + sum(base_over)
-        vals, cs = [], []
-        for u, unit in enumerate(units):
-            vals.append(np.array([o[2] for o in unit.options]))
-            deltas = []
-            for opt in unit.options:
-                w2, r2 = _assign(widths, removed, unit, opt)
-                d = sum(costs.layer(l, w2, r2) - base_layers[l] for l in costs.unit_layers[u])
-                d += sum(costs.overhead(k, w2, r2) - base_over[k] for k in costs.unit_overheads[u])
-                deltas.append(d)
-            cs.append(np.array(deltas))
+        vals, cs, base_total = _unit_deltas(inp, units, costs, widths, removed)
         shift = sum(float(c.min()) for c in cs)
         cap = inp.raw_budget - cut - base_total - shift
         picks = knapsack(vals, [c - c.min() for c in cs], cap, bins)

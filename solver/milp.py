@@ -86,22 +86,19 @@ def solve_milp(inp: SolveInput, epsilon: float = 1e-6, verbose: bool = False) ->
         """One-hot variables over `values` of a space; [None] when the width is fixed."""
         if len(values) == 1:
             return [None]
-        if len(space.terms) == 1 and space.terms[0][0] in x:
-            return list(x[space.terms[0][0]])
+        if len(space.terms) == 1:
+            gid, mult = space.terms[0]
+            return list(x[gid])
         key = space.key()
         if key not in space_vars:
             u = [m.var() for _ in values]
             m.row(1, 1, u, [1.0] * len(u))
             idx, val = list(u), [float(v) for v in values]
-            fixed = space.fixed
             for gid, mult in space.terms:
-                if gid not in x:  # a group kept whole after analysis: a constant part
-                    fixed += mult * prob.groups[gid].size
-                    continue
                 for var, w in zip(x[gid], prob.groups[gid].candidate_widths):
                     idx.append(var)
                     val.append(-float(mult * w))
-            m.row(fixed, fixed, idx, val)
+            m.row(space.fixed, space.fixed, idx, val)
             space_vars[key] = u
         return space_vars[key]
 
@@ -162,9 +159,6 @@ def solve_milp(inp: SolveInput, epsilon: float = 1e-6, verbose: bool = False) ->
                 lat_idx.append(r[o.block])
                 lat_val.append(-coef * o.space.fixed)
             for gid, mult in o.space.terms:
-                if gid not in x:  # a group kept whole after analysis (a residual stream)
-                    constant_ms += coef * mult * prob.groups[gid].size
-                    continue
                 for var, w in zip(x[gid], prob.groups[gid].candidate_widths):
                     lat_idx.append(var)
                     lat_val.append(coef * mult * w)

@@ -234,7 +234,7 @@ def _vit_problem(seed: int = 0, max_candidates: int = 4, **shape):
 def test_knapsack_bound_holds_and_lets_the_milp_stop_within_its_gap():
     """separable_upper_bound is never below the brute-force optimum, and the MILP stopped at
     its first plan within mip_rel_gap of the bound is within that gap of the optimum; overhead
-    terms of a group kept whole after analysis (the stream) are constants (a KeyError once)."""
+    terms of a group kept whole after analysis (the stream) are fixed widths (a KeyError once)."""
     prob, costs = _vit_problem()
     assert prob.blocks and sum(g.prunable for g in prob.groups) >= 4
     rng = np.random.default_rng(11)

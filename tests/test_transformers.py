@@ -137,11 +137,16 @@ def test_prune_streams_option_keeps_the_stream_of_attention_models(tmp_path):
     from latprune.pipeline import prepare
 
     onnx.save(vit_like(), str(tmp_path / "vit.onnx"))
-    _, _, an = prepare(tmp_path / "vit.onnx", step=8)  # auto: attention present -> stream kept
-    stream = an.problem.layers[0].c_out.terms[0][0]
-    assert not an.problem.groups[stream].prunable and any("stream" in n for n in an.notes)
     _, _, an = prepare(tmp_path / "vit.onnx", step=8, prune_streams="yes")
+    stream = an.problem.layers[0].c_out.terms[0][0]
     assert an.problem.groups[stream].prunable
+    _, _, kept = prepare(tmp_path / "vit.onnx", step=8)  # auto: attention present -> stream kept
+    assert not kept.problem.groups[stream].prunable and any("stream" in n for n in kept.notes)
+    # the kept stream's widths are fixed in the spaces the solvers read (as analysis writes
+    # groups that were never prunable), so no solver meets a term of a non-prunable group
+    assert kept.problem.layers[0].c_out.terms == [] and kept.problem.layers[0].c_out.fixed == 32
+    assert all(kept.problem.groups[g].prunable for layer in kept.problem.layers
+               for sp in (layer.c_in, layer.c_out) for g, _ in sp.terms)
     assert all(g.prunable for g in _heads(an))
 
 
