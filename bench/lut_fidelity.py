@@ -260,6 +260,86 @@ def table_build(heldout: int, passes: int, truth_runs: int, seed: int = 0, refin
             "interp_p95_abs_err_speed_adjusted": float(np.percentile(err_adj, 95))}
 
 
+def _layer_sum(path: Path, table):
+    """lut.predict.predict_layers of the ONNX file at `path` (dense widths) and its overhead
+    elements; None when the table lacks a layer's signature."""
+    from latprune.lut.predict import overhead_elements, predict_layers
+    from latprune.pipeline import analyse, load_model
+
+    prob = analyse(load_model(path), model_name=path.stem).problem
+    try:
+        return predict_layers(prob, table), overhead_elements(prob)
+    except KeyError:
+        return None
+
+
+def any_width_errors(name: str, n_configs: int, rounds: int, input_hw: int = 224, seed: int = 0) -> dict:
+    """Issue 15's acceptance: models pruned by Torch-Pruning at arbitrary widths (tp_configs.py),
+    predicted from a fresh table profiled on the dense model (`latprune profile dense.onnx`,
+    which measures fallback cells under the device's blocking rules), each configuration's
+    predicted ratio to dense against the measured one (all models timed in interleaved rounds).
+    Where the table lacks a configuration's layer kind (RegNetX's grouped convs with fewer
+    channels per group than any dense layer), the configuration is profiled into the table
+    first (`latprune profile config.onnx`), as a user would. The same cells are also read
+    without the blocking rules (one bilinear surface, the lookup before issue 15)."""
+    from latprune.lut.blocking import BlockingRules
+    from latprune.pipeline import load_model, model_family, open_table, profile_model
+    from tp_configs import export_tp_configs
+
+    dense, configs = export_tp_configs(name, OUT / "tp", n_configs, seed=seed, input_hw=input_hw)
+    lut = OUT / f"lut_anywidth_{name}_{input_hw}{'' if backend().name == 'ort-cpu' else '_' + backend().name}.sqlite"
+    t0 = time.perf_counter()
+    prof = profile_model(dense, lut, threads=1, backend=backend().name, precision=backend().precision)
+    build = {"seconds": time.perf_counter() - t0, "cells_measured": prof["cells_measured"]}
+    print(f"  {name}: dense table: {prof['cells_measured']} cells in {build['seconds']:.0f} s", flush=True)
+    table = open_table(lut, backend(), "in-graph")
+    profiled = []
+    try:
+        for path in configs:
+            if _layer_sum(path, table) is None:
+                t1 = time.perf_counter()
+                table.close()
+                out = profile_model(path, lut, threads=1, backend=backend().name, precision=backend().precision)
+                table = open_table(lut, backend(), "in-graph")
+                profiled.append({"config": path.name, "cells_measured": out["cells_measured"],
+                                 "seconds": time.perf_counter() - t1})
+                print(f"  {name}: {path.name} profiled ({out['cells_measured']} cells)", flush=True)
+        family = model_family(load_model(dense), dense.read_bytes())
+        cal = table.calibration(family)
+        rules = table.blocking
+        preds = {}
+        for label, use in (("blocking-aware", rules), ("bilinear (no rules)", BlockingRules())):
+            table.blocking, table._class_cache = use, {}
+            sums = [_layer_sum(p, table) for p in [dense] + configs]
+            ms = [cal.predict(ls.raw_ms, mel) for ls, mel in sums]
+            preds[label] = {"ms": ms, "band": [cal.scale * ls.band_ms for ls, _ in sums],
+                            "found": [ls.found for ls, _ in sums]}
+        table.blocking, table._class_cache = rules, {}
+        blocking = rules.describe()
+    finally:
+        table.close()
+    t1 = time.perf_counter()
+    timed = measure_in_rounds([p.read_bytes() for p in [dense] + configs], rounds)
+    print(f"  {name}: {len(configs) + 1} models measured in {rounds} interleaved rounds "
+          f"({time.perf_counter() - t1:.0f} s)", flush=True)
+    meas = np.array([t["ms"] for t in timed])
+    meas_ratio = meas[1:] / meas[0]
+    result = {"model": name, "input_hw": input_hw, "build": build, "configs_profiled": profiled,
+              "blocking": blocking, "measured_ms": list(meas), "measured_ratio": list(meas_ratio),
+              "spread": [t["spread"] for t in timed], "predictors": {}}
+    for label, p in preds.items():
+        pm = np.array(p["ms"])
+        ratio = pm[1:] / pm[0]
+        err = ratio / meas_ratio - 1
+        band = np.array(p["band"][1:]) / pm[0]
+        result["predictors"][label] = {
+            "predicted_ratio": list(ratio), "errors": list(err), "median_abs_err": float(np.median(np.abs(err))),
+            "p95_abs_err": float(np.percentile(np.abs(err), 95)), "within_10pct": float(np.mean(np.abs(err) <= 0.10)),
+            "median_signed_err": float(np.median(err)),
+            "in_band": float(np.mean(np.abs(ratio - meas_ratio) <= band)), "found": p["found"]}
+    return result
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="resnet18,resnet50,mobilenet_v2")
@@ -278,6 +358,10 @@ def main() -> int:
     ap.add_argument("--widths", default="step16", help="comma-separated: stepK (multiples of K; 16 is the "
                     "solver's default on AVX-512) or any (arbitrary integers)")
     ap.add_argument("--out", default=None, help="JSON (default bench/out/lut_fidelity[_BACKEND].json)")
+    ap.add_argument("--any-width", default=None, help="comma-separated torchvision models (tp_configs.TP_MODELS) "
+                    "pruned by Torch-Pruning at arbitrary widths: the issue-15 figures (skips the other parts)")
+    ap.add_argument("--any-width-configs", type=int, default=10)
+    ap.add_argument("--input-hw", type=int, default=224)
     ap.add_argument("--backend", default="ort-cpu")
     ap.add_argument("--precision", default=None)
     args = ap.parse_args()
@@ -287,6 +371,8 @@ def main() -> int:
     BACKEND.check()
     suffix = "" if BACKEND.name == "ort-cpu" else f"_{BACKEND.name}"
     args.out = args.out or str(OUT / f"lut_fidelity{suffix}.json")
+    if args.any_width:
+        return any_width_main(args)
     result = {"whole_model": [], "table_build": []}
     for mode in args.widths.split(",") if not args.skip_models else []:
         for name in args.models.split(","):
@@ -318,6 +404,24 @@ def main() -> int:
         if b.get("one_measurement_median_abs_dev") is not None:
             print(f"one in-graph measurement of a cell vs the median of its {b['truth_runs']}: median "
                   f"{100 * b['one_measurement_median_abs_dev']:.1f}%, p95 {100 * b['one_measurement_p95_abs_dev']:.1f}%")
+    return 0
+
+
+def any_width_main(args) -> int:
+    out = Path(args.out.replace(".json", "_anywidth.json"))
+    result = {"any_width": []}
+    for name in args.any_width.split(","):
+        result["any_width"].append(any_width_errors(name, args.any_width_configs, args.rounds, args.input_hw))
+        out.write_text(json.dumps(result, indent=1))
+    print("\nmodel | predictor | configs | median |err| of ratio to dense | p95 | within ±10% | median signed "
+          "| measured in band | measured ratio range")
+    for r in result["any_width"]:
+        for label, s in r["predictors"].items():
+            print(f"{r['model']} | {label} | {len(r['measured_ratio'])} | {100 * s['median_abs_err']:.1f}% | "
+                  f"{100 * s['p95_abs_err']:.1f}% | {100 * s['within_10pct']:.0f}% | {100 * s['median_signed_err']:+.1f}% | "
+                  f"{100 * s['in_band']:.0f}% | {min(r['measured_ratio']):.2f}-{max(r['measured_ratio']):.2f}")
+        print(f"{r['model']}: table {r['build']['cells_measured']} cells in {r['build']['seconds']:.0f} s; "
+              f"{len(r['configs_profiled'])} configs profiled first; rules: {r['blocking']}")
     return 0
 
 

@@ -207,18 +207,32 @@ def predict(
     precision: Optional[str] = PRECISION_OPTION,
     timing: str = TIMING_OPTION,
     sequence_length: Optional[int] = typer.Option(None, "--sequence-length", help=help_text("sequence_length")),
+    like: Optional[Path] = typer.Option(None, "--like", help="the dense model MODEL was pruned from (by any "
+                                        "tool): its calibration applies"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Predicted latency of MODEL from the latency table (any model the table covers)."""
+    """Predicted latency of MODEL from the latency table (any model the table covers, at any
+    widths), with a band and which layers were interpolated or extrapolated."""
     from latprune.pipeline import predict_model
 
     try:
-        out = predict_model(model, lut, threads, timing, backend, precision, sequence_length)
+        out = predict_model(model, lut, threads, timing, backend, precision, sequence_length, like)
     except LatpruneError as exc:
         _fail(exc)
         return
-    print(json.dumps(out) if as_json else f"predicted {out['predicted_ms']:.3f} ms"
+    if as_json:
+        print(json.dumps(out))
+        return
+    lo, hi = out["band_ms"]
+    cells = out["cells"]
+    print(f"predicted {out['predicted_ms']:.3f} ms (band {lo:.3f}-{hi:.3f} ms)"
           + ("" if out["calibrated"] else " (uncalibrated: sum of layers; run latprune profile)"))
+    print(f"layers: {cells['measured']} measured, {cells['interpolated']} interpolated, "
+          f"{cells['extrapolated']} extrapolated, {cells['modelled']} from the other regime x the probed penalty")
+    for line in out["extrapolated_layers"][:10]:
+        print(f"  outside the table: {line}")
+    if out["extrapolated_layers"]:
+        print(f"  measure them: latprune profile {model}" + (f" --lut {lut}" if lut else ""))
 
 
 @app.command()

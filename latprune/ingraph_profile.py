@@ -185,8 +185,8 @@ def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], b
         for space, axis in ((layer.c_in, 0), (layer.c_out, 1)):
             gid = single_group(space)
             if gid in grids:
-                cands = set(prob.groups[gid].candidate_widths)
-                grids[gid] |= {cell[axis] for cell in asked.get(layer.spec.signature(), ()) if cell[axis] in cands}
+                size = prob.groups[gid].size  # any width the group can take (fallback cells are off the step)
+                grids[gid] |= {cell[axis] for cell in asked.get(layer.spec.signature(), ()) if 1 <= cell[axis] <= size}
     grids = {gid: sorted(ws) for gid, ws in grids.items()}
     configs = [w for p in range(max(1, passes)) for w in design_configs(prob, needed, grids, seed=p)]
     sigs = [layer.spec.signature() for layer in prob.layers]

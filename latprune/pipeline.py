@@ -17,8 +17,8 @@ from pathlib import Path
 import onnx
 
 from latprune.types import InputError, Plan, Problem
-from latprune.lut.predict import (calibrated, layer_costs, layer_ms, missing_cells, overhead_elements,
-                                  predict_raw, refine_widths)
+from latprune.lut.predict import (calibrated, layer_costs, layer_ms, missing_cells, needs_fallback,
+                                  overhead_elements, predict_layers, predict_raw, refine_widths)
 from latprune.lut.store import LatencyTable, fit_calibration
 from latprune.profiler.fingerprint import TIMINGS
 from latprune.profiler.profile import profile_cells
@@ -257,16 +257,27 @@ def open_table(lut_path: Path | None, backend, timing: str = "in-graph") -> Late
 
 def ensure_profiled(problem: Problem, table: LatencyTable, backend, points: int,
                     progress: Progress, analysis: Analysis | None = None, family: str | None = None,
-                    passes: int = 1, refine: bool = False) -> int:
+                    passes: int = 1, refine: bool = False, fallback: bool | None = None) -> int:
     """Measure the grid cells the table lacks for `problem`: inside whole pruned models when
     the table is an in-graph one (needs `analysis`), and alone for any cell no run reached.
     Then, with `refine`, the cells at the widths lut.predict.refine_widths adds where
     interpolation between grid widths is uncertain. The in-graph runs also record the time
     outside the layers for `family` (table.overhead). Returns the cells measured. `backend`:
-    the runtime (an int: ONNX Runtime on this CPU with that many threads)."""
+    the runtime (an int: ONNX Runtime on this CPU with that many threads).
+
+    `fallback` (issue 15): also measure the cells of widths that run the kernel's fallback
+    (lut.predict.fallback_grid), under the device's blocking rules (probed and recorded in the
+    table first when it has none). None: when the problem's candidate widths reach them
+    (lut.predict.needs_fallback, e.g. --step 1); `latprune profile` asks for them always, so
+    that the table predicts models pruned to any width."""
     from latprune.profiler.backends import as_backend
 
     backend = as_backend(backend)
+    if fallback is not False and not table.has_blocking() and (fallback or problem.step % backend.channel_step()):
+        progress.stage("probing how the runtime blocks channels (once per device)")
+        table.set_blocking(backend.blocking_rules()[0])
+    if fallback is None:
+        fallback = needs_fallback(problem, table.blocking)
     in_graph = table.fingerprint.get("timing") == backend.timing_labels.get("in-graph")
     runs: list = []
 
@@ -280,16 +291,16 @@ def ensure_profiled(problem: Problem, table: LatencyTable, backend, points: int,
             progress.stage(f"profiling {len(todo)} {what} inside pruned copies of the model")
             n, done = profile_in_graph(table, analysis, todo, backend, points, progress.advance, passes=passes)
             runs.extend(done)
-            todo = missing_cells(problem, table, points, extra)
+            todo = missing_cells(problem, table, points, extra, fallback)
         if todo:
             progress.stage(f"profiling {len(todo)} {what} one layer at a time")
             n += profile_cells(table, todo, backend, progress.advance)
         return n
 
-    n = fill(missing_cells(problem, table, points), "layer cells")
+    n = fill(missing_cells(problem, table, points, fallback=fallback), "layer cells")
     extra = refine_widths(problem, table, points) if refine else {}
     if extra:
-        n += fill(missing_cells(problem, table, points, extra),
+        n += fill(missing_cells(problem, table, points, extra, fallback),
                   f"cells at {sum(map(len, extra.values()))} widths added where interpolation bends", extra)
     for run in runs if family else []:  # every cell is in the table now
         table.add_overhead_point(family, predict_raw(problem, table, run.widths), run.end_to_end_ms,
@@ -740,8 +751,11 @@ def write_result(result: OptimizeResult, out_dir: Path) -> None:
 
 def predict_model(model_path: Path, lut_path: Path | None, threads: int = 1, timing: str = "in-graph",
                   backend: str = "ort-cpu", precision: str | None = None,
-                  sequence_length: int | None = None) -> dict:
-    """Predicted latency (ms) of any model whose layer signatures the table covers."""
+                  sequence_length: int | None = None, like: Path | None = None) -> dict:
+    """Predicted latency (ms) of any model whose layer signatures the table covers, with a band
+    and how each layer's value was found (lut.predict.predict_layers). `like`: the model whose
+    calibration applies (the dense model another tool pruned this one from); default: the
+    model's own family."""
     from latprune.pruner.model_io import dynamic_lengths
 
     model = load_model(model_path)
@@ -757,13 +771,21 @@ def predict_model(model_path: Path, lut_path: Path | None, threads: int = 1, tim
             raise InputError(
                 f"the table lacks {len(missing)} of {len(prob.layers)} layers (e.g. {missing[0]}); "
                 f"run: latprune profile {model_path} --lut {table.path} --timing {timing} --backend {runtime.name}")
-        dense = {g.id: g.size for g in prob.groups}
-        raw = sum(layer_ms(table, layer, layer.c_in.width(dense), layer.c_out.width(dense))
-                  for layer in prob.layers)
-        calib = table.calibration(model_family(model, data))
+        if not table.has_blocking():  # off-grid widths need the device's blocking rules
+            table.set_blocking(runtime.blocking_rules()[0])
+        layers = predict_layers(prob, table)
+        family = model_family(model, data)
+        if like is not None:
+            family = model_family(load_model(like), Path(like).read_bytes())
+        calib = table.calibration(family)
         mel = overhead_elements(prob)
-        return {"predicted_ms": calibrated(raw, calib, mel), "layer_sum_ms": raw, "overhead_melements": mel,
-                "calibrated": calib is not None, "layers": len(prob.layers)}
+        predicted = calibrated(layers.raw_ms, calib, mel)
+        scale = calib.scale if calib is not None else 1.0
+        return {"predicted_ms": predicted, "layer_sum_ms": layers.raw_ms, "overhead_melements": mel,
+                "calibrated": calib is not None, "layers": len(prob.layers),
+                "band_ms": [predicted - scale * layers.band_ms, predicted + scale * layers.band_ms],
+                "cells": layers.found, "interpolated_layers": layers.interpolated,
+                "extrapolated_layers": layers.outside, "blocking": table.blocking.describe()}
     finally:
         table.close()
 
@@ -783,7 +805,8 @@ def profile_model(model_path: Path, lut_path: Path | None, threads: int = 1, poi
         family = model_family(model, data)
         if passes < 1:
             raise InputError(f"--passes must be at least 1, not {passes}")
-        n = ensure_profiled(prob, table, runtime, points, progress, analysis, family, passes, refine)
+        n = ensure_profiled(prob, table, runtime, points, progress, analysis, family, passes, refine,
+                            fallback=True)
         progress.stage("measuring end to end for calibration")
         if any(g.prunable for g in prob.groups):
             work = Path(tempfile.mkdtemp(prefix="latprune-"))

@@ -1,13 +1,15 @@
 """Export, import, merge and validate latency tables (many fingerprints per SQLite file).
 
-JSON exchange format (version 1), one object:
+JSON exchange format (version 2), one object:
 
-    {"format": "latprune-lut", "version": 1,
+    {"format": "latprune-lut", "version": 2,
      "tables": [{"fingerprint": {...device fingerprint...},
                  "cells": [{"signature": {...LayerSpec fields...}, "c_in": 64, "c_out": 128,
                             "ms": 0.412, "runs": 40, "measured_at": 1795000000.0}, ...],
                  "calibration": [{"family": "ab12...", "raw_ms": 3.1, "melements": 2.4,
-                                  "measured_ms": 3.4, "measured_at": 1795000000.0}, ...]}]}
+                                  "measured_ms": 3.4, "measured_at": 1795000000.0}, ...],
+                 "blocking": [{"kind": "conv", "axis": "in", "align": 4, "block": 8,
+                               "penalty": 1.45}, ...]}]}
 
 `ms` is the median latency of one layer in milliseconds, `runs` the number of timed runs
 behind it. A calibration point is one end-to-end measurement of a model of the `family`:
@@ -17,19 +19,28 @@ the same shape: `<family>/in-graph-overhead` (layer sum and end-to-end time of o
 run) and `in-graph-reference/<model hash>` (raw_ms = measured_ms = the dense model's kernel
 time that the in-graph cells are scaled to). Merging combines cells of the same fingerprint
 (median weighted by runs, runs added) and keeps different fingerprints apart.
+
+`blocking` (version 2, issue 15) holds the device's channel-blocking rules per layer kind
+(`kind` one of lut.blocking.KINDS, `axis` "in" or "out"; see lut/blocking.py): widths that are
+multiples of `align` run the fast kernel at the width rounded up to `block`, others a fallback
+kernel `penalty` times slower. Version 1 files (no rules) are still read; an imported rule
+replaces the file's rule of the same fingerprint, kind and axis.
 """
 from __future__ import annotations
 
 import json
 import math
 import sqlite3
+import time
 from pathlib import Path
 
 from latprune.types import InputError, LayerSpec
+from latprune.lut.blocking import AXES, KINDS
 from latprune.lut.store import SCHEMA
 
 FORMAT = "latprune-lut"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 def _connect(path: str | Path, create: bool = False) -> sqlite3.Connection:
@@ -63,7 +74,12 @@ def export_tables(db_path: str | Path) -> dict:
                     "SELECT family, raw_ms, measured_ms, measured_at, melements FROM calibration WHERE fingerprint=?",
                     (fp_id,))
             ]
-            tables.append({"fingerprint": json.loads(fp_json), "cells": cells, "calibration": calib})
+            blocking = [{"kind": k, "axis": a, "align": al, "block": b, "penalty": p}
+                        for k, a, al, b, p in db.execute(
+                            "SELECT kind, axis, align, block, penalty FROM blocking WHERE fingerprint=? "
+                            "ORDER BY kind, axis", (fp_id,))]
+            tables.append({"fingerprint": json.loads(fp_json), "cells": cells, "calibration": calib,
+                           "blocking": blocking})
         return {"format": FORMAT, "version": VERSION, "tables": tables}
     finally:
         db.close()
@@ -75,8 +91,9 @@ def import_tables(db_path: str | Path, data: dict) -> dict:
 
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise InputError(f"not a {FORMAT} JSON object (its \"format\" must be \"{FORMAT}\")")
-    if data.get("version") != VERSION:
-        raise InputError(f"unsupported {FORMAT} version {data.get('version')!r} (this tool reads {VERSION})")
+    if data.get("version") not in READABLE_VERSIONS:
+        raise InputError(f"unsupported {FORMAT} version {data.get('version')!r} "
+                         f"(this tool reads {', '.join(map(str, READABLE_VERSIONS))})")
     problems = validate_object(data)
     if problems:
         raise InputError(f"invalid table: {problems[0]} ({len(problems)} problem(s) in all)")
@@ -107,6 +124,10 @@ def import_tables(db_path: str | Path, data: dict) -> dict:
                                (fp_id, c["family"], float(c["raw_ms"]), float(c["measured_ms"]),
                                 float(c.get("measured_at", 0.0)), float(c.get("melements", 0.0))))
                     calib += 1
+                for r in table.get("blocking", []):
+                    db.execute("INSERT OR REPLACE INTO blocking VALUES (?, ?, ?, ?, ?, ?, ?)",
+                               (fp_id, r["kind"], r["axis"], int(r["align"]), int(r["block"]),
+                                float(r["penalty"]), time.time()))
     finally:
         db.close()
     return {"cells_added": added, "cells_combined": combined, "calibration_points": calib}
@@ -143,8 +164,9 @@ def validate_object(data: dict) -> list[str]:
         return ["the table must be a JSON object"]
     if data.get("format") != FORMAT:
         return [f"format must be {FORMAT!r}"]
-    if data.get("version") != VERSION:
-        return [f"unsupported version {data.get('version')!r} (this tool reads {VERSION})"]
+    if data.get("version") not in READABLE_VERSIONS:
+        return [f"unsupported version {data.get('version')!r} (this tool reads "
+                f"{', '.join(map(str, READABLE_VERSIONS))})"]
     tables = data.get("tables")
     if not isinstance(tables, list):
         return ["'tables' must be a list"]
@@ -184,6 +206,17 @@ def validate_object(data: dict) -> list[str]:
             if key in seen:
                 problems.append(f"{where}: duplicate cell {c_in}x{c_out}")
             seen.add(key)
+        blocking = table.get("blocking", [])
+        if not isinstance(blocking, list):
+            problems.append(f"table {ti}: 'blocking' must be a list")
+            blocking = []
+        for ri, rule in enumerate(blocking):
+            if not (isinstance(rule, dict) and rule.get("kind") in KINDS and rule.get("axis") in AXES
+                    and _is_int(rule.get("align")) and _is_int(rule.get("block"))
+                    and 1 <= rule["align"] <= 4096 and 1 <= rule["block"] <= 4096
+                    and _is_number(rule.get("penalty")) and rule["penalty"] > 0):
+                problems.append(f"table {ti} blocking rule {ri}: needs kind (one of {', '.join(KINDS)}), "
+                                f"axis (in or out), align and block (integers 1-4096) and penalty (> 0)")
         for pi, point in enumerate(calib):
             where = f"table {ti} calibration point {pi}"
             if not isinstance(point, dict) or not isinstance(point.get("family"), str):
@@ -198,18 +231,26 @@ def validate_object(data: dict) -> list[str]:
 
 def validate_file(db_path: str | Path) -> dict:
     """Errors (invalid cells) and warnings (latency falling as a width grows by over 20%,
-    which suggests a noisy measurement) of a SQLite table."""
+    which suggests a noisy measurement) of a SQLite table. Cells of different regimes under
+    the table's blocking rules are not compared: a fallback width may cost more than the
+    fast one above it."""
+    from latprune.lut.blocking import BlockingRules
+
     data = export_tables(db_path)
     errors = validate_object(data)
     warnings = []
     for table in data["tables"]:
+        rules = BlockingRules.from_records(table.get("blocking", []))
         by_sig: dict[str, dict[tuple[int, int], float]] = {}
         for cell in table["cells"]:
             by_sig.setdefault(json.dumps(cell["signature"], sort_keys=True), {})[(cell["c_in"], cell["c_out"])] = cell["ms"]
         for sig, grid in by_sig.items():
+            spec = LayerSpec(**json.loads(sig))
             for (ci, co), ms in grid.items():
+                fast = rules.fast(spec, ci, co)
                 for (ci2, co2), ms2 in grid.items():
-                    if ci2 >= ci and co2 >= co and (ci2, co2) != (ci, co) and ms2 < 0.8 * ms:
+                    if ci2 >= ci and co2 >= co and (ci2, co2) != (ci, co) and ms2 < 0.8 * ms \
+                            and rules.fast(spec, ci2, co2) == fast:
                         warnings.append(f"{json.loads(sig)['op']} {ci}x{co}: {ms:.4f} ms but {ci2}x{co2}: {ms2:.4f} ms")
     return {"errors": errors, "warnings": warnings,
             "fingerprints": len(data["tables"]), "cells": sum(len(t["cells"]) for t in data["tables"])}

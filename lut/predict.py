@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from latprune.types import Layer, LayerSpec, Problem, Space
+from latprune.lut.blocking import BlockingRules
 from latprune.lut.store import Calibration, LatencyTable
 
 
@@ -81,15 +82,67 @@ def layer_grid(problem: Problem, layer: Layer, points: int = 5,
     return [(i, o) for i in ins for o in outs]
 
 
-def required_cells(problem: Problem, points: int = 5,
-                   extra: dict[int, list[int]] | None = None) -> list[tuple[LayerSpec, int, int]]:
+def required_cells(problem: Problem, points: int = 5, extra: dict[int, list[int]] | None = None,
+                   rules: BlockingRules | None = None) -> list[tuple[LayerSpec, int, int]]:
     """The (spec, c_in, c_out) grid the table must hold for this problem (layer_grid of every
-    layer, each cell once)."""
+    layer, each cell once), plus with `rules` the fallback cells (fallback_grid)."""
     cells: dict[tuple[str, int, int], tuple[LayerSpec, int, int]] = {}
     for layer in problem.layers:
-        for ci, co in layer_grid(problem, layer, points, extra):
+        grid = layer_grid(problem, layer, points, extra)
+        if rules:
+            grid = grid + fallback_grid(problem, layer, rules)
+        for ci, co in grid:
             cells[(layer.spec.signature(), ci, co)] = (layer.spec, ci, co)
     return list(cells.values())
+
+
+FALLBACK_POINTS = 3  # widths per axis of a layer's fallback cells
+
+
+def _fallback_width(width: int, align: int) -> int | None:
+    """A width next to `width` that runs the fallback kernel (itself if it already does)."""
+    if width % align:
+        return width
+    return width - 1 if width > 1 else None
+
+
+def fallback_grid(problem: Problem, layer: Layer, rules: BlockingRules,
+                  points: int = FALLBACK_POINTS) -> list[tuple[int, int]]:
+    """Cells of `layer` in the fallback regime of `rules` (lut/blocking.py) that a table must
+    hold to predict widths off the kernel's alignment: for each axis that is one group's
+    width and has an alignment, `points` of its widths moved one channel off it, against
+    `points` widths of the other axis (a depthwise layer: its diagonal). Empty where every
+    width runs the fast kernel, or the layer's widths are fixed or set by several groups."""
+    rin, rout = rules.axes(layer.spec)
+    cells: set[tuple[int, int]] = set()
+    ins = _sample(space_values(problem, layer.c_in), points)
+    if layer.spec.depthwise:
+        if rin.align > 1 and single_group(layer.c_in) is not None:
+            cells |= {(w, w) for w in (_fallback_width(v, rin.align) for v in ins) if w}
+        return sorted(cells)
+    if coupled_group(layer) is not None:
+        return []
+    outs = _sample(space_values(problem, layer.c_out), points)
+    if rin.align > 1 and single_group(layer.c_in) is not None and len(ins) > 1:
+        cells |= {(w, co) for w in (_fallback_width(v, rin.align) for v in ins) if w for co in outs}
+    if rout.align > 1 and single_group(layer.c_out) is not None and len(outs) > 1:
+        cells |= {(ci, w) for w in (_fallback_width(v, rout.align) for v in outs) if w for ci in ins}
+    return sorted(cells)
+
+
+def needs_fallback(problem: Problem, rules: BlockingRules) -> bool:
+    """Whether some group may take a width (below its full size) that runs a fallback kernel
+    under `rules`: then a plan can reach those cells and the table must hold them."""
+    if not rules:
+        return False
+    for layer in problem.layers:
+        rin, rout = rules.axes(layer.spec)
+        for space, rule in ((layer.c_in, rin), (layer.c_out, rout)):
+            if rule.align > 1 and space.terms:
+                values = space_values(problem, space)
+                if any(v % rule.align for v in values[:-1]):
+                    return True
+    return False
 
 
 # Refinement: where leave-one-out linear interpolation misses the measured grid cells at a
@@ -153,8 +206,11 @@ def refine_widths(problem: Problem, table: LatencyTable, points: int = 5,
 
 
 def missing_cells(problem: Problem, table: LatencyTable, points: int = 5,
-                  extra: dict[int, list[int]] | None = None):
-    return [c for c in required_cells(problem, points, extra) if not table.has(c[0].signature(), c[1], c[2])]
+                  extra: dict[int, list[int]] | None = None, fallback: bool = False):
+    """The required cells (with `fallback`, the fallback cells of the table's blocking rules
+    too) that the table lacks."""
+    rules = table.blocking if fallback else None
+    return [c for c in required_cells(problem, points, extra, rules) if not table.has(c[0].signature(), c[1], c[2])]
 
 
 def coverage(problem: Problem, table: LatencyTable, points: int = 5) -> dict:
@@ -216,6 +272,45 @@ def predict_raw(problem: Problem, table: LatencyTable, widths: dict[int, int] | 
             continue
         total += layer_ms(table, layer, layer.c_in.width(full), layer.c_out.width(full))
     return total
+
+
+# Relative uncertainty of one layer's value by how the table found it (predict_layers' band,
+# summed over layers: errors of neighbouring cells go together): a measured cell repeats
+# within 3.5% (p95 of one in-graph measurement against the median of 3, bench/lut_fidelity.py),
+# an interpolated one within the held-out interpolation error's p95 (~5-8%); outside the
+# measured widths and across regimes (a probed penalty, not a cell of the layer) much less
+# is known.
+UNCERTAINTY = {"measured": 0.035, "interpolated": 0.07, "extrapolated": 0.15, "modelled": 0.30}
+
+
+@dataclass
+class LayerSum:
+    """A model's layer latencies from the table: their sum (ms), the band (± ms, before
+    calibration) and how each layer's value was found (lookup_detail)."""
+
+    raw_ms: float
+    band_ms: float
+    found: dict[str, int]
+    interpolated: list[str]
+    outside: list[str]  # "name (c_in x c_out, how)" of extrapolated or modelled layers
+
+
+def predict_layers(problem: Problem, table: LatencyTable, widths: dict[int, int] | None = None) -> LayerSum:
+    """The layer sum at `widths` (dense when omitted) with its uncertainty (UNCERTAINTY).
+    Raises KeyError for a layer whose signature the table lacks."""
+    full = {g.id: (widths or {}).get(g.id, g.size) for g in problem.groups}
+    out = LayerSum(0.0, 0.0, {how: 0 for how in UNCERTAINTY}, [], [])
+    for layer in problem.layers:
+        ci, co = layer.c_in.width(full), layer.c_out.width(full)
+        ms, how = table.lookup_detail(layer.spec.signature(), ci, ci if layer.spec.depthwise else co)
+        out.raw_ms += ms
+        out.band_ms += UNCERTAINTY[how] * ms
+        out.found[how] += 1
+        if how in ("extrapolated", "modelled"):
+            out.outside.append(f"{layer.name} ({ci}x{co}, {how})")
+        elif how == "interpolated":
+            out.interpolated.append(layer.name)
+    return out
 
 
 def overhead_elements(problem: Problem, widths: dict[int, int] | None = None,

@@ -4,6 +4,10 @@ Schema (one row per measured cell; tables never mix fingerprints):
   cells(fingerprint, signature, c_in, c_out, ms, runs, measured_at)   -- layer latency, ms
   calibration(fingerprint, family, raw_ms, measured_ms, measured_at)  -- whole-model points
   fingerprints(id, json)
+  blocking(fingerprint, kind, axis, align, block, penalty, measured_at)  -- lut/blocking.py rules
+
+A table without blocking rows (written before issue 15, or never probed) interpolates every
+signature's cells as one surface, as before; with them, fast and fallback cells apart (lookup).
 
 `signature` is LayerSpec.signature(); c_in/c_out are channel counts (features for Gemm).
 Lookups interpolate between measured cells (see `lookup`). WAL mode lets several writers
@@ -19,7 +23,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from latprune.types import InputError
+from latprune.lut.blocking import BlockingRules
+from latprune.types import InputError, LayerSpec
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS fingerprints (id TEXT PRIMARY KEY, json TEXT NOT NULL);
@@ -30,6 +35,10 @@ CREATE TABLE IF NOT EXISTS cells (
 CREATE TABLE IF NOT EXISTS calibration (
     fingerprint TEXT NOT NULL, family TEXT NOT NULL, raw_ms REAL NOT NULL,
     measured_ms REAL NOT NULL, measured_at REAL NOT NULL, melements REAL NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS blocking (
+    fingerprint TEXT NOT NULL, kind TEXT NOT NULL, axis TEXT NOT NULL, align INTEGER NOT NULL,
+    block INTEGER NOT NULL, penalty REAL NOT NULL, measured_at REAL NOT NULL,
+    PRIMARY KEY (fingerprint, kind, axis));
 """
 
 
@@ -69,6 +78,29 @@ class LatencyTable:
         except sqlite3.DatabaseError as exc:
             raise InputError(f"{self.path}: not a latency table ({exc})") from None
         self._grid_cache: dict[str, dict[int, list[tuple[int, float]]]] = {}
+        self._class_cache: dict[str, dict[str, dict[int, list[tuple[int, float]]]]] = {}
+        self.blocking = self._load_blocking()
+
+    # ---- blocking rules (lut/blocking.py) ------------------------------------------------------
+    def _load_blocking(self) -> BlockingRules:
+        rows = self.db.execute("SELECT kind, axis, align, block, penalty FROM blocking WHERE fingerprint=?",
+                               (self.fp_id,)).fetchall()
+        return BlockingRules.from_records([{"kind": k, "axis": a, "align": al, "block": b, "penalty": p}
+                                           for k, a, al, b, p in rows])
+
+    def has_blocking(self) -> bool:
+        """Whether the device's blocking rules were recorded (even 'no blocking')."""
+        return bool(self.blocking.rules)
+
+    def set_blocking(self, rules: BlockingRules) -> None:
+        """Record the probe's rules for this fingerprint (replacing earlier ones)."""
+        with self.db:
+            self.db.execute("DELETE FROM blocking WHERE fingerprint=?", (self.fp_id,))
+            for r in rules.as_records():
+                self.db.execute("INSERT INTO blocking VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                (self.fp_id, r["kind"], r["axis"], r["align"], r["block"], r["penalty"], time.time()))
+        self.blocking = self._load_blocking()
+        self._class_cache.clear()
 
     def close(self) -> None:
         self.db.close()
@@ -85,6 +117,7 @@ class LatencyTable:
                         (self.fp_id, signature, c_in, c_out, ms, runs, time.time()))
         self.db.commit()  # one commit per cell: an interrupted profile loses nothing finished
         self._grid_cache.pop(signature, None)
+        self._class_cache.pop(signature, None)
 
     def cells(self, signature: str) -> dict[int, list[tuple[int, float]]]:
         """c_in -> sorted [(c_out, ms)] for one signature."""
@@ -104,20 +137,72 @@ class LatencyTable:
         return self.db.execute("SELECT COUNT(*) FROM cells WHERE fingerprint=?", (self.fp_id,)).fetchone()[0]
 
     def lookup(self, signature: str, c_in: int, c_out: int) -> float:
-        """Latency (ms) at (c_in, c_out), interpolated between measured cells.
+        """Latency (ms) at (c_in, c_out): lookup_detail's value."""
+        return self.lookup_detail(signature, c_in, c_out)[0]
 
-        Linear in c_out within each measured c_in row, then linear in c_in between the two
-        bracketing rows (bilinear on a rectangular grid, which is exact when latency is
-        bilinear in the widths). Outside the measured range the nearest cell is scaled in
-        proportion to the width. Zero width costs nothing (the layer is gone).
+    def lookup_detail(self, signature: str, c_in: int, c_out: int) -> tuple[float, str]:
+        """(latency ms, how it was found) at (c_in, c_out); how: "measured" (that cell),
+        "interpolated" (inside the measured widths), "extrapolated" (outside them) or
+        "modelled" (from the other regime's cells times the probed penalty).
+
+        Without blocking rules every cell of the signature is one surface. With them (issue
+        15), a fast cell (both widths aligned) comes from the fast cells at the widths the
+        kernel pads to, a fallback cell from the fallback cells at its own widths; a regime
+        with no cell of its own takes the other's value times (or over) the kernel kind's
+        penalty. Within a regime: linear in c_out within each measured c_in row, then linear
+        in c_in between the two bracketing rows (bilinear on a rectangular grid). Outside the
+        measured range the nearest cell is scaled in proportion to the width. Zero width costs
+        nothing (the layer is gone).
         """
         if c_in <= 0 or c_out <= 0:
-            return 0.0
+            return 0.0, "measured"
         grid = self.cells(signature)
         if not grid:
             raise KeyError(signature)
-        rows = sorted(grid)
-        return _interp(rows, [_row_value(grid[r], c_out) for r in rows], c_in)
+        exact = next((ms for co, ms in grid.get(c_in, ()) if co == c_out), None)
+        if exact is not None:
+            return exact, "measured"
+        if not self.blocking:
+            return _interp_grid(grid, c_in, c_out)
+        spec = _spec(signature)
+        classes = self._classes(signature, spec)
+        fast = self.blocking.fast(spec, c_in, c_out)
+        own, other = (classes["fast"], classes["fallback"]) if fast else (classes["fallback"], classes["fast"])
+        if fast:
+            c_in, c_out = self.blocking.padded(spec, c_in, c_out)
+        if own:
+            return _interp_grid(own, c_in, c_out)
+        rin, rout = self.blocking.axes(spec)
+        if fast:  # only fallback cells: the fast kernel is the penalty cheaper
+            ms, _ = _interp_grid(other, c_in, c_out)
+            return ms / max(max(rin.penalty, rout.penalty), 1e-6), "modelled"
+        ms, _ = _interp_grid(other, *self.blocking.padded(spec, c_in, c_out))
+        return ms * self.blocking.penalty(spec, c_in, c_out), "modelled"
+
+    def _classes(self, signature: str, spec: LayerSpec) -> dict[str, dict[int, list[tuple[int, float]]]]:
+        """The signature's cells split by regime: fast cells at their padded widths (a cell
+        measured at the padded width itself wins over one padded to it), fallback cells as
+        measured."""
+        if signature not in self._class_cache:
+            fast: dict[tuple[int, int], tuple[bool, float]] = {}
+            slow: dict[int, list[tuple[int, float]]] = defaultdict(list)
+            for ci, row in self.cells(signature).items():
+                for co, ms in row:
+                    if self.blocking.fast(spec, ci, co):
+                        key = self.blocking.padded(spec, ci, co)
+                        exact = key == (ci, co)
+                        if key not in fast or (exact and not fast[key][0]):
+                            fast[key] = (exact, ms)
+                    else:
+                        slow[ci].append((co, ms))
+            fast_grid: dict[int, list[tuple[int, float]]] = defaultdict(list)
+            for (ci, co), (_, ms) in fast.items():
+                fast_grid[ci].append((co, ms))
+            for grid in (fast_grid, slow):
+                for row in grid.values():
+                    row.sort()
+            self._class_cache[signature] = {"fast": dict(fast_grid), "fallback": dict(slow)}
+        return self._class_cache[signature]
 
     # ---- whole-model calibration ---------------------------------------------------------
     def add_calibration(self, family: str, raw_ms: float, measured_ms: float, melements: float = 0.0) -> None:
@@ -226,6 +311,27 @@ def fit_calibration(raw: list[float], measured: list[float], melements: list[flo
     if offset < 0:  # time outside the layers cannot be negative: through the origin instead
         return Calibration(float(raw_a @ meas_a / (raw_a @ raw_a)), 0.0, 0.0, n)
     return Calibration(float(scale), 0.0, float(offset), n)
+
+
+_SPECS: dict[str, LayerSpec] = {}
+
+
+def _spec(signature: str) -> LayerSpec:
+    if signature not in _SPECS:
+        _SPECS[signature] = LayerSpec(**json.loads(signature))
+    return _SPECS[signature]
+
+
+def _interp_grid(grid: dict[int, list[tuple[int, float]]], c_in: int, c_out: int) -> tuple[float, str]:
+    """(ms, "interpolated" | "extrapolated") from a c_in -> [(c_out, ms)] grid (see lookup)."""
+    rows = sorted(grid)
+    ms = _interp(rows, [_row_value(grid[r], c_out) for r in rows], c_in)
+    inside = rows[0] <= c_in <= rows[-1]
+    if inside:
+        lo = max(r for r in rows if r <= c_in)
+        hi = min(r for r in rows if r >= c_in)
+        inside = all(grid[r][0][0] <= c_out <= grid[r][-1][0] for r in {lo, hi})
+    return ms, "interpolated" if inside else "extrapolated"
 
 
 def _row_value(row: list[tuple[int, float]], c_out: int) -> float:

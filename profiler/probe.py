@@ -81,8 +81,8 @@ def channel_step(backend) -> int:
         return cache[key]["step"]
     t0 = time.perf_counter()
     step, ratios = step_from_timings(probe_timings(backend))
-    cache[key] = {"step": step, "ratios": {str(b): r for b, r in ratios.items()}, "fingerprint": fp,
-                  "seconds": time.perf_counter() - t0}
+    cache.setdefault(key, {}).update({"step": step, "ratios": {str(b): r for b, r in ratios.items()},
+                                      "fingerprint": fp, "seconds": time.perf_counter() - t0})
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -91,3 +91,171 @@ def channel_step(backend) -> int:
     except OSError:
         pass  # a read-only home: probe again next time
     return step
+
+
+# ---- blocking rules per layer kind (issue 15; lut/blocking.py says what a rule is) -----------
+# Each kind's probe layer at 14x14 (tokens: 196), one axis swept over PROBE_WIDTHS with the
+# other at PROBE_OTHER channels, timed in-graph (the backend's kernel times, so the layout
+# reorders a one-layer model needs around a blocked kernel do not count), in interleaved
+# rounds beside the PROBE_OTHER-wide model.
+PROBE_WIDTHS = tuple(range(48, 81))
+PROBE_OTHER = 64
+ALIGNS = (1, 2, 4, 8, 16, 32)
+PAD_BLOCKS = (64, 32, 16, 8, 4, 2)
+PLATEAU_TOL = 0.05  # median relative miss a rule may leave on the fast widths (timing noise)
+PLATEAU_TOL_P90 = 0.10
+BLOCKING_VERSION = 1  # bump when the probe changes what it measures: cached rules are redone
+
+
+def probe_specs() -> dict[str, "LayerSpec"]:
+    from latprune.types import LayerSpec
+
+    def conv(k, depthwise=False, group_channels=0):
+        return LayerSpec("Conv", [k, k], [1, 1], [k // 2] * 4, [1, 1], depthwise, [14, 14], 1,
+                         activation="Relu", group_channels=group_channels)
+
+    return {"conv1x1": conv(1), "conv": conv(3), "depthwise": conv(3, depthwise=True),
+            "gemm": LayerSpec("MatMul", [], [], [], [], False, [196], 1, has_bias=True)}
+
+
+def _line_residuals(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Residuals of the least-squares line y ≈ a + b·x (zeros with fewer than 3 points: a
+    regime that short says nothing)."""
+    if len(x) < 3 or np.ptp(x) == 0:
+        return np.zeros(len(x)) if len(x) < 3 else y - y.mean()
+    coef = np.polyfit(x, y, 1)
+    return y - np.polyval(coef, x)
+
+
+def _rule_fit(widths: np.ndarray, log_ms: np.ndarray, align: int, block: int) -> tuple[float, float]:
+    """(RMS of log residuals, penalty) of the rule (align, block): the fast widths' log ms a
+    line in the log of their padded width, the others' a line of their own."""
+    fast = widths % align == 0
+    padded = -(-widths // block) * block
+    xf = np.log(padded[fast])
+    res_fast = _line_residuals(xf, log_ms[fast])
+    res_slow = _line_residuals(np.log(widths[~fast]), log_ms[~fast])
+    rms = float(np.sqrt(np.mean(np.concatenate([res_fast, res_slow]) ** 2)))
+    penalty = 1.0
+    if (~fast).any() and fast.sum() >= 2 and np.ptp(xf) > 0:
+        coef = np.polyfit(xf, log_ms[fast], 1)
+        penalty = float(np.exp(np.median(log_ms[~fast] - np.polyval(coef, np.log(padded[~fast])))))
+    return rms, penalty
+
+
+# A rule with fallback widths (align > 1) must explain the timings this much better than the
+# best rule without: two more parameters fit noise a little better by themselves.
+ALIGN_GAIN = 0.6
+NOISE_RMS = 0.012  # log-residual RMS under which an axis counts as smooth (timing noise)
+
+
+def axis_rule(ms: dict[int, float]):
+    """The AxisRule (lut/blocking.py) that best explains ms per width along one axis.
+
+    Every rule (align in ALIGNS, block in PAD_BLOCKS or 1) is fitted by least squares: the
+    log ms of the aligned widths a line in the log of their padded width, the other widths'
+    a line of their own; the rule with the smallest RMS residual wins, one without fallback
+    widths (align 1) unless a rule with them cuts the RMS by ALIGN_GAIN or more. An axis whose
+    smooth fit is already within timing noise (NOISE_RMS) is smooth. The penalty is the
+    median fallback ms over the fast line at the padded width."""
+    from latprune.lut.blocking import AxisRule
+
+    items = sorted((w, t) for w, t in ms.items() if t > 0)
+    widths = np.array([w for w, _ in items])
+    log_ms = np.log([t for _, t in items])
+    if len(widths) < 8:
+        return AxisRule()
+    smooth_rms, _ = _rule_fit(widths, log_ms, 1, 1)
+    if smooth_rms <= NOISE_RMS:
+        return AxisRule()
+    fits = {(a, b): _rule_fit(widths, log_ms, a, b)
+            for a in ALIGNS for b in [1] + [b for b in PAD_BLOCKS if b % a == 0 and b > a]}
+    plain = min((k for k in fits if k[0] == 1), key=lambda k: (fits[k][0], k[1]))
+    aligned = min((k for k in fits if k[0] > 1), key=lambda k: (fits[k][0], k))
+    best = aligned if fits[aligned][0] <= ALIGN_GAIN * fits[plain][0] else plain
+    if best == (1, 1):
+        return AxisRule()
+    return AxisRule(best[0], best[1], fits[best][1] if best[0] > 1 else 1.0)
+
+
+def blocking_timings(backend, widths=PROBE_WIDTHS, other: int = PROBE_OTHER,
+                     progress=None) -> dict[str, dict[str, dict[int, float]]]:
+    """{kind: {axis: {width: kernel ms}}}: each probe layer (probe_specs) with one axis swept
+    over `widths` and the other at `other` channels (depthwise: one axis), its kernel times
+    taken in-graph and in interleaved rounds (profiler.ingraph.profile_interleaved)."""
+    from latprune.profiler.ingraph import profile_interleaved
+    from latprune.profiler.layers import layer_model
+
+    out: dict[str, dict[str, dict[int, float]]] = {}
+    specs = probe_specs()
+    for n, (kind, spec) in enumerate(specs.items()):
+        axes = ("in",) if spec.depthwise else ("in", "out")
+        items = [{"axis": axis, "width": w} for axis in axes for w in widths]
+
+        def build(item, spec=spec):
+            axis, w = (item["axis"], item["width"]) if item is not None else ("in", other)
+            model = layer_model(spec, w if axis == "in" else other, w if axis == "out" else other)
+            for i, node in enumerate(model.graph.node):
+                node.name = f"probe_{i}"
+            return model.SerializeToString()
+
+        names = {f"probe_{i}": 0 for i in range(8)}
+        for node in layer_model(spec, other, other).graph.node:
+            names.update({t: 0 for t in node.output})
+        timings = profile_interleaved(items, build, build(None), names, backend.threads, min_seconds=0.05,
+                                      min_runs=15, max_runs=40, backend=backend)
+        out[kind] = {axis: {} for axis in axes}
+        for item, t in zip(items, timings):
+            if t.layer_ms.get(0, 0) > 0:
+                out[kind][item["axis"]][item["width"]] = t.layer_ms[0]
+        if progress:
+            progress(n + 1, len(specs))
+    return out
+
+
+def rules_from_timings(timings: dict[str, dict[str, dict[int, float]]]):
+    """BlockingRules from blocking_timings' output (axis_rule per kind and axis); grouped convs
+    follow the conv rule (their widths are whole groups: multiples of the channels per group)."""
+    from latprune.lut.blocking import BlockingRules
+
+    rules = {kind: {axis: axis_rule(ms) for axis, ms in axes.items()} for kind, axes in timings.items()}
+    if "depthwise" in rules:
+        rules["depthwise"]["out"] = rules["depthwise"]["in"]
+    if "conv" in rules:
+        rules["grouped"] = dict(rules["conv"])
+    return BlockingRules(rules)
+
+
+def blocking_rules(backend, progress=None) -> tuple["BlockingRules", dict]:
+    """(rules, what the probe found: {"seconds", "timings", "version"}) for `backend` on this
+    device, probed once per device fingerprint (cached beside channel_step's result)."""
+    from latprune.lut.blocking import BlockingRules
+    from latprune.profiler.fingerprint import fingerprint_id
+
+    fp = {k: v for k, v in backend.fingerprint(timing="isolated").items() if k != "timing"}
+    key = fingerprint_id(fp)
+    path = _cache_path()
+    try:
+        cache = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        cache = {}
+    entry = cache.get(key, {}).get("blocking")
+    if isinstance(entry, dict) and entry.get("version") == BLOCKING_VERSION:
+        try:
+            return BlockingRules.from_records(entry["records"]), entry
+        except (KeyError, TypeError, ValueError):
+            pass
+    t0 = time.perf_counter()
+    timings = blocking_timings(backend, progress=progress)
+    rules = rules_from_timings(timings)
+    entry = {"version": BLOCKING_VERSION, "records": rules.as_records(), "seconds": time.perf_counter() - t0,
+             "timings": {k: {a: {str(w): t for w, t in v.items()} for a, v in ax.items()} for k, ax in timings.items()}}
+    cache.setdefault(key, {"fingerprint": fp})["blocking"] = entry
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return rules, entry

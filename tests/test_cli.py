@@ -116,10 +116,34 @@ def test_measure_json(residual_path):
 
 
 def test_profile_then_predict(optimized, residual_path, shared_lut):
+    import sqlite3
+
+    from latprune.lut.exchange import export_tables
+
+    def cells():
+        return {(json.dumps(c["signature"], sort_keys=True), c["c_in"], c["c_out"])
+                for t in export_tables(shared_lut)["tables"] for c in t["cells"]}
+
+    before = cells()
     proc = cli("profile", residual_path, "--lut", shared_lut, "-q")
     assert proc.returncode == 0, proc.stderr
     prof = json.loads(proc.stdout)
-    assert prof["cells_measured"] == 0  # optimize already filled the table
+    # optimize filled the grid; profile adds only cells of widths that run the kernels'
+    # fallback under the device's blocking rules (recorded in the table), none twice
+    from latprune.lut.blocking import BlockingRules
+    from latprune.types import LayerSpec
+
+    db = sqlite3.connect(str(shared_lut))
+    rules = BlockingRules.from_records([{"kind": k, "axis": a, "align": al, "block": b, "penalty": p}
+                                        for k, a, al, b, p in db.execute(
+                                            "SELECT kind, axis, align, block, penalty FROM blocking")])
+    db.close()
+    assert rules.rules, "profile records the blocking rules"
+    added = cells() - before
+    assert prof["cells_measured"] == len(added)
+    assert all(not rules.fast(LayerSpec(**json.loads(sig)), ci, co) for sig, ci, co in added)
+    again = json.loads(cli("profile", residual_path, "--lut", shared_lut, "-q").stdout)
+    assert again["cells_measured"] == 0
     assert prof["cells_total"] > 0 and Path(prof["lut"]) == shared_lut
     proc = cli("predict", residual_path, "--lut", shared_lut, "--json")
     assert proc.returncode == 0, proc.stderr

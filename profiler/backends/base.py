@@ -168,6 +168,13 @@ class Backend(abc.ABC):
 
         return channel_step(self)
 
+    def blocking_rules(self, progress=None):
+        """How this backend blocks channels per layer kind (lut/blocking.py), probed on the
+        device once (cached): (BlockingRules, what the probe found)."""
+        from latprune.profiler.probe import blocking_rules
+
+        return blocking_rules(self, progress)
+
     # ---- build, run, measure -------------------------------------------------------------------
     @abc.abstractmethod
     def load(self, model) -> Runner:

@@ -54,20 +54,48 @@ def _kernel_name(event_name: str) -> str:
     return base[: -len("_nchwc")] if base.endswith("_nchwc") else base
 
 
-# Kernels that move data between layouts: overhead, never a layer's (NCHWc reorders).
+# Kernels that move data between layouts: a reorder done for a layer running a plain-layout
+# kernel is that layer's (_reorder_neighbours), any other (around pooling, flatten) overhead.
 _LAYOUT_OPS = {"ReorderInput", "ReorderOutput", "Transpose"}
 
 
-def _fused_outputs(path: str) -> dict[str, list[str]]:
-    """{node name: output tensors} of the nodes in ONNX Runtime's optimised graph (names it
-    made up, e.g. `Gelu_token_3`), layout reorders left out; {} if it wrote none."""
+def _optimized_graph(path: str):
     import onnx
 
     try:
-        graph = onnx.load(path, load_external_data=False).graph
+        return onnx.load(path, load_external_data=False).graph
     except Exception:  # pragma: no cover - written by ONNX Runtime itself
+        return None
+
+
+def _fused_outputs(graph) -> dict[str, list[str]]:
+    """{node name: output tensors} of the nodes in ONNX Runtime's optimised graph (names it
+    made up, e.g. `Gelu_token_3`), layout reorders left out; {} if it wrote none."""
+    if graph is None:
         return {}
     return {n.name: list(n.output) for n in graph.node if n.op_type not in _LAYOUT_OPS}
+
+
+def _reorder_neighbours(graph) -> dict[str, list[str]]:
+    """{reorder node: the nodes it is done for}: a ReorderOutput (blocked to plain layout) for
+    the nodes that read its output, a ReorderInput (plain to blocked) for the node that wrote
+    its input. Either exists because that neighbour runs a plain-layout kernel (an NCHWc
+    conv's fallback at an unaligned width, issue 15), so its time is that neighbour's when the
+    neighbour is a layer."""
+    if graph is None:
+        return {}
+    producer = {out: n.name for n in graph.node for out in n.output}
+    consumers: dict[str, list[str]] = defaultdict(list)
+    for n in graph.node:
+        for inp in n.input:
+            consumers[inp].append(n.name)
+    out: dict[str, list[str]] = {}
+    for n in graph.node:
+        if n.op_type == "ReorderOutput":
+            out[n.name] = consumers.get(n.output[0], [])
+        elif n.op_type == "ReorderInput" and n.input and n.input[0] in producer:
+            out[n.name] = [producer[n.input[0]]]
+    return out
 
 
 class OrtProfiled(ProfiledModel):
@@ -75,6 +103,7 @@ class OrtProfiled(ProfiledModel):
     time of the same moments)."""
 
     fused_outputs: dict[str, list[str]] = {}  # nodes ONNX Runtime made -> the tensors they write
+    reorders: dict[str, list[str]] = {}  # layout reorder nodes -> the nodes they are done for
 
     def __init__(self, data: bytes, threads: int, prefix: str):
         from latprune.profiler.onnxrt import make_session, random_feed, session_options
@@ -90,7 +119,9 @@ class OrtProfiled(ProfiledModel):
                                       os.path.basename(prefix) + "_optimized.bin")
         opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "64")
         self.profiled = make_session(data, threads, opts)
-        self.fused_outputs = _fused_outputs(optimized)
+        graph = _optimized_graph(optimized)
+        self.fused_outputs = _fused_outputs(graph)
+        self.reorders = _reorder_neighbours(graph)
         self.feed = random_feed(self.profiled)
         self.plain = make_session(data, threads)
         self.plain_feed = random_feed(self.plain)
@@ -123,11 +154,16 @@ class OrtProfiled(ProfiledModel):
             key = _kernel_name(name)
             kernel_ms[key] = kernel_ms.get(key, 0.0) + float(np.median(durs[len(durs) - self.runs:])) / 1e3
 
-        def layer_of(kernel: str) -> int | None:
+        def node_layer(kernel: str) -> int | None:
             index = names.get(kernel)
             for tensor in self.fused_outputs.get(kernel, []) if index is None else ():
                 index = names.get(tensor, index)
             return index
+
+        def layer_of(kernel: str) -> int | None:
+            if kernel in self.reorders:  # a layout reorder: the layer it is done for, if any
+                return next((i for i in map(node_layer, self.reorders[kernel]) if i is not None), None)
+            return node_layer(kernel)
 
         return attribute_kernels(kernel_ms, layer_of, widths, float(np.median(self.plain_ms)), self.runs)
 

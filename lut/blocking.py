@@ -1,0 +1,124 @@
+"""How a runtime blocks channels, per layer kind and axis: the rules a latency table predicts
+off-grid widths with (issue 15).
+
+Runtimes run a layer's channels in blocks. ONNX Runtime's NCHWc convolutions on this CPU, for
+example, take any output width and pad it to a block of 8 (45 channels cost what 48 do), but
+need an input width that is a multiple of 4: at 45 input channels the conv falls back to a
+slower NCHW kernel (+25% for a 3x3 conv, 5x for a depthwise one) with layout reorders around
+it. A bilinear surface through multiples of the step sees neither.
+
+An `AxisRule` says, for one axis (input or output channels) of one layer kind:
+
+  align    widths that are multiples of `align` run the fast (blocked) kernel; other widths
+           run the fallback kernel (align 1: every width runs the fast kernel)
+  block    the fast kernel costs what the next multiple of `block` costs (block 1: no padding)
+  penalty  the median cost of a fallback width over the fast cost of its padded width (what a
+           prediction uses when the table holds no fallback cell of a layer)
+
+A layer's (c_in, c_out) is *fast* when both axes are aligned, else *fallback*. The table keeps
+the two regimes apart: a fast cell is predicted from fast cells at padded widths, a fallback
+cell from fallback cells (smooth: those kernels do not pad), and from the other regime times
+the penalty only where the table has none of its own (lut/store.py). The rules come from a
+short probe on the device (profiler/probe.py) and are stored in the table beside its cells.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from latprune.types import LayerSpec
+
+KINDS = ("conv1x1", "conv", "depthwise", "grouped", "gemm")
+AXES = ("in", "out")
+
+
+@dataclass(frozen=True)
+class AxisRule:
+    """See the module doc. penalty: fallback ms over fast ms at the padded width (≥ 0)."""
+
+    align: int = 1
+    block: int = 1
+    penalty: float = 1.0
+
+    def aligned(self, width: int) -> bool:
+        return width % self.align == 0
+
+    def pad(self, width: int) -> int:
+        """The width the fast kernel runs at: `width` rounded up to a multiple of `block`."""
+        return -(-width // self.block) * self.block
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+SMOOTH = AxisRule()
+
+
+def layer_kind(spec: LayerSpec) -> str | None:
+    """The probed kind whose rules apply to a layer of `spec`; None where none applies
+    (attention: its widths are head counts times the head size)."""
+    if spec.op in ("Gemm", "MatMul"):
+        return "gemm"
+    if spec.op not in ("Conv", "ConvTranspose"):
+        return None
+    if spec.depthwise:
+        return "depthwise"
+    if spec.fixed_groups > 1 or spec.group_channels:
+        return "grouped"
+    if all(k == 1 for k in spec.kernel):
+        return "conv1x1"
+    return "conv"
+
+
+class BlockingRules:
+    """{kind: {"in": AxisRule, "out": AxisRule}} for one device fingerprint; a kind the probe
+    did not cover is smooth (the table's old behaviour)."""
+
+    def __init__(self, rules: dict[str, dict[str, AxisRule]] | None = None):
+        self.rules = rules or {}
+
+    def __bool__(self) -> bool:
+        return any(r != SMOOTH for axes in self.rules.values() for r in axes.values())
+
+    def axes(self, spec: LayerSpec) -> tuple[AxisRule, AxisRule]:
+        kind = layer_kind(spec)
+        axes = self.rules.get(kind, {}) if kind else {}
+        if spec.depthwise:  # one width: the stricter of the two axes
+            rule = axes.get("in", SMOOTH)
+            return rule, rule
+        return axes.get("in", SMOOTH), axes.get("out", SMOOTH)
+
+    def fast(self, spec: LayerSpec, c_in: int, c_out: int) -> bool:
+        rin, rout = self.axes(spec)
+        return rin.aligned(c_in) and rout.aligned(c_out)
+
+    def padded(self, spec: LayerSpec, c_in: int, c_out: int) -> tuple[int, int]:
+        rin, rout = self.axes(spec)
+        return rin.pad(c_in), rout.pad(c_out)
+
+    def penalty(self, spec: LayerSpec, c_in: int, c_out: int) -> float:
+        """Fallback over fast cost of a cell (1 when it is fast): the larger of the axes' that
+        are off their alignment."""
+        rin, rout = self.axes(spec)
+        return max([r.penalty for r, w in ((rin, c_in), (rout, c_out)) if not r.aligned(w)], default=1.0)
+
+    def as_records(self) -> list[dict]:
+        return [{"kind": kind, "axis": axis, **rule.as_dict()}
+                for kind, axes in sorted(self.rules.items()) for axis, rule in sorted(axes.items())]
+
+    @classmethod
+    def from_records(cls, records: list[dict]) -> "BlockingRules":
+        rules: dict[str, dict[str, AxisRule]] = {}
+        for r in records:
+            rules.setdefault(r["kind"], {})[r["axis"]] = AxisRule(int(r["align"]), int(r["block"]),
+                                                                  float(r["penalty"]))
+        return cls(rules)
+
+    def describe(self) -> str:
+        parts = []
+        for kind, axes in sorted(self.rules.items()):
+            text = ", ".join(f"{axis}: " + ("any width" if r == SMOOTH else
+                                            f"multiples of {r.align} fast" + (f", padded to {r.block}" if r.block > 1 else "")
+                                            + (f", others x{r.penalty:.2f}" if r.align > 1 else ""))
+                             for axis, r in sorted(axes.items()))
+            parts.append(f"{kind} ({text})")
+        return "; ".join(parts) or "no blocking"
