@@ -10,6 +10,7 @@ the budget ratio with a 3% allowance for timing noise. The recheck times both mo
 side in three fresh processes.
 
     python bench/e2e.py [--models resnet18,...] [--budgets 0.7,0.5] [--threads 1] [--backend openvino]
+                        [--tag NAME] [any latprune optimize flag, e.g. --step 1]
 
 Prints a table and writes bench/out/e2e.json (e2e_<backend>.json). Models are exported to
 bench/out/models. With --backend openvino the recheck is OpenVINO's own benchmark_app (latency
@@ -86,8 +87,8 @@ def valid(path: Path) -> bool:
 
 
 def run_one(name: str, ratio: float, threads: int, lut: Path, extra: list[str], backend: str = "ort-cpu",
-            precision: str | None = None) -> dict:
-    folder = "e2e" if backend == "ort-cpu" else f"e2e_{backend}"
+            precision: str | None = None, tag: str = "") -> dict:
+    folder = ("e2e" if backend == "ort-cpu" else f"e2e_{backend}") + (f"_{tag}" if tag else "")
     return optimize_and_check(name, exported(name), OUT / folder / f"{name}_{ratio:.2f}", ratio, threads,
                               lut, extra, backend, precision)
 
@@ -117,7 +118,8 @@ def optimize_and_check(name: str, model: Path, out: Path, ratio: float, threads:
         "ratio_error": rep.get("ratio_error"), "precision": (rep.get("backend") or {}).get("precision"),
         "solve_s": rep["solver"]["seconds"], "rounds": len(rep["rounds"]),
         "blocks_removed": len(rep["blocks"]["removed"]), "cells_measured": rep["lut"]["cells_measured_now"],
-        "valid": valid(out / "pruned.onnx"), "check": check,
+        "valid": valid(out / "pruned.onnx"), "check": check, "step": rep.get("step"),
+        "objective": rep["solver"].get("objective"), "budget_share": rep.get("budget_share"),
         "meets": check["ratio"] <= ratio * ALLOWANCE,
     })
     return row
@@ -132,12 +134,15 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--backend", default="ort-cpu")
     ap.add_argument("--precision", default=None)
+    ap.add_argument("--tag", default="", help="names this run's output folder and JSON (e.g. step1 for a run "
+                    "with the extra optimize flag --step 1)")
     args, extra = ap.parse_known_args()
-    args.json = args.json or str(OUT / ("e2e.json" if args.backend == "ort-cpu" else f"e2e_{args.backend}.json"))
+    suffix = ("" if args.backend == "ort-cpu" else f"_{args.backend}") + (f"_{args.tag}" if args.tag else "")
+    args.json = args.json or str(OUT / f"e2e{suffix}.json")
     rows = []
     for name in args.models.split(","):
         for ratio in (float(b) for b in args.budgets.split(",")):
-            row = run_one(name, ratio, args.threads, Path(args.lut), extra, args.backend, args.precision)
+            row = run_one(name, ratio, args.threads, Path(args.lut), extra, args.backend, args.precision, args.tag)
             rows.append(row)
             print(json.dumps(row), flush=True)
             Path(args.json).write_text(json.dumps(rows, indent=1))

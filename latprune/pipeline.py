@@ -149,6 +149,16 @@ def prepare(model_path: Path, step: int | None = None, max_candidates: int = 16,
     length = (sequence_length or DEFAULT_SEQUENCE_LENGTH) if dynamic else None
     analysis = analyse(model, step=step, max_candidates=max_candidates, model_name=Path(model_path).stem,
                        length=length)
+    if step == 1 and backend is not None:  # any width: the widths where latency steps (issue 15)
+        from latprune.lut.predict import plateau_widths
+        from latprune.profiler.backends import as_backend
+
+        rules, _ = as_backend(backend).blocking_rules()
+        for gid, widths in plateau_widths(analysis.problem, rules, max_candidates).items():
+            analysis.problem.groups[gid].candidate_widths = widths
+        if rules:
+            analysis.notes.append(f"--step 1: candidate widths where latency steps under the probed blocking "
+                                  f"({rules.describe()})")
     if dynamic:
         analysis.notes.append(f"dynamic input axes {', '.join(sorted(set(dynamic)))} analysed, profiled and "
                               f"timed at {length} (--sequence-length); the pruned model keeps them dynamic")

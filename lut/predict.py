@@ -7,12 +7,13 @@ same model family (what runs outside the conv/gemm layers: pooling, adds, copies
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from latprune.types import Layer, LayerSpec, Problem, Space
-from latprune.lut.blocking import BlockingRules
+from latprune.lut.blocking import AxisRule, BlockingRules
 from latprune.lut.store import Calibration, LatencyTable
 
 
@@ -128,6 +129,30 @@ def fallback_grid(problem: Problem, layer: Layer, rules: BlockingRules,
     if rout.align > 1 and single_group(layer.c_out) is not None and len(outs) > 1:
         cells |= {(ci, w) for w in (_fallback_width(v, rout.align) for v in outs) if w for ci in ins}
     return sorted(cells)
+
+
+def plateau_widths(problem: Problem, rules: BlockingRules, max_candidates: int = 16) -> dict[int, list[int]]:
+    """Candidate widths where latency steps (`--step 1`, issue 15): for each prunable group the
+    widths that are the widest of their cost plateau for every layer axis the group sets
+    alone (aligned and a multiple of the pad block under `rules`: a narrower width costs as
+    much, or runs a fallback kernel), plus its full size; at most `max_candidates`, evenly
+    spread, always the smallest and the full size. Axes with no blocking leave every width."""
+    axes: dict[int, list[tuple[int, int, AxisRule]]] = {}
+    for layer in problem.layers:
+        rin, rout = rules.axes(layer.spec)
+        for space, rule in ((layer.c_in, rin), (layer.c_out, rout)):
+            if len(space.terms) == 1 and (rule.align > 1 or rule.block > 1):
+                gid, mult = space.terms[0]
+                axes.setdefault(gid, []).append((space.fixed, mult, rule))
+    out = {}
+    for g in problem.groups:
+        if not g.prunable or len(g.candidate_widths) <= 1:
+            continue
+        need = axes.get(g.id, [])
+        widths = [w for w in range(1, g.size)
+                  if all((f + m * w) % r.align == 0 and (f + m * w) % r.block == 0 for f, m, r in need)] + [g.size]
+        out[g.id] = _sample(widths, max_candidates)
+    return out
 
 
 def needs_fallback(problem: Problem, rules: BlockingRules) -> bool:
@@ -263,7 +288,9 @@ def layer_ms(table: LatencyTable, layer: Layer, c_in: int, c_out: int) -> float:
 
 def predict_raw(problem: Problem, table: LatencyTable, widths: dict[int, int] | None = None,
                 removed_blocks: list[int] | tuple = ()) -> float:
-    """Sum of layer latencies (ms) at the given group widths (dense when omitted)."""
+    """Sum of layer latencies (ms) at the given group widths (dense when omitted), plus the
+    layout reorders between blocked and fallback layers (layout_boundaries; none where every
+    layer runs its blocked kernel, as at multiples of the step)."""
     widths = widths or {}
     full = {g.id: widths.get(g.id, g.size) for g in problem.groups}
     total = 0.0
@@ -271,7 +298,61 @@ def predict_raw(problem: Problem, table: LatencyTable, widths: dict[int, int] | 
         if layer.block is not None and layer.block in removed_blocks:
             continue
         total += layer_ms(table, layer, layer.c_in.width(full), layer.c_out.width(full))
-    return total
+    return total + reorder_ms(problem, table, widths, removed_blocks)
+
+
+def _out_hw(spec: LayerSpec) -> list[int]:
+    hw = []
+    for i, size in enumerate(spec.input_hw):
+        k, s = spec.kernel[i], spec.stride[i]
+        d = spec.dilation[i] if spec.dilation else 1
+        pads = spec.pads[i] + spec.pads[i + len(spec.input_hw)] if spec.pads else 0
+        hw.append(max(1, (size + pads - d * (k - 1) - 1) // s + 1))
+    return hw
+
+
+def layout_boundaries(problem: Problem, table: LatencyTable, widths: dict[int, int] | None = None,
+                      removed_blocks: list[int] | tuple = ()) -> float:
+    """Millions of elements that layout reorders move between blocked and fallback convs at
+    the given widths (issue 15): a conv running its fallback (plain-layout) kernel reads its
+    input through a reorder when a conv writing that input runs blocked, and writes its
+    output through one when a conv reading it runs blocked (neighbours: convs sharing a
+    channel group of the tensor). 0 without blocking rules or fallback convs."""
+    if not table.blocking:
+        return 0.0
+    full = {g.id: (widths or {}).get(g.id, g.size) for g in problem.groups}
+    fast: dict[int, bool] = {}
+    producers: dict[int, list[int]] = {}
+    consumers: dict[int, list[int]] = {}
+    for i, layer in enumerate(problem.layers):
+        if layer.spec.op != "Conv" or (layer.block is not None and layer.block in removed_blocks):
+            continue
+        ci, co = layer.c_in.width(full), layer.c_out.width(full)
+        rin, rout = table.blocking.axes(layer.spec)  # an axis that never changes is left out (store._fast)
+        fast[i] = (not layer.c_in.terms or rin.aligned(ci)) and \
+            (not layer.c_out.terms or rout.aligned(ci if layer.spec.depthwise else co))
+        for gid, _ in layer.c_out.terms:
+            producers.setdefault(gid, []).append(i)
+        for gid, _ in layer.c_in.terms:
+            consumers.setdefault(gid, []).append(i)
+    elements = 0.0
+    for i, is_fast in fast.items():
+        if is_fast:
+            continue
+        layer = problem.layers[i]
+        if any(fast[j] for gid, _ in layer.c_in.terms for j in producers.get(gid, ()) if j != i):
+            elements += layer.c_in.width(full) * math.prod(layer.spec.input_hw)
+        if any(fast[j] for gid, _ in layer.c_out.terms for j in consumers.get(gid, ()) if j != i):
+            elements += layer.c_out.width(full) * math.prod(_out_hw(layer.spec))
+    return elements / 1e6
+
+
+def reorder_ms(problem: Problem, table: LatencyTable, widths: dict[int, int] | None = None,
+               removed_blocks: list[int] | tuple = ()) -> float:
+    """The layout reorders' ms at the given widths: the table's measured cost per element
+    (table.reorder_cost) times layout_boundaries."""
+    cost = table.reorder_cost() if table.blocking else 0.0
+    return cost * layout_boundaries(problem, table, widths, removed_blocks) if cost else 0.0
 
 
 # Relative uncertainty of one layer's value by how the table found it (predict_layers' band,
@@ -299,7 +380,8 @@ def predict_layers(problem: Problem, table: LatencyTable, widths: dict[int, int]
     """The layer sum at `widths` (dense when omitted) with its uncertainty (UNCERTAINTY).
     Raises KeyError for a layer whose signature the table lacks."""
     full = {g.id: (widths or {}).get(g.id, g.size) for g in problem.groups}
-    out = LayerSum(0.0, 0.0, {how: 0 for how in UNCERTAINTY}, [], [])
+    reorders = reorder_ms(problem, table, widths)
+    out = LayerSum(reorders, UNCERTAINTY["modelled"] * reorders, {how: 0 for how in UNCERTAINTY}, [], [])
     for layer in problem.layers:
         ci, co = layer.c_in.width(full), layer.c_out.width(full)
         ms, how = table.lookup_detail(layer.spec.signature(), ci, ci if layer.spec.depthwise else co)

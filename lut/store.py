@@ -166,7 +166,7 @@ class LatencyTable:
             return _interp_grid(grid, c_in, c_out)
         spec = _spec(signature)
         classes = self._classes(signature, spec)
-        fast = self.blocking.fast(spec, c_in, c_out)
+        fast = self._fast(signature, spec, c_in, c_out)
         own, other = (classes["fast"], classes["fallback"]) if fast else (classes["fallback"], classes["fast"])
         if fast:
             c_in, c_out = self.blocking.padded(spec, c_in, c_out)
@@ -179,6 +179,24 @@ class LatencyTable:
         ms, _ = _interp_grid(other, *self.blocking.padded(spec, c_in, c_out))
         return ms * self.blocking.penalty(spec, c_in, c_out), "modelled"
 
+    def is_fast(self, signature: str, c_in: int, c_out: int) -> bool:
+        """Whether a layer of `signature` at (c_in, c_out) runs the fast (blocked) kernel under
+        the table's blocking rules (always, without rules)."""
+        return not self.blocking or self._fast(signature, _spec(signature), c_in, c_out)
+
+    def _fast(self, signature: str, spec: LayerSpec, c_in: int, c_out: int) -> bool:
+        """Whether (c_in, c_out) runs the fast kernel; an axis every cell of the signature
+        shares (a stem's 3 input channels) is left out: it never changes, and the runtime may
+        treat a narrow fixed input its own way (ONNX Runtime runs a 3-channel input through
+        its blocked conv, padding the output)."""
+        grid = self.cells(signature)
+        rows = set(grid)
+        cols = {co for row in grid.values() for co, _ in row}
+        rin, rout = self.blocking.axes(spec)
+        fixed_in = rows == {c_in} and not spec.depthwise
+        fixed_out = cols == {c_out} and not spec.depthwise
+        return (fixed_in or rin.aligned(c_in)) and (fixed_out or rout.aligned(c_out))
+
     def _classes(self, signature: str, spec: LayerSpec) -> dict[str, dict[int, list[tuple[int, float]]]]:
         """The signature's cells split by regime: fast cells at their padded widths (a cell
         measured at the padded width itself wins over one padded to it), fallback cells as
@@ -188,7 +206,7 @@ class LatencyTable:
             slow: dict[int, list[tuple[int, float]]] = defaultdict(list)
             for ci, row in self.cells(signature).items():
                 for co, ms in row:
-                    if self.blocking.fast(spec, ci, co):
+                    if self._fast(signature, spec, ci, co):
                         key = self.blocking.padded(spec, ci, co)
                         exact = key == (ci, co)
                         if key not in fast or (exact and not fast[key][0]):
@@ -223,6 +241,19 @@ class LatencyTable:
             (self.fp_id, family + OVERHEAD_SUFFIX)).fetchall()
         return fit_overhead([r[0] for r in rows], [r[2] for r in rows], [r[1] for r in rows]) if rows else None
 
+    def add_reorder_point(self, reorder_ms: float, melements: float) -> None:
+        """One in-graph run: the layout reorders done for fallback layers (ms) and the
+        elements lut.predict.layout_boundaries counts for it (millions)."""
+        self.add_calibration(REORDER_FAMILY, 0.0, reorder_ms, melements)
+
+    def reorder_cost(self) -> float:
+        """ms per million elements of a layout reorder between a blocked and a fallback layer
+        (issue 15), from the in-graph runs (their reorder ms over their boundary elements);
+        0 without any."""
+        row = self.db.execute("SELECT SUM(measured_ms), SUM(melements) FROM calibration WHERE fingerprint=? "
+                              "AND family=? AND melements > 0", (self.fp_id, REORDER_FAMILY)).fetchone()
+        return float(row[0] / row[1]) if row and row[1] else 0.0
+
     def reference_phase(self, key: str) -> float | None:
         """The reference model's kernel time (ms) that in-graph cells profiled with reference
         `key` are scaled to (the first recorded), or None before the first in-graph profile."""
@@ -251,6 +282,7 @@ class LatencyTable:
 
 MIN_POINTS_3TERM = 5
 OVERHEAD_SUFFIX = "/in-graph-overhead"
+REORDER_FAMILY = "in-graph-layout-reorders"
 REFERENCE_PREFIX = "in-graph-reference/"
 
 

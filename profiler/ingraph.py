@@ -37,6 +37,10 @@ class ConfigTiming:
     phase_ms: float = 0.0  # the reference model's kernel time in the same rounds (profile_interleaved)
     reference_ms: float = 0.0  # the reference time all times were scaled to (profile_interleaved)
     runs: int = 0  # profiled runs behind each kernel median
+    # layout reorders done for a layer running a plain-layout kernel (ONNX Runtime's NCHWc
+    # fallback, issue 15): ms in all, kept out of layer_ms (they depend on the neighbours'
+    # regime, not on the layer's cell; lut.predict.layout_boundaries models them)
+    reorder_ms: float = 0.0
 
 
 # How long each model is profiled: at least MIN_SECONDS of runs, between MIN_RUNS and MAX_RUNS
@@ -97,7 +101,7 @@ def profile_interleaved(items: Sequence, build: Callable[[object], bytes], refer
             results = [m.finish(names, item) for m, item in zip(members, [None] + chunk)]
             members.clear()  # free this batch's sessions before the next batch opens its own
         ref = results[0]
-        phase = sum(ref.layer_ms.values()) + ref.unmapped_ms
+        phase = sum(ref.layer_ms.values()) + ref.unmapped_ms + ref.reorder_ms
         if not phase > 0:
             raise ValueError("the reference model ran no timed kernel: nothing to scale by")
         phases.append(phase)
@@ -112,5 +116,6 @@ def profile_interleaved(items: Sequence, build: Callable[[object], bytes], refer
         scale = target / timing.phase_ms
         timing.layer_ms = {i: v * scale for i, v in timing.layer_ms.items()}
         timing.unmapped_ms *= scale
+        timing.reorder_ms *= scale
         timing.end_to_end_ms *= scale
     return timings

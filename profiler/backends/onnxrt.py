@@ -160,12 +160,13 @@ class OrtProfiled(ProfiledModel):
                 index = names.get(tensor, index)
             return index
 
-        def layer_of(kernel: str) -> int | None:
-            if kernel in self.reorders:  # a layout reorder: the layer it is done for, if any
-                return next((i for i in map(node_layer, self.reorders[kernel]) if i is not None), None)
-            return node_layer(kernel)
+        def reorder_of(kernel: str) -> int | None:  # a layout reorder: the layer it is done for, if any
+            return next((i for i in map(node_layer, self.reorders.get(kernel, ())) if i is not None), None)
 
-        return attribute_kernels(kernel_ms, layer_of, widths, float(np.median(self.plain_ms)), self.runs)
+        timing = attribute_kernels({k: v for k, v in kernel_ms.items() if reorder_of(k) is None}, node_layer,
+                                   widths, float(np.median(self.plain_ms)), self.runs)
+        timing.reorder_ms = sum(v for k, v in kernel_ms.items() if reorder_of(k) is not None)
+        return timing
 
 
 def attribute_kernels(kernel_ms: dict[str, float], layer_of, widths, end_to_end_ms: float, runs: int):

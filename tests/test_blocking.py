@@ -1,0 +1,209 @@
+"""Blocking-aware latency tables (issue 15): the probe's rule inference, the table's fast and
+fallback regimes, the exchange format's rules, fallback cells in the profile grid, and
+layout reorders attributed to the layer they are done for (real ONNX Runtime sessions)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from latprune.lut.blocking import AxisRule, BlockingRules, layer_kind
+from latprune.lut.exchange import export_tables, import_tables
+from latprune.lut.predict import fallback_grid, needs_fallback, predict_layers, required_cells
+from latprune.lut.store import LatencyTable
+from latprune.profiler.probe import axis_rule
+from latprune.pruner.analysis import analyse
+from latprune.pruner.model_io import normalise
+from latprune.types import LayerSpec
+from onnx_builders import GraphBuilder, depthwise_cnn, residual_cnn
+
+FP = {"device": "cpu", "cpu": "test-blocking", "threads": 1}
+CONV = LayerSpec("Conv", [3, 3], [1, 1], [1, 1, 1, 1], [1, 1], False, [14, 14], 1, activation="Relu")
+RULES = BlockingRules({"conv": {"in": AxisRule(4, 8, 1.5), "out": AxisRule(1, 8, 1.0)}})
+WIDTHS = range(48, 81)
+
+
+def _noisy(ms: dict[int, float], rel: float = 0.005, seed: int = 0) -> dict[int, float]:
+    rng = np.random.default_rng(seed)
+    return {w: t * (1 + rel * rng.standard_normal()) for w, t in ms.items()}
+
+
+def _pad(w: int, b: int) -> int:
+    return -(-w // b) * b
+
+
+def test_axis_rule_finds_padding_alignment_and_smooth_axes():
+    padded = _noisy({w: 0.01 + 0.002 * _pad(w, 8) for w in WIDTHS})
+    assert axis_rule(padded) == AxisRule(1, 8, 1.0)
+    blocked = _noisy({w: (0.01 + 0.002 * _pad(w, 8)) if w % 4 == 0 else 1.4 * (0.01 + 0.002 * w) for w in WIDTHS})
+    rule = axis_rule(blocked)
+    assert (rule.align, rule.block) == (4, 8) and 1.25 < rule.penalty < 1.5
+    depthwise = _noisy({w: 0.002 * w if w % 4 == 0 else 0.01 * w for w in WIDTHS})
+    rule = axis_rule(depthwise)
+    assert (rule.align, rule.block) == (4, 1) and 4.5 < rule.penalty < 5.5
+    assert axis_rule(_noisy({w: 0.003 * w for w in WIDTHS})) == AxisRule()
+    assert axis_rule({48: 1.0, 49: 2.0}) == AxisRule()  # too few widths to say anything
+
+
+def _cost(ci: int, co: int) -> float:
+    return 0.02 + 0.0005 * ci * co
+
+
+@pytest.fixture
+def table(tmp_path):
+    t = LatencyTable(tmp_path / "lut.sqlite", FP)
+    sig = CONV.signature()
+    for ci in (16, 32, 48, 64):
+        for co in (16, 32, 48, 64):
+            t.put(sig, ci, co, _cost(ci, co), 10)
+    yield t
+    t.close()
+
+
+def test_fast_widths_cost_their_padded_width_and_fallback_cells_stay_apart(table):
+    sig = CONV.signature()
+    table.set_blocking(RULES)
+    assert table.has_blocking()
+    # 44 input channels (aligned to 4) and 41 output channels run like 48 x 48
+    assert table.lookup_detail(sig, 44, 41) == (pytest.approx(_cost(48, 48)), "interpolated")
+    # no fallback cell yet: the fast value at the padded widths times the probed penalty
+    ms, how = table.lookup_detail(sig, 45, 48)
+    assert how == "modelled" and ms == pytest.approx(1.5 * _cost(48, 48))
+    for ci in (15, 31, 47, 63):  # fallback cells: their own (smooth) surface
+        for co in (16, 64):
+            table.put(sig, ci, co, 3 * _cost(ci, co), 10)
+    ms, how = table.lookup_detail(sig, 39, 40)
+    assert how == "interpolated" and ms == pytest.approx(3 * _cost(39, 40))
+    assert table.lookup(sig, 44, 41) == pytest.approx(_cost(48, 48))  # fast cells untouched by them
+    assert table.lookup_detail(sig, 64, 64) == (pytest.approx(_cost(64, 64)), "measured")
+    assert table.lookup_detail(sig, 96, 64)[1] == "extrapolated"
+    # the same cells without rules: one bilinear surface through fast and fallback cells alike
+    # (the lookup before issue 15) misses the padded cost
+    table.set_blocking(BlockingRules())
+    assert not table.has_blocking()
+    assert abs(table.lookup(sig, 44, 41) / _cost(48, 48) - 1) > 0.1
+
+
+def test_rules_travel_in_the_exchange_format_and_version_1_still_reads(table, tmp_path):
+    table.set_blocking(RULES)
+    data = export_tables(table.path)
+    assert data["version"] == 2
+    assert {(r["kind"], r["axis"], r["align"], r["block"]) for r in data["tables"][0]["blocking"]} == \
+        {("conv", "in", 4, 8), ("conv", "out", 1, 8)}
+    copy = tmp_path / "copy.sqlite"
+    import_tables(copy, data)
+    other = LatencyTable(copy, FP)
+    assert other.blocking.axes(CONV) == RULES.axes(CONV)
+    assert other.lookup(CONV.signature(), 44, 41) == pytest.approx(_cost(48, 48))
+    other.close()
+    old = dict(data, version=1, tables=[{k: v for k, v in t.items() if k != "blocking"} for t in data["tables"]])
+    v1 = tmp_path / "v1.sqlite"
+    assert import_tables(v1, json.loads(json.dumps(old)))["cells_added"] == 16
+    assert not LatencyTable(v1, FP).has_blocking()
+    bad = json.loads(json.dumps(data))
+    bad["tables"][0]["blocking"][0]["align"] = 0
+    from latprune.types import InputError
+    with pytest.raises(InputError, match="blocking rule"):
+        import_tables(tmp_path / "bad.sqlite", bad)
+
+
+def test_layer_kinds():
+    assert layer_kind(CONV) == "conv"
+    assert layer_kind(LayerSpec("Conv", [1, 1], [1, 1], [0] * 4, [1, 1], False, [7, 7], 1)) == "conv1x1"
+    assert layer_kind(LayerSpec("Conv", [3, 3], [1, 1], [1] * 4, [1, 1], True, [7, 7], 1)) == "depthwise"
+    assert layer_kind(LayerSpec("Conv", [3, 3], [1, 1], [1] * 4, [1, 1], False, [7, 7], 1, fixed_groups=4)) == "grouped"
+    assert layer_kind(LayerSpec("Gemm", [], [], [], [], False, [], 1)) == "gemm"
+    assert layer_kind(LayerSpec("Attention", [64], [], [], [], False, [8, 8], 1)) is None
+
+
+def test_fallback_cells_join_the_grid_only_where_a_width_can_fall_back():
+    rules = BlockingRules({kind: {"in": AxisRule(4, 8, 1.5), "out": AxisRule(1, 8)}
+                           for kind in ("conv", "conv1x1", "depthwise")})
+    on_step = analyse(normalise(depthwise_cnn()), step=8).problem
+    any_width = analyse(normalise(depthwise_cnn()), step=1).problem
+    assert not needs_fallback(on_step, rules) and needs_fallback(any_width, rules)
+    plain = {(c[0].signature(), c[1], c[2]) for c in required_cells(on_step)}
+    extra = {(c[0].signature(), c[1], c[2]) for c in required_cells(on_step, rules=rules)} - plain
+    assert extra, "fallback cells for the layers whose input is a prunable group"
+    for sig, ci, co in extra:
+        spec = LayerSpec(**json.loads(sig))
+        assert not rules.fast(spec, ci, co)
+    dw = next(layer for layer in on_step.layers if layer.spec.depthwise)
+    assert all(ci == co for ci, co in fallback_grid(on_step, dw, rules))
+
+
+def _chain(width: int):
+    g = GraphBuilder(in_shape=(1, 3, 24, 24))
+    x = g.relu(g.conv("input", 3, 32))
+    x = g.relu(g.conv(x, 32, width))
+    x = g.relu(g.conv(x, width, 32))
+    x = g.relu(g.conv(x, 32, 32))
+    return g.build(g.head(x, 32), "chain")
+
+
+def test_layout_reorders_are_counted_for_the_fallback_layer_that_needs_them():
+    """At 13 channels (aligned to no NCHWc block) the conv reading them runs a plain-layout
+    kernel, and ONNX Runtime reorders its input and output; those reorders are counted as
+    done for that layer (timing.reorder_ms, not the layer's cell: they depend on the
+    neighbours): no more reorders are left unclaimed than at an aligned width."""
+    from latprune.ingraph_profile import layer_names
+    from latprune.profiler.ingraph import profile_interleaved
+
+    unclaimed, reorder_ms = {}, {}
+    for width in (16, 13):
+        analysis = analyse(normalise(_chain(width)), step=8)
+        data = analysis.model.SerializeToString()
+        [timing] = profile_interleaved([{}], lambda _: data, data, layer_names(analysis.model, analysis.problem),
+                                       min_seconds=0, min_runs=3)
+        assert sorted(timing.layer_ms) == list(range(len(analysis.problem.layers)))
+        unclaimed[width] = sorted(k for k in timing.unmapped if k.startswith("Reorder"))
+        reorder_ms[width] = timing.reorder_ms
+    assert len(unclaimed[13]) <= len(unclaimed[16]), unclaimed
+    assert reorder_ms[16] == 0 < reorder_ms[13]  # kept apart from the layers' cells
+
+
+def test_predict_layers_says_how_each_value_was_found(table):
+    analysis = analyse(normalise(residual_cnn()), step=8)
+    with pytest.raises(KeyError):  # the table holds none of this model's signatures
+        predict_layers(analysis.problem, table)
+
+
+def test_any_width_candidates_are_the_widest_of_each_cost_plateau():
+    from latprune.lut.predict import plateau_widths
+
+    rules = BlockingRules({kind: {"in": AxisRule(4, 8, 1.5), "out": AxisRule(1, 8)}
+                           for kind in ("conv", "conv1x1", "gemm")}
+                          | {"depthwise": {"in": AxisRule(4, 1, 5.0), "out": AxisRule(4, 1, 5.0)}})
+    prob = analyse(normalise(depthwise_cnn()), step=1, max_candidates=64).problem
+    widths = plateau_widths(prob, rules, max_candidates=64)
+    assert widths
+    for gid, ws in widths.items():
+        size = prob.groups[gid].size
+        assert ws[-1] == size and all(w % 8 == 0 for w in ws[:-1]), ws
+        assert set(range(8, size, 8)) <= set(ws)  # every plateau top, none skipped
+    smooth = plateau_widths(prob, BlockingRules(), max_candidates=64)
+    assert any(len(ws) > len(widths[gid]) for gid, ws in smooth.items())
+
+
+def test_layout_boundaries_count_elements_between_blocked_and_fallback_convs(tmp_path):
+    """A conv chain 32 -> w -> 32: at w = 13 the conv reading 13 channels falls back and
+    reads its input (13 x 24 x 24) through a reorder from the blocked conv before it, and
+    writes its output (32 x 24 x 24) through one to the blocked conv after it; at w = 16 or
+    without rules there is none. The reorders' ms follow the table's cost per element."""
+    from latprune.lut.predict import layout_boundaries, predict_raw, reorder_ms
+
+    prob = analyse(normalise(_chain(16)), step=1).problem
+    t = LatencyTable(tmp_path / "lut.sqlite", FP)
+    gid = next(g.id for g in prob.groups if g.prunable and g.size == 16)
+    assert layout_boundaries(prob, t, {gid: 13}) == 0  # no rules: every conv is one surface
+    t.set_blocking(BlockingRules({k: {"in": AxisRule(4, 8, 1.5), "out": AxisRule(1, 8)}
+                                  for k in ("conv", "conv1x1")}))
+    assert layout_boundaries(prob, t, {gid: 16}) == 0
+    assert layout_boundaries(prob, t, {gid: 13}) * 1e6 == pytest.approx(13 * 24 * 24 + 32 * 24 * 24)
+    assert reorder_ms(prob, t, {gid: 13}) == 0  # no cost measured yet
+    t.add_reorder_point(0.2, 0.1)
+    t.add_reorder_point(0.4, 0.1)
+    assert t.reorder_cost() == pytest.approx(3.0)
+    assert reorder_ms(prob, t, {gid: 13}) == pytest.approx(3.0 * (13 + 32) * 24 * 24 / 1e6)
+    t.close()
