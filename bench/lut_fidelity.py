@@ -35,6 +35,21 @@ median of --truth-runs measurements; it also reports how far one measurement lie
 
 With --backend, everything (tables, profiles, measurements) runs on that backend.
 
+Part 3 (--any-width MODELS, issue 15; the other parts are skipped): models pruned by another
+tool at whatever widths it leaves. Torch-Pruning prunes each torchvision model (resnet18,
+mobilenet_v2, regnet_x_400mf, efficientnet_b0; random weights) with a random ratio per conv
+(bench/tp_configs.py; --round-to K for widths on multiples of K). A fresh table per model is
+profiled on the dense model (`latprune profile`: its grid plus the fallback cells the device's
+blocking rules call for); each configuration is predicted from it (where it lacks a layer
+kind, RegNetX's grouped convs with new channels per group, the configuration is profiled
+into it first) with the dense model's calibration, and its predicted ratio to dense is
+compared with the measured one (dense and configurations timed in --rounds interleaved
+rounds). The same cells read without the blocking rules give the lookup before issue 15 as a
+baseline in the same run. Writes <out>_anywidth.json.
+
+    python bench/lut_fidelity.py --any-width resnet18,mobilenet_v2,regnet_x_400mf,efficientnet_b0 \
+        [--any-width-configs 10] [--rounds 40] [--round-to 8] [--input-hw 224]
+
 Prints tables and writes bench/out/lut_fidelity.json.
 """
 from __future__ import annotations
@@ -273,7 +288,8 @@ def _layer_sum(path: Path, table):
         return None
 
 
-def any_width_errors(name: str, n_configs: int, rounds: int, input_hw: int = 224, seed: int = 0) -> dict:
+def any_width_errors(name: str, n_configs: int, rounds: int, input_hw: int = 224, seed: int = 0,
+                     round_to: int | None = None) -> dict:
     """Issue 15's acceptance: models pruned by Torch-Pruning at arbitrary widths (tp_configs.py),
     predicted from a fresh table profiled on the dense model (`latprune profile dense.onnx`,
     which measures fallback cells under the device's blocking rules), each configuration's
@@ -286,7 +302,7 @@ def any_width_errors(name: str, n_configs: int, rounds: int, input_hw: int = 224
     from latprune.pipeline import load_model, model_family, open_table, profile_model
     from tp_configs import export_tp_configs
 
-    dense, configs = export_tp_configs(name, OUT / "tp", n_configs, seed=seed, input_hw=input_hw)
+    dense, configs = export_tp_configs(name, OUT / "tp", n_configs, seed=seed, input_hw=input_hw, round_to=round_to)
     lut = OUT / f"lut_anywidth_{name}_{input_hw}{'' if backend().name == 'ort-cpu' else '_' + backend().name}.sqlite"
     t0 = time.perf_counter()
     prof = profile_model(dense, lut, threads=1, backend=backend().name, precision=backend().precision)
@@ -324,7 +340,7 @@ def any_width_errors(name: str, n_configs: int, rounds: int, input_hw: int = 224
           f"({time.perf_counter() - t1:.0f} s)", flush=True)
     meas = np.array([t["ms"] for t in timed])
     meas_ratio = meas[1:] / meas[0]
-    result = {"model": name, "input_hw": input_hw, "build": build, "configs_profiled": profiled,
+    result = {"model": name, "input_hw": input_hw, "round_to": round_to, "build": build, "configs_profiled": profiled,
               "blocking": blocking, "measured_ms": list(meas), "measured_ratio": list(meas_ratio),
               "spread": [t["spread"] for t in timed], "predictors": {}}
     for label, p in preds.items():
@@ -362,6 +378,8 @@ def main() -> int:
                     "pruned by Torch-Pruning at arbitrary widths: the issue-15 figures (skips the other parts)")
     ap.add_argument("--any-width-configs", type=int, default=10)
     ap.add_argument("--input-hw", type=int, default=224)
+    ap.add_argument("--round-to", type=int, default=None, help="--any-width: Torch-Pruning rounds widths to "
+                    "multiples of this (the on-step check); default arbitrary widths")
     ap.add_argument("--backend", default="ort-cpu")
     ap.add_argument("--precision", default=None)
     args = ap.parse_args()
@@ -411,16 +429,18 @@ def any_width_main(args) -> int:
     out = Path(args.out.replace(".json", "_anywidth.json"))
     result = {"any_width": []}
     for name in args.any_width.split(","):
-        result["any_width"].append(any_width_errors(name, args.any_width_configs, args.rounds, args.input_hw))
+        result["any_width"].append(any_width_errors(name, args.any_width_configs, args.rounds, args.input_hw,
+                                                    round_to=args.round_to))
         out.write_text(json.dumps(result, indent=1))
     print("\nmodel | predictor | configs | median |err| of ratio to dense | p95 | within ±10% | median signed "
           "| measured in band | measured ratio range")
     for r in result["any_width"]:
         for label, s in r["predictors"].items():
-            print(f"{r['model']} | {label} | {len(r['measured_ratio'])} | {100 * s['median_abs_err']:.1f}% | "
+            print(f"{r['model']}{'/r%d' % r['round_to'] if r.get('round_to') else ''} | {label} | {len(r['measured_ratio'])} | {100 * s['median_abs_err']:.1f}% | "
                   f"{100 * s['p95_abs_err']:.1f}% | {100 * s['within_10pct']:.0f}% | {100 * s['median_signed_err']:+.1f}% | "
                   f"{100 * s['in_band']:.0f}% | {min(r['measured_ratio']):.2f}-{max(r['measured_ratio']):.2f}")
-        print(f"{r['model']}: table {r['build']['cells_measured']} cells in {r['build']['seconds']:.0f} s; "
+        print(f"{r['model']}{' (widths multiples of %d)' % r['round_to'] if r.get('round_to') else ''}: "
+              f"table {r['build']['cells_measured']} cells in {r['build']['seconds']:.0f} s; "
               f"{len(r['configs_profiled'])} configs profiled first; rules: {r['blocking']}")
     return 0
 

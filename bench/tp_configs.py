@@ -36,8 +36,9 @@ def _build(name: str):
 
 
 def export_tp_configs(name: str, out_dir: str | Path, n: int = 10, seed: int = 0,
-                      input_hw: int = 224) -> tuple[Path, list[Path]]:
-    """(dense ONNX, [n pruned ONNX]) in out_dir (reused when already there)."""
+                      input_hw: int = 224, round_to: int | None = None) -> tuple[Path, list[Path]]:
+    """(dense ONNX, [n pruned ONNX]) in out_dir (reused when already there). `round_to`:
+    Torch-Pruning rounds every width to a multiple of it (None: arbitrary widths)."""
     import torch
     import torch_pruning as tp
 
@@ -48,7 +49,7 @@ def export_tp_configs(name: str, out_dir: str | Path, n: int = 10, seed: int = 0
         _export(_build(name), example, dense)
     configs = []
     for i in range(n):
-        path = out_dir / f"{name}_{input_hw}_tp{seed}_{i}.onnx"
+        path = out_dir / f"{name}_{input_hw}_tp{seed}{f'_r{round_to}' if round_to else ''}_{i}.onnx"
         configs.append(path)
         if path.is_file():
             continue
@@ -59,7 +60,7 @@ def export_tp_configs(name: str, out_dir: str | Path, n: int = 10, seed: int = 0
         ratios = {m: float(rng.uniform(*RATIO_RANGE)) for m in convs}
         pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.RandomImportance(),
                                       pruning_ratio=0.0, pruning_ratio_dict=ratios, ignored_layers=head,
-                                      round_to=None)
+                                      round_to=round_to)
         torch.manual_seed(1000 * seed + i)  # random importance draws from torch's generator
         pruner.step()
         _export(model.eval(), example, path)

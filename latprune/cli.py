@@ -296,6 +296,8 @@ def lut_show(lut: Path = typer.Argument(..., help="SQLite latency table"),
         t.add_row(str(fp.get("cpu", fp.get("gpu", fp.get("device")))), str(fp.get("runtime")), str(fp.get("threads")),
                   str(r["signatures"]), str(r["cells"]), str(r["calibration_points"]))
     Console().print(t)
+    for r in rows:
+        print(f"channel blocking: {r['blocking']}")
 
 
 @lut_app.command("export")

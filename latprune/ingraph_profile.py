@@ -222,10 +222,13 @@ def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], b
             runs[key] += timing.runs
     for key, values in final.items():
         table.put(*key, float(np.median(values)), runs[key])
-    from latprune.lut.predict import layout_boundaries
+    from latprune.lut.predict import blocked_overhead_elements, layout_boundaries
 
-    for timing in timings:  # what the reorders around fallback convs cost per element (issue 15)
+    for timing in timings:  # what layout reorders cost per element (issue 15)
         melements = layout_boundaries(prob, table, timing.widths)
         if melements > 0:
-            table.add_reorder_point(timing.reorder_ms, melements)
+            table.add_reorder_point(timing.reorder_ms, melements, "layers")
+        melements = blocked_overhead_elements(prob, table, timing.widths)
+        if melements > 0:
+            table.add_reorder_point(timing.overhead_reorder_ms, melements, "overhead")
     return len(final), timings

@@ -257,11 +257,16 @@ def validate_file(db_path: str | Path) -> dict:
 
 
 def summary(db_path: str | Path) -> list[dict]:
-    """Per fingerprint: the device, the number of layer signatures, cells and calibration points."""
+    """Per fingerprint: the device, the number of layer signatures, cells and calibration
+    points, and the channel-blocking rules in words."""
+    from latprune.lut.blocking import BlockingRules
+
     data = export_tables(db_path)
     out = []
     for table in data["tables"]:
         sigs = {json.dumps(c["signature"], sort_keys=True) for c in table["cells"]}
+        rules = table.get("blocking", [])
         out.append({"fingerprint": table["fingerprint"], "signatures": len(sigs),
-                    "cells": len(table["cells"]), "calibration_points": len(table["calibration"])})
+                    "cells": len(table["cells"]), "calibration_points": len(table["calibration"]),
+                    "blocking": BlockingRules.from_records(rules).describe() if rules else "not probed"})
     return out

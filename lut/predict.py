@@ -347,12 +347,38 @@ def layout_boundaries(problem: Problem, table: LatencyTable, widths: dict[int, i
     return elements / 1e6
 
 
+def blocked_overhead_elements(problem: Problem, table: LatencyTable, widths: dict[int, int] | None = None,
+                              removed_blocks: list[int] | tuple = ()) -> float:
+    """Millions of elements written outside the layers (overhead_elements) in channel groups
+    whose width the convs' input rule aligns, i.e. tensors the runtime keeps in its blocked
+    layout: an operator that runs only in plain layout next to them (a squeeze-excite Mul
+    beside ONNX Runtime's NCHWc convs) reads and writes them through reorders, which an
+    unaligned (already plain) tensor does not need. 0 without blocking rules."""
+    if not table.blocking:
+        return 0.0
+    rule = table.blocking.rules.get("conv", {}).get("in")
+    if rule is None or rule.align <= 1:
+        return 0.0
+    full = {g.id: (widths or {}).get(g.id, g.size) for g in problem.groups}
+    total = sum(mult * full[gid] for o in problem.overheads
+                if o.block is None or o.block not in removed_blocks
+                for gid, mult in o.space.terms if full[gid] % rule.align == 0)
+    return total / 1e6
+
+
 def reorder_ms(problem: Problem, table: LatencyTable, widths: dict[int, int] | None = None,
                removed_blocks: list[int] | tuple = ()) -> float:
-    """The layout reorders' ms at the given widths: the table's measured cost per element
-    (table.reorder_cost) times layout_boundaries."""
-    cost = table.reorder_cost() if table.blocking else 0.0
-    return cost * layout_boundaries(problem, table, widths, removed_blocks) if cost else 0.0
+    """The layout reorders' ms at the given widths: the table's measured costs per element
+    (table.reorder_cost) times layout_boundaries (reorders for fallback convs) and times
+    blocked_overhead_elements (reorders for other operators)."""
+    if not table.blocking:
+        return 0.0
+    total = 0.0
+    for kind, count in (("layers", layout_boundaries), ("overhead", blocked_overhead_elements)):
+        cost = table.reorder_cost(kind)
+        if cost:
+            total += cost * count(problem, table, widths, removed_blocks)
+    return total
 
 
 # Relative uncertainty of one layer's value by how the table found it (predict_layers' band,

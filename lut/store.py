@@ -162,27 +162,28 @@ class LatencyTable:
         exact = next((ms for co, ms in grid.get(c_in, ()) if co == c_out), None)
         if exact is not None:
             return exact, "measured"
-        if not self.blocking:
-            return _interp_grid(grid, c_in, c_out)
         spec = _spec(signature)
+        if not self.blocking or spec is None:
+            return _interp_grid(grid, c_in, c_out, spec is not None and spec.depthwise)
         classes = self._classes(signature, spec)
         fast = self._fast(signature, spec, c_in, c_out)
         own, other = (classes["fast"], classes["fallback"]) if fast else (classes["fallback"], classes["fast"])
         if fast:
             c_in, c_out = self.blocking.padded(spec, c_in, c_out)
         if own:
-            return _interp_grid(own, c_in, c_out)
+            return _interp_grid(own, c_in, c_out, spec.depthwise)
         rin, rout = self.blocking.axes(spec)
         if fast:  # only fallback cells: the fast kernel is the penalty cheaper
-            ms, _ = _interp_grid(other, c_in, c_out)
+            ms, _ = _interp_grid(other, c_in, c_out, spec.depthwise)
             return ms / max(max(rin.penalty, rout.penalty), 1e-6), "modelled"
-        ms, _ = _interp_grid(other, *self.blocking.padded(spec, c_in, c_out))
+        ms, _ = _interp_grid(other, *self.blocking.padded(spec, c_in, c_out), spec.depthwise)
         return ms * self.blocking.penalty(spec, c_in, c_out), "modelled"
 
     def is_fast(self, signature: str, c_in: int, c_out: int) -> bool:
         """Whether a layer of `signature` at (c_in, c_out) runs the fast (blocked) kernel under
         the table's blocking rules (always, without rules)."""
-        return not self.blocking or self._fast(signature, _spec(signature), c_in, c_out)
+        spec = _spec(signature)
+        return not self.blocking or spec is None or self._fast(signature, spec, c_in, c_out)
 
     def _fast(self, signature: str, spec: LayerSpec, c_in: int, c_out: int) -> bool:
         """Whether (c_in, c_out) runs the fast kernel; an axis every cell of the signature
@@ -241,17 +242,18 @@ class LatencyTable:
             (self.fp_id, family + OVERHEAD_SUFFIX)).fetchall()
         return fit_overhead([r[0] for r in rows], [r[2] for r in rows], [r[1] for r in rows]) if rows else None
 
-    def add_reorder_point(self, reorder_ms: float, melements: float) -> None:
-        """One in-graph run: the layout reorders done for fallback layers (ms) and the
-        elements lut.predict.layout_boundaries counts for it (millions)."""
-        self.add_calibration(REORDER_FAMILY, 0.0, reorder_ms, melements)
+    def add_reorder_point(self, reorder_ms: float, melements: float, kind: str = "layers") -> None:
+        """One in-graph run: the layout reorders of `kind` (ms) and the elements that predict
+        them (millions): "layers", reorders done for fallback convs against
+        lut.predict.layout_boundaries; "overhead", reorders done for other operators against
+        lut.predict.blocked_overhead_elements."""
+        self.add_calibration(REORDER_FAMILIES[kind], 0.0, reorder_ms, melements)
 
-    def reorder_cost(self) -> float:
-        """ms per million elements of a layout reorder between a blocked and a fallback layer
-        (issue 15), from the in-graph runs (their reorder ms over their boundary elements);
-        0 without any."""
+    def reorder_cost(self, kind: str = "layers") -> float:
+        """ms per million elements of the layout reorders of `kind` (add_reorder_point), from
+        the in-graph runs (their reorder ms over their elements); 0 without any."""
         row = self.db.execute("SELECT SUM(measured_ms), SUM(melements) FROM calibration WHERE fingerprint=? "
-                              "AND family=? AND melements > 0", (self.fp_id, REORDER_FAMILY)).fetchone()
+                              "AND family=? AND melements > 0", (self.fp_id, REORDER_FAMILIES[kind])).fetchone()
         return float(row[0] / row[1]) if row and row[1] else 0.0
 
     def reference_phase(self, key: str) -> float | None:
@@ -282,7 +284,7 @@ class LatencyTable:
 
 MIN_POINTS_3TERM = 5
 OVERHEAD_SUFFIX = "/in-graph-overhead"
-REORDER_FAMILY = "in-graph-layout-reorders"
+REORDER_FAMILIES = {"layers": "in-graph-layout-reorders", "overhead": "in-graph-layout-reorders/overhead"}
 REFERENCE_PREFIX = "in-graph-reference/"
 
 
@@ -348,14 +350,27 @@ def fit_calibration(raw: list[float], measured: list[float], melements: list[flo
 _SPECS: dict[str, LayerSpec] = {}
 
 
-def _spec(signature: str) -> LayerSpec:
+def _spec(signature: str) -> LayerSpec | None:
+    """The LayerSpec a signature was made from; None for a key that is not one (no rules or
+    depthwise handling apply to it)."""
     if signature not in _SPECS:
-        _SPECS[signature] = LayerSpec(**json.loads(signature))
+        try:
+            _SPECS[signature] = LayerSpec(**json.loads(signature))
+        except (TypeError, ValueError):
+            _SPECS[signature] = None
     return _SPECS[signature]
 
 
-def _interp_grid(grid: dict[int, list[tuple[int, float]]], c_in: int, c_out: int) -> tuple[float, str]:
-    """(ms, "interpolated" | "extrapolated") from a c_in -> [(c_out, ms)] grid (see lookup)."""
+def _interp_grid(grid: dict[int, list[tuple[int, float]]], c_in: int, c_out: int,
+                 diagonal: bool = False) -> tuple[float, str]:
+    """(ms, "interpolated" | "extrapolated") from a c_in -> [(c_out, ms)] grid (see lookup).
+    `diagonal` (a depthwise layer: c_in = c_out): one curve along the cells (c, c), not rows
+    scaled in proportion to c_out and then interpolated (which carried a narrow row's fixed
+    cost, scaled up, into every width above it: a 455-wide depthwise read 1.9x its cost)."""
+    if diagonal:
+        points = sorted((ci, next((ms for co, ms in row if co == ci), row[0][1])) for ci, row in grid.items())
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        return _interp(xs, ys, c_in), "interpolated" if xs[0] <= c_in <= xs[-1] else "extrapolated"
     rows = sorted(grid)
     ms = _interp(rows, [_row_value(grid[r], c_out) for r in rows], c_in)
     inside = rows[0] <= c_in <= rows[-1]

@@ -41,6 +41,9 @@ class ConfigTiming:
     # fallback, issue 15): ms in all, kept out of layer_ms (they depend on the neighbours'
     # regime, not on the layer's cell; lut.predict.layout_boundaries models them)
     reorder_ms: float = 0.0
+    # layout reorders done for other operators (a squeeze-excite Mul that runs in plain layout
+    # beside blocked convs): ms, kept out of unmapped_ms (lut.predict.blocked_overhead_elements)
+    overhead_reorder_ms: float = 0.0
 
 
 # How long each model is profiled: at least MIN_SECONDS of runs, between MIN_RUNS and MAX_RUNS
@@ -101,7 +104,7 @@ def profile_interleaved(items: Sequence, build: Callable[[object], bytes], refer
             results = [m.finish(names, item) for m, item in zip(members, [None] + chunk)]
             members.clear()  # free this batch's sessions before the next batch opens its own
         ref = results[0]
-        phase = sum(ref.layer_ms.values()) + ref.unmapped_ms + ref.reorder_ms
+        phase = sum(ref.layer_ms.values()) + ref.unmapped_ms + ref.reorder_ms + ref.overhead_reorder_ms
         if not phase > 0:
             raise ValueError("the reference model ran no timed kernel: nothing to scale by")
         phases.append(phase)
@@ -117,5 +120,6 @@ def profile_interleaved(items: Sequence, build: Callable[[object], bytes], refer
         timing.layer_ms = {i: v * scale for i, v in timing.layer_ms.items()}
         timing.unmapped_ms *= scale
         timing.reorder_ms *= scale
+        timing.overhead_reorder_ms *= scale
         timing.end_to_end_ms *= scale
     return timings

@@ -207,3 +207,28 @@ def test_layout_boundaries_count_elements_between_blocked_and_fallback_convs(tmp
     assert t.reorder_cost() == pytest.approx(3.0)
     assert reorder_ms(prob, t, {gid: 13}) == pytest.approx(3.0 * (13 + 32) * 24 * 24 / 1e6)
     t.close()
+
+
+def test_depthwise_cells_interpolate_along_their_diagonal(tmp_path):
+    """A depthwise layer's cells lie on c_in = c_out; a width between two of them takes the
+    line between them, fixed cost included (not a narrow cell's cost scaled up)."""
+    dw = LayerSpec("Conv", [3, 3], [1, 1], [1] * 4, [1, 1], True, [7, 7], 1)
+    t = LatencyTable(tmp_path / "lut.sqlite", FP)
+    for c in (7, 615, 1151):
+        t.put(dw.signature(), c, c, 0.01 + 0.0004 * c, 10)
+    assert t.lookup(dw.signature(), 455, 455) == pytest.approx(0.01 + 0.0004 * 455)
+    t.close()
+
+
+def test_blocked_overhead_elements_count_only_tensors_kept_in_the_blocked_layout(tmp_path):
+    from latprune.lut.predict import blocked_overhead_elements, overhead_elements
+
+    prob = analyse(normalise(residual_cnn(width=16)), step=1).problem
+    t = LatencyTable(tmp_path / "lut.sqlite", FP)
+    assert blocked_overhead_elements(prob, t) == 0  # no rules
+    t.set_blocking(RULES)
+    dense = blocked_overhead_elements(prob, t)
+    assert 0 < dense <= overhead_elements(prob)
+    stream = next(g.id for g in prob.groups if g.prunable and g.size == 16)
+    assert blocked_overhead_elements(prob, t, {stream: 13}) < blocked_overhead_elements(prob, t, {stream: 12})
+    t.close()

@@ -163,9 +163,12 @@ class OrtProfiled(ProfiledModel):
         def reorder_of(kernel: str) -> int | None:  # a layout reorder: the layer it is done for, if any
             return next((i for i in map(node_layer, self.reorders.get(kernel, ())) if i is not None), None)
 
-        timing = attribute_kernels({k: v for k, v in kernel_ms.items() if reorder_of(k) is None}, node_layer,
-                                   widths, float(np.median(self.plain_ms)), self.runs)
-        timing.reorder_ms = sum(v for k, v in kernel_ms.items() if reorder_of(k) is not None)
+        for_layer = {k for k in kernel_ms if reorder_of(k) is not None}
+        for_other = {k for k in kernel_ms if k in self.reorders and k not in for_layer}
+        timing = attribute_kernels({k: v for k, v in kernel_ms.items() if k not in for_layer | for_other},
+                                   node_layer, widths, float(np.median(self.plain_ms)), self.runs)
+        timing.reorder_ms = sum(kernel_ms[k] for k in for_layer)
+        timing.overhead_reorder_ms = sum(kernel_ms[k] for k in for_other)
         return timing
 
 
