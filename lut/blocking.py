@@ -79,6 +79,27 @@ class BlockingRules:
     def __bool__(self) -> bool:
         return any(r != SMOOTH for axes in self.rules.values() for r in axes.values())
 
+    @staticmethod
+    def groups(spec: LayerSpec, c_in: int) -> int:
+        """The conv groups a grouped (not depthwise) layer runs at c_in input channels; 1
+        otherwise. A grouped kind's rules apply to the channels of one group: ONNX Runtime
+        blocks a grouped conv only when every group's input and output widths are multiples
+        of its block (RegNetX pruned by Torch-Pruning to 13 channels per group runs plain)."""
+        if spec.depthwise:
+            return 1
+        if spec.group_channels:
+            return max(1, c_in // spec.group_channels)
+        return max(1, spec.fixed_groups)
+
+    def fast(self, spec: LayerSpec, c_in: int, c_out: int, fixed_in: bool = False,
+             fixed_out: bool = False) -> bool:
+        """Whether (c_in, c_out) runs the fast kernel; a `fixed` axis (one that never changes
+        width) is left out."""
+        rin, rout = self.axes(spec)
+        g = self.groups(spec, c_in)
+        return (fixed_in or rin.aligned(c_in // g if c_in % g == 0 else c_in)) and \
+            (fixed_out or rout.aligned(c_out // g if c_out % g == 0 else c_out))
+
     def axes(self, spec: LayerSpec) -> tuple[AxisRule, AxisRule]:
         kind = layer_kind(spec)
         axes = self.rules.get(kind, {}) if kind else {}
@@ -87,19 +108,20 @@ class BlockingRules:
             return rule, rule
         return axes.get("in", SMOOTH), axes.get("out", SMOOTH)
 
-    def fast(self, spec: LayerSpec, c_in: int, c_out: int) -> bool:
-        rin, rout = self.axes(spec)
-        return rin.aligned(c_in) and rout.aligned(c_out)
-
     def padded(self, spec: LayerSpec, c_in: int, c_out: int) -> tuple[int, int]:
         rin, rout = self.axes(spec)
+        g = self.groups(spec, c_in)
+        if g > 1 and c_in % g == 0 and c_out % g == 0:
+            return rin.pad(c_in // g) * g, rout.pad(c_out // g) * g
         return rin.pad(c_in), rout.pad(c_out)
 
     def penalty(self, spec: LayerSpec, c_in: int, c_out: int) -> float:
         """Fallback over fast cost of a cell (1 when it is fast): the larger of the axes' that
         are off their alignment."""
         rin, rout = self.axes(spec)
-        return max([r.penalty for r, w in ((rin, c_in), (rout, c_out)) if not r.aligned(w)], default=1.0)
+        g = self.groups(spec, c_in)
+        units = (c_in // g, c_out // g) if c_in % g == 0 and c_out % g == 0 else (c_in, c_out)
+        return max([r.penalty for r, w in zip((rin, rout), units) if not r.aligned(w)], default=1.0)
 
     def as_records(self) -> list[dict]:
         return [{"kind": kind, "axis": axis, **rule.as_dict()}

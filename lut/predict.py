@@ -121,8 +121,8 @@ def fallback_grid(problem: Problem, layer: Layer, rules: BlockingRules,
         if rin.align > 1 and single_group(layer.c_in) is not None:
             cells |= {(w, w) for w in (_fallback_width(v, rin.align) for v in ins) if w}
         return sorted(cells)
-    if coupled_group(layer) is not None:
-        return []
+    if coupled_group(layer) is not None or rules.groups(layer.spec, layer.dense_c_in) > 1:
+        return []  # grouped: a width one channel off is no longer whole groups
     outs = _sample(space_values(problem, layer.c_out), points)
     if rin.align > 1 and single_group(layer.c_in) is not None and len(ins) > 1:
         cells |= {(w, co) for w in (_fallback_width(v, rin.align) for v in ins) if w for co in outs}
@@ -328,9 +328,9 @@ def layout_boundaries(problem: Problem, table: LatencyTable, widths: dict[int, i
         if layer.spec.op != "Conv" or (layer.block is not None and layer.block in removed_blocks):
             continue
         ci, co = layer.c_in.width(full), layer.c_out.width(full)
-        rin, rout = table.blocking.axes(layer.spec)  # an axis that never changes is left out (store._fast)
-        fast[i] = (not layer.c_in.terms or rin.aligned(ci)) and \
-            (not layer.c_out.terms or rout.aligned(ci if layer.spec.depthwise else co))
+        # an axis that never changes is left out (as store._fast does)
+        fast[i] = table.blocking.fast(layer.spec, ci, ci if layer.spec.depthwise else co,
+                                      not layer.c_in.terms, not layer.c_out.terms)
         for gid, _ in layer.c_out.terms:
             producers.setdefault(gid, []).append(i)
         for gid, _ in layer.c_in.terms:

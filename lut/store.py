@@ -193,10 +193,9 @@ class LatencyTable:
         grid = self.cells(signature)
         rows = set(grid)
         cols = {co for row in grid.values() for co, _ in row}
-        rin, rout = self.blocking.axes(spec)
         fixed_in = rows == {c_in} and not spec.depthwise
         fixed_out = cols == {c_out} and not spec.depthwise
-        return (fixed_in or rin.aligned(c_in)) and (fixed_out or rout.aligned(c_out))
+        return self.blocking.fast(spec, c_in, c_out, fixed_in, fixed_out)
 
     def _classes(self, signature: str, spec: LayerSpec) -> dict[str, dict[int, list[tuple[int, float]]]]:
         """The signature's cells split by regime: fast cells at their padded widths (a cell

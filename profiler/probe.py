@@ -104,7 +104,7 @@ ALIGNS = (1, 2, 4, 8, 16, 32)
 PAD_BLOCKS = (64, 32, 16, 8, 4, 2)
 PLATEAU_TOL = 0.05  # median relative miss a rule may leave on the fast widths (timing noise)
 PLATEAU_TOL_P90 = 0.10
-BLOCKING_VERSION = 1  # bump when the probe changes what it measures: cached rules are redone
+BLOCKING_VERSION = 2  # bump when the probe changes what it measures: cached rules are redone
 
 
 def probe_specs() -> dict[str, "LayerSpec"]:
@@ -114,8 +114,13 @@ def probe_specs() -> dict[str, "LayerSpec"]:
         return LayerSpec("Conv", [k, k], [1, 1], [k // 2] * 4, [1, 1], depthwise, [14, 14], 1,
                          activation="Relu", group_channels=group_channels)
 
-    return {"conv1x1": conv(1), "conv": conv(3), "depthwise": conv(3, depthwise=True),
+    grouped = LayerSpec("Conv", [3, 3], [1, 1], [1] * 4, [1, 1], False, [14, 14], 1, activation="Relu",
+                        fixed_groups=PROBE_GROUPS)
+    return {"conv1x1": conv(1), "conv": conv(3), "depthwise": conv(3, depthwise=True), "grouped": grouped,
             "gemm": LayerSpec("MatMul", [], [], [], [], False, [196], 1, has_bias=True)}
+
+
+PROBE_GROUPS = 2  # the grouped probe's group count; its rule is in channels per group
 
 
 def _line_residuals(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -190,7 +195,8 @@ def blocking_timings(backend, widths=PROBE_WIDTHS, other: int = PROBE_OTHER,
     specs = probe_specs()
     for n, (kind, spec) in enumerate(specs.items()):
         axes = ("in",) if spec.depthwise else ("in", "out")
-        items = [{"axis": axis, "width": w} for axis in axes for w in widths]
+        groups = spec.fixed_groups if kind == "grouped" else 1
+        items = [{"axis": axis, "width": w} for axis in axes for w in widths if w % groups == 0]
 
         def build(item, spec=spec):
             axis, w = (item["axis"], item["width"]) if item is not None else ("in", other)
@@ -206,22 +212,22 @@ def blocking_timings(backend, widths=PROBE_WIDTHS, other: int = PROBE_OTHER,
                                       min_runs=15, max_runs=40, backend=backend)
         out[kind] = {axis: {} for axis in axes}
         for item, t in zip(items, timings):
-            if t.layer_ms.get(0, 0) > 0:
-                out[kind][item["axis"]][item["width"]] = t.layer_ms[0]
+            if t.layer_ms.get(0, 0) > 0:  # grouped: keyed by channels per group
+                out[kind][item["axis"]][item["width"] // groups] = t.layer_ms[0]
         if progress:
             progress(n + 1, len(specs))
     return out
 
 
 def rules_from_timings(timings: dict[str, dict[str, dict[int, float]]]):
-    """BlockingRules from blocking_timings' output (axis_rule per kind and axis); grouped convs
-    follow the conv rule (their widths are whole groups: multiples of the channels per group)."""
+    """BlockingRules from blocking_timings' output (axis_rule per kind and axis; a grouped
+    conv's rule in channels per group, lut.blocking.BlockingRules.groups)."""
     from latprune.lut.blocking import BlockingRules
 
     rules = {kind: {axis: axis_rule(ms) for axis, ms in axes.items()} for kind, axes in timings.items()}
     if "depthwise" in rules:
         rules["depthwise"]["out"] = rules["depthwise"]["in"]
-    if "conv" in rules:
+    if "conv" in rules and "grouped" not in rules:
         rules["grouped"] = dict(rules["conv"])
     return BlockingRules(rules)
 

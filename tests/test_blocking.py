@@ -232,3 +232,18 @@ def test_blocked_overhead_elements_count_only_tensors_kept_in_the_blocked_layout
     stream = next(g.id for g in prob.groups if g.prunable and g.size == 16)
     assert blocked_overhead_elements(prob, t, {stream: 13}) < blocked_overhead_elements(prob, t, {stream: 12})
     t.close()
+
+
+def test_grouped_rules_apply_to_the_channels_of_one_group():
+    """ONNX Runtime blocks a grouped conv only when each group's widths are multiples of its
+    block: RegNetX's 16 channels per group run blocked, Torch-Pruning's 13 per group do not."""
+    rules = BlockingRules({"grouped": {"in": AxisRule(8, 8, 2.0), "out": AxisRule(8, 8, 2.0)}})
+
+    def grouped(**kw):
+        return LayerSpec("Conv", [3, 3], [1, 1], [1] * 4, [1, 1], False, [14, 14], 1, **kw)
+
+    assert rules.fast(grouped(group_channels=16), 32, 32)
+    assert not rules.fast(grouped(group_channels=13), 26, 10)
+    assert rules.fast(grouped(fixed_groups=2), 48, 32)  # 24 and 16 per group
+    assert not rules.fast(grouped(fixed_groups=2), 52, 32)  # 26 per group
+    assert rules.padded(grouped(fixed_groups=2), 44, 30) == (48, 32)  # 22 -> 24, 15 -> 16 per group
