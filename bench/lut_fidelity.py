@@ -43,8 +43,8 @@ profiled on the dense model (`latprune profile`: its grid plus the fallback cell
 blocking rules call for); each configuration is predicted from it (where it lacks a layer
 kind, RegNetX's grouped convs with new channels per group, the configuration is profiled
 into it first) with the dense model's calibration, and its predicted ratio to dense is
-compared with the measured one (--rounds rounds of alternating pairs: dense and
-configuration back to back, the median of the per-pair ratios). The same cells read without the blocking rules give the lookup before issue 15 as a
+compared with the measured one (the product's own check, profiler.compare: all models
+timed in alternating warm bursts in 3 fresh processes, the mean of their medians). The same cells read without the blocking rules give the lookup before issue 15 as a
 baseline in the same run. Writes <out>_anywidth.json.
 
     python bench/lut_fidelity.py --any-width resnet18,mobilenet_v2,regnet_x_400mf,efficientnet_b0 \
@@ -128,32 +128,6 @@ def measure_in_rounds(models: list, rounds: int, runs: int = 1) -> list[dict]:
         med = float(np.median(smp))
         out.append({"ms": med,
                     "spread": float((np.percentile(b, 90) - np.percentile(b, 10)) / med)})
-    return out
-
-
-def paired_ratios(dense: bytes, models: list[bytes], rounds: int) -> list[dict]:
-    """Each model's latency ratio to `dense`, measured in alternating pairs: every round runs,
-    for each model in a new random order, the dense model and the model back to back (which
-    first alternates), and keeps their ratio; a model's ratio is the median over the rounds
-    (spread: p10-p90 of the per-round ratios, relative). A pair falls into one phase of the
-    machine, so its ratio holds where separate medians of two models drift apart."""
-    from latprune.profiler.onnxrt import _timed_runs, make_session, random_feed
-
-    sessions = [make_session(m, 1) for m in [dense] + models]
-    feeds = [random_feed(s) for s in sessions]
-    for s, f in zip(sessions, feeds):  # warm-up
-        _timed_runs(s, f, 2, 2, 0.0)
-    ratios: list[list[float]] = [[] for _ in models]
-    rng = np.random.default_rng(0)
-    for r in range(rounds):
-        for i in rng.permutation(len(models)):
-            order = (0, i + 1) if (r + i) % 2 == 0 else (i + 1, 0)
-            t = {j: _timed_runs(sessions[j], feeds[j], 0, 1, 0.0)[0] for j in order}
-            ratios[i].append(t[i + 1] / t[0])
-    out = []
-    for rs in ratios:
-        med = float(np.median(rs))
-        out.append({"ratio": med, "spread": float((np.percentile(rs, 90) - np.percentile(rs, 10)) / med)})
     return out
 
 
@@ -319,7 +293,7 @@ def any_width_errors(name: str, n_configs: int, rounds: int, input_hw: int = 224
     """Issue 15's acceptance: models pruned by Torch-Pruning at arbitrary widths (tp_configs.py),
     predicted from a fresh table profiled on the dense model (`latprune profile dense.onnx`,
     which measures fallback cells under the device's blocking rules), each configuration's
-    predicted ratio to dense against the measured one (paired_ratios: alternating pairs).
+    predicted ratio to dense against the measured one (profiler.compare: 3 fresh processes).
     Where the table lacks a configuration's layer kind (RegNetX's grouped convs with fewer
     channels per group than any dense layer), the configuration is profiled into the table
     first (`latprune profile config.onnx`), as a user would. The same cells are also read
@@ -360,14 +334,17 @@ def any_width_errors(name: str, n_configs: int, rounds: int, input_hw: int = 224
         blocking = rules.describe()
     finally:
         table.close()
+    from latprune.profiler.compare import compare_in_subprocesses
+
     t1 = time.perf_counter()
-    timed = paired_ratios(dense.read_bytes(), [p.read_bytes() for p in configs], rounds)
-    print(f"  {name}: {len(configs)} configurations measured against the dense model in {rounds} rounds of "
-          f"alternating pairs ({time.perf_counter() - t1:.0f} s)", flush=True)
-    meas_ratio = np.array([t["ratio"] for t in timed])
+    models = {"dense": dense, **{p.stem: p for p in configs}}
+    timed = compare_in_subprocesses(models, 1, processes=3, backend=backend())
+    print(f"  {name}: {len(configs)} configurations measured beside the dense model in 3 fresh processes "
+          f"({time.perf_counter() - t1:.0f} s)", flush=True)
+    meas_ratio = np.array([timed[p.stem].median_ms / timed["dense"].median_ms for p in configs])
     result = {"model": name, "input_hw": input_hw, "round_to": round_to, "build": build, "configs_profiled": profiled,
               "blocking": blocking, "measured_ratio": list(meas_ratio),
-              "spread": [t["spread"] for t in timed], "predictors": {}}
+              "measured_ms": {k: v.median_ms for k, v in timed.items()}, "predictors": {}}
     for label, p in preds.items():
         pm = np.array(p["ms"])
         ratio = pm[1:] / pm[0]
