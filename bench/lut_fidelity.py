@@ -44,11 +44,11 @@ blocking rules call for); each configuration is predicted from it (where it lack
 kind, RegNetX's grouped convs with new channels per group, the configuration is profiled
 into it first) with the dense model's calibration, and its predicted ratio to dense is
 compared with the measured one (the product's own check, profiler.compare: all models
-timed in alternating warm bursts in 3 fresh processes, the mean of their medians). The same cells read without the blocking rules give the lookup before issue 15 as a
+timed in alternating warm bursts in --processes fresh processes, the mean of their medians). The same cells read without the blocking rules give the lookup before issue 15 as a
 baseline in the same run. Writes <out>_anywidth.json.
 
     python bench/lut_fidelity.py --any-width resnet18,mobilenet_v2,regnet_x_400mf,efficientnet_b0 \
-        [--any-width-configs 10] [--rounds 40] [--round-to 8] [--input-hw 224]
+        [--any-width-configs 10] [--processes 3] [--round-to 8] [--input-hw 224]
 
 Prints tables and writes bench/out/lut_fidelity.json.
 """
@@ -288,8 +288,8 @@ def _layer_sum(path: Path, table):
         return None
 
 
-def any_width_errors(name: str, n_configs: int, rounds: int, input_hw: int = 224, seed: int = 0,
-                     round_to: int | None = None) -> dict:
+def any_width_errors(name: str, n_configs: int, input_hw: int = 224, seed: int = 0,
+                     round_to: int | None = None, processes: int = 3) -> dict:
     """Issue 15's acceptance: models pruned by Torch-Pruning at arbitrary widths (tp_configs.py),
     predicted from a fresh table profiled on the dense model (`latprune profile dense.onnx`,
     which measures fallback cells under the device's blocking rules), each configuration's
@@ -338,8 +338,8 @@ def any_width_errors(name: str, n_configs: int, rounds: int, input_hw: int = 224
 
     t1 = time.perf_counter()
     models = {"dense": dense, **{p.stem: p for p in configs}}
-    timed = compare_in_subprocesses(models, 1, processes=3, backend=backend())
-    print(f"  {name}: {len(configs)} configurations measured beside the dense model in 3 fresh processes "
+    timed = compare_in_subprocesses(models, 1, processes=processes, backend=backend())
+    print(f"  {name}: {len(configs)} configurations measured beside the dense model in {processes} fresh processes "
           f"({time.perf_counter() - t1:.0f} s)", flush=True)
     meas_ratio = np.array([timed[p.stem].median_ms / timed["dense"].median_ms for p in configs])
     result = {"model": name, "input_hw": input_hw, "round_to": round_to, "build": build, "configs_profiled": profiled,
@@ -380,6 +380,7 @@ def main() -> int:
                     "pruned by Torch-Pruning at arbitrary widths: the issue-15 figures (skips the other parts)")
     ap.add_argument("--any-width-configs", type=int, default=10)
     ap.add_argument("--input-hw", type=int, default=224)
+    ap.add_argument("--processes", type=int, default=3, help="--any-width: fresh measuring processes")
     ap.add_argument("--round-to", type=int, default=None, help="--any-width: Torch-Pruning rounds widths to "
                     "multiples of this (the on-step check); default arbitrary widths")
     ap.add_argument("--backend", default="ort-cpu")
@@ -431,8 +432,8 @@ def any_width_main(args) -> int:
     out = Path(args.out.replace(".json", "_anywidth.json"))
     result = {"any_width": []}
     for name in args.any_width.split(","):
-        result["any_width"].append(any_width_errors(name, args.any_width_configs, args.rounds, args.input_hw,
-                                                    round_to=args.round_to))
+        result["any_width"].append(any_width_errors(name, args.any_width_configs, args.input_hw,
+                                                    round_to=args.round_to, processes=args.processes))
         out.write_text(json.dumps(result, indent=1))
     print("\nmodel | predictor | configs | median |err| of ratio to dense | p95 | within ±10% | median signed "
           "| measured in band | measured ratio range")

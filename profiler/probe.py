@@ -104,20 +104,22 @@ ALIGNS = (1, 2, 4, 8, 16, 32)
 PAD_BLOCKS = (64, 32, 16, 8, 4, 2)
 PLATEAU_TOL = 0.05  # median relative miss a rule may leave on the fast widths (timing noise)
 PLATEAU_TOL_P90 = 0.10
-BLOCKING_VERSION = 2  # bump when the probe changes what it measures: cached rules are redone
+BLOCKING_VERSION = 3  # bump when the probe changes what it measures: cached rules are redone
 
 
 def probe_specs() -> dict[str, "LayerSpec"]:
     from latprune.types import LayerSpec
 
-    def conv(k, depthwise=False, group_channels=0):
-        return LayerSpec("Conv", [k, k], [1, 1], [k // 2] * 4, [1, 1], depthwise, [14, 14], 1,
-                         activation="Relu", group_channels=group_channels)
+    def conv(k, hw, depthwise=False):
+        return LayerSpec("Conv", [k, k], [1, 1], [k // 2] * 4, [1, 1], depthwise, [hw, hw], 1,
+                         activation="Relu")
 
     grouped = LayerSpec("Conv", [3, 3], [1, 1], [1] * 4, [1, 1], False, [14, 14], 1, activation="Relu",
                         fixed_groups=PROBE_GROUPS)
-    return {"conv1x1": conv(1), "conv": conv(3), "depthwise": conv(3, depthwise=True), "grouped": grouped,
-            "gemm": LayerSpec("MatMul", [], [], [], [], False, [196], 1, has_bias=True)}
+    # spatial sizes that give each kind ~0.1-0.3 ms at 64 channels on a CPU: a 20 µs kernel's
+    # timing noise let the fit take noise for blocks (a 1x1 conv at 14x14 read "padded to 2")
+    return {"conv1x1": conv(1, 28), "conv": conv(3, 14), "depthwise": conv(3, 56, depthwise=True),
+            "grouped": grouped, "gemm": LayerSpec("MatMul", [], [], [], [], False, [784], 1, has_bias=True)}
 
 
 PROBE_GROUPS = 2  # the grouped probe's group count; its rule is in channels per group
@@ -151,6 +153,7 @@ def _rule_fit(widths: np.ndarray, log_ms: np.ndarray, align: int, block: int) ->
 # A rule with fallback widths (align > 1) must explain the timings this much better than the
 # best rule without: two more parameters fit noise a little better by themselves.
 ALIGN_GAIN = 0.6
+PAD_GAIN = 0.7  # likewise a padding block over the smooth line (same parameters, but 6 blocks to pick from)
 NOISE_RMS = 0.012  # log-residual RMS under which an axis counts as smooth (timing noise)
 
 
@@ -159,8 +162,9 @@ def axis_rule(ms: dict[int, float]):
 
     Every rule (align in ALIGNS, block in PAD_BLOCKS or 1) is fitted by least squares: the
     log ms of the aligned widths a line in the log of their padded width, the other widths'
-    a line of their own; the rule with the smallest RMS residual wins, one without fallback
-    widths (align 1) unless a rule with them cuts the RMS by ALIGN_GAIN or more. An axis whose
+    a line of their own; the rule with the smallest RMS residual wins: a padding block only
+    if it cuts the smooth fit's RMS to PAD_GAIN or below, fallback widths (align > 1) only if
+    they cut the best rule without them to ALIGN_GAIN or below. An axis whose
     smooth fit is already within timing noise (NOISE_RMS) is smooth. The penalty is the
     median fallback ms over the fast line at the padded width."""
     from latprune.lut.blocking import AxisRule
@@ -175,7 +179,8 @@ def axis_rule(ms: dict[int, float]):
         return AxisRule()
     fits = {(a, b): _rule_fit(widths, log_ms, a, b)
             for a in ALIGNS for b in [1] + [b for b in PAD_BLOCKS if b % a == 0 and b > a]}
-    plain = min((k for k in fits if k[0] == 1), key=lambda k: (fits[k][0], k[1]))
+    padded = min((k for k in fits if k[0] == 1 and k[1] > 1), key=lambda k: (fits[k][0], k[1]))
+    plain = padded if fits[padded][0] <= PAD_GAIN * smooth_rms else (1, 1)
     aligned = min((k for k in fits if k[0] > 1), key=lambda k: (fits[k][0], k))
     best = aligned if fits[aligned][0] <= ALIGN_GAIN * fits[plain][0] else plain
     if best == (1, 1):
