@@ -66,23 +66,21 @@ def probe_timings(backend, widths=WIDTHS, rounds: int = 3) -> dict[int, float]:
     return {w: float(np.median(v)) for w, v in samples.items()}
 
 
-def channel_step(backend) -> int:
-    """The backend's preferred channel multiple (module doc), probed once per device."""
+def _cache_entry(backend) -> tuple[str, dict, dict]:
+    """(device key, the whole probe cache, the device's fingerprint without timing)."""
     from latprune.profiler.fingerprint import fingerprint_id
 
     fp = {k: v for k, v in backend.fingerprint(timing="isolated").items() if k != "timing"}
-    key = fingerprint_id(fp)
     path = _cache_path()
     try:
         cache = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):
         cache = {}
-    if key in cache and isinstance(cache[key].get("step"), int):
-        return cache[key]["step"]
-    t0 = time.perf_counter()
-    step, ratios = step_from_timings(probe_timings(backend))
-    cache.setdefault(key, {}).update({"step": step, "ratios": {str(b): r for b, r in ratios.items()},
-                                      "fingerprint": fp, "seconds": time.perf_counter() - t0})
+    return fingerprint_id(fp), cache, fp
+
+
+def _save_cache(cache: dict) -> None:
+    path = _cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -90,6 +88,18 @@ def channel_step(backend) -> int:
         os.replace(tmp, path)
     except OSError:
         pass  # a read-only home: probe again next time
+
+
+def channel_step(backend) -> int:
+    """The backend's preferred channel multiple (module doc), probed once per device."""
+    key, cache, fp = _cache_entry(backend)
+    if key in cache and isinstance(cache[key].get("step"), int):
+        return cache[key]["step"]
+    t0 = time.perf_counter()
+    step, ratios = step_from_timings(probe_timings(backend))
+    cache.setdefault(key, {}).update({"step": step, "ratios": {str(b): r for b, r in ratios.items()},
+                                      "fingerprint": fp, "seconds": time.perf_counter() - t0})
+    _save_cache(cache)
     return step
 
 
@@ -241,15 +251,8 @@ def blocking_rules(backend, progress=None) -> tuple["BlockingRules", dict]:
     """(rules, what the probe found: {"seconds", "timings", "version"}) for `backend` on this
     device, probed once per device fingerprint (cached beside channel_step's result)."""
     from latprune.lut.blocking import BlockingRules
-    from latprune.profiler.fingerprint import fingerprint_id
 
-    fp = {k: v for k, v in backend.fingerprint(timing="isolated").items() if k != "timing"}
-    key = fingerprint_id(fp)
-    path = _cache_path()
-    try:
-        cache = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        cache = {}
+    key, cache, fp = _cache_entry(backend)
     entry = cache.get(key, {}).get("blocking")
     if isinstance(entry, dict) and entry.get("version") == BLOCKING_VERSION:
         try:
@@ -262,11 +265,5 @@ def blocking_rules(backend, progress=None) -> tuple["BlockingRules", dict]:
     entry = {"version": BLOCKING_VERSION, "records": rules.as_records(), "seconds": time.perf_counter() - t0,
              "timings": {k: {a: {str(w): t for w, t in v.items()} for a, v in ax.items()} for k, ax in timings.items()}}
     cache.setdefault(key, {"fingerprint": fp})["blocking"] = entry
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, path)
-    except OSError:
-        pass
+    _save_cache(cache)
     return rules, entry
