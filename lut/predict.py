@@ -291,14 +291,7 @@ def predict_raw(problem: Problem, table: LatencyTable, widths: dict[int, int] | 
     """Sum of layer latencies (ms) at the given group widths (dense when omitted), plus the
     layout reorders between blocked and fallback layers (layout_boundaries; none where every
     layer runs its blocked kernel, as at multiples of the step)."""
-    widths = widths or {}
-    full = {g.id: widths.get(g.id, g.size) for g in problem.groups}
-    total = 0.0
-    for layer in problem.layers:
-        if layer.block is not None and layer.block in removed_blocks:
-            continue
-        total += layer_ms(table, layer, layer.c_in.width(full), layer.c_out.width(full))
-    return total + reorder_ms(problem, table, widths, removed_blocks)
+    return predict_layers(problem, table, widths, removed_blocks).raw_ms
 
 
 def _out_hw(spec: LayerSpec) -> list[int]:
@@ -402,13 +395,17 @@ class LayerSum:
     outside: list[str]  # "name (c_in x c_out, how)" of extrapolated or modelled layers
 
 
-def predict_layers(problem: Problem, table: LatencyTable, widths: dict[int, int] | None = None) -> LayerSum:
-    """The layer sum at `widths` (dense when omitted) with its uncertainty (UNCERTAINTY).
-    Raises KeyError for a layer whose signature the table lacks."""
+def predict_layers(problem: Problem, table: LatencyTable, widths: dict[int, int] | None = None,
+                   removed_blocks: list[int] | tuple = ()) -> LayerSum:
+    """The layer sum at `widths` (dense when omitted; layers of `removed_blocks` left out) plus
+    the layout reorders (reorder_ms), with its uncertainty (UNCERTAINTY). Raises KeyError for
+    a layer whose signature the table lacks."""
     full = {g.id: (widths or {}).get(g.id, g.size) for g in problem.groups}
-    reorders = reorder_ms(problem, table, widths)
+    reorders = reorder_ms(problem, table, widths, removed_blocks)
     out = LayerSum(reorders, UNCERTAINTY["modelled"] * reorders, {how: 0 for how in UNCERTAINTY}, [], [])
     for layer in problem.layers:
+        if layer.block is not None and layer.block in removed_blocks:
+            continue
         ci, co = layer.c_in.width(full), layer.c_out.width(full)
         ms, how = table.lookup_detail(layer.spec.signature(), ci, ci if layer.spec.depthwise else co)
         out.raw_ms += ms

@@ -179,34 +179,30 @@ class LatencyTable:
         ms, _ = _interp_grid(other, *self.blocking.padded(spec, c_in, c_out), spec.depthwise)
         return ms * self.blocking.penalty(spec, c_in, c_out), "modelled"
 
-    def is_fast(self, signature: str, c_in: int, c_out: int) -> bool:
-        """Whether a layer of `signature` at (c_in, c_out) runs the fast (blocked) kernel under
-        the table's blocking rules (always, without rules)."""
-        spec = _spec(signature)
-        return not self.blocking or spec is None or self._fast(signature, spec, c_in, c_out)
-
     def _fast(self, signature: str, spec: LayerSpec, c_in: int, c_out: int) -> bool:
         """Whether (c_in, c_out) runs the fast kernel; an axis every cell of the signature
         shares (a stem's 3 input channels) is left out: it never changes, and the runtime may
         treat a narrow fixed input its own way (ONNX Runtime runs a 3-channel input through
         its blocked conv, padding the output)."""
-        grid = self.cells(signature)
-        rows = set(grid)
-        cols = {co for row in grid.values() for co, _ in row}
-        fixed_in = rows == {c_in} and not spec.depthwise
-        fixed_out = cols == {c_out} and not spec.depthwise
-        return self.blocking.fast(spec, c_in, c_out, fixed_in, fixed_out)
+        only_in, only_out = self._classes(signature, spec)["fixed"]
+        return self.blocking.fast(spec, c_in, c_out, c_in == only_in, c_out == only_out)
 
-    def _classes(self, signature: str, spec: LayerSpec) -> dict[str, dict[int, list[tuple[int, float]]]]:
+    def _classes(self, signature: str, spec: LayerSpec) -> dict:
         """The signature's cells split by regime: fast cells at their padded widths (a cell
         measured at the padded width itself wins over one padded to it), fallback cells as
-        measured."""
+        measured; and "fixed": the input and output width every cell shares (None where they
+        differ, and for depthwise layers), which _fast leaves out. Built once per signature."""
         if signature not in self._class_cache:
+            grid = self.cells(signature)
+            rows = set(grid)
+            cols = {co for row in grid.values() for co, _ in row}
+            only_in = next(iter(rows)) if len(rows) == 1 and not spec.depthwise else None
+            only_out = next(iter(cols)) if len(cols) == 1 and not spec.depthwise else None
             fast: dict[tuple[int, int], tuple[bool, float]] = {}
             slow: dict[int, list[tuple[int, float]]] = defaultdict(list)
-            for ci, row in self.cells(signature).items():
+            for ci, row in grid.items():
                 for co, ms in row:
-                    if self._fast(signature, spec, ci, co):
+                    if self.blocking.fast(spec, ci, co, ci == only_in, co == only_out):
                         key = self.blocking.padded(spec, ci, co)
                         exact = key == (ci, co)
                         if key not in fast or (exact and not fast[key][0]):
@@ -216,10 +212,11 @@ class LatencyTable:
             fast_grid: dict[int, list[tuple[int, float]]] = defaultdict(list)
             for (ci, co), (_, ms) in fast.items():
                 fast_grid[ci].append((co, ms))
-            for grid in (fast_grid, slow):
-                for row in grid.values():
+            for g in (fast_grid, slow):
+                for row in g.values():
                     row.sort()
-            self._class_cache[signature] = {"fast": dict(fast_grid), "fallback": dict(slow)}
+            self._class_cache[signature] = {"fast": dict(fast_grid), "fallback": dict(slow),
+                                            "fixed": (only_in, only_out)}
         return self._class_cache[signature]
 
     # ---- whole-model calibration ---------------------------------------------------------
