@@ -277,15 +277,19 @@ def table_build(heldout: int, passes: int, truth_runs: int, seed: int = 0, refin
             "interp_p95_abs_err_speed_adjusted": float(np.percentile(err_adj, 95))}
 
 
-def _layer_sum(path: Path, table):
+def _layer_sum(path: Path, table, graph_reorders: bool = True):
     """lut.predict.predict_layers of the ONNX file at `path` (dense widths) and its overhead
-    elements; None when the table lacks a layer's signature."""
+    elements, as `latprune predict` computes them (the layout reorders counted in the runtime's
+    compiled graph; `graph_reorders=False`: modelled from the blocking rules, as the solver
+    sees them); None when the table lacks a layer's signature."""
     from latprune.lut.predict import overhead_elements, predict_layers
     from latprune.pipeline import analyse, load_model
 
-    prob = analyse(load_model(path), model_name=path.stem).problem
+    model = load_model(path)
+    prob = analyse(model, model_name=path.stem).problem
+    reorders = backend().layout_reorders(model) if graph_reorders and table.blocking else None
     try:
-        return predict_layers(prob, table), overhead_elements(prob)
+        return predict_layers(prob, table, reorders=reorders), overhead_elements(prob)
     except KeyError:
         return None
 
@@ -326,9 +330,10 @@ def any_width_errors(name: str, n_configs: int, input_hw: int = 224, seed: int =
         cal = table.calibration(family)
         rules = table.blocking
         preds = {}
-        for label, use in (("blocking-aware", rules), ("bilinear (no rules)", BlockingRules())):
+        for label, use, graph in (("blocking-aware", rules, True), ("blocking-aware, modelled reorders", rules, False),
+                                  ("bilinear (no rules)", BlockingRules(), False)):
             table.blocking, table._class_cache = use, {}
-            sums = [_layer_sum(p, table) for p in [dense] + configs]
+            sums = [_layer_sum(p, table, graph) for p in [dense] + configs]
             ms = [cal.predict(ls.raw_ms, mel) for ls, mel in sums]
             preds[label] = {"ms": ms, "band": [cal.scale * ls.band_ms for ls, _ in sums],
                             "found": [ls.found for ls, _ in sums]}

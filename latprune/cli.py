@@ -229,6 +229,11 @@ def predict(
           + ("" if out["calibrated"] else " (uncalibrated: sum of layers; run latprune profile)"))
     print(f"layers: {cells['measured']} measured, {cells['interpolated']} interpolated, "
           f"{cells['extrapolated']} extrapolated, {cells['modelled']} from the other regime x the probed penalty")
+    reorders = out["layout_reorders"]
+    if reorders["ms"] > 0:
+        print(f"layout reorders: {reorders['ms']:.3f} ms " + (
+            f"({reorders['count']} in the runtime's compiled graph, {reorders['melements']:.2f} M elements)"
+            if reorders["from"] == "graph" else "(modelled from the blocking rules)"))
     for line in out["extrapolated_layers"][:10]:
         print(f"  outside the table: {line}")
     if out["extrapolated_layers"]:

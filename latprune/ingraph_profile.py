@@ -231,4 +231,7 @@ def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], b
         melements = blocked_overhead_elements(prob, table, timing.widths)
         if melements > 0:
             table.add_reorder_point(timing.overhead_reorder_ms, melements, "overhead")
+        if timing.reorder_melements is not None and timing.reorder_count > 0:
+            table.add_reorder_point(timing.reorder_ms + timing.overhead_reorder_ms, timing.reorder_melements,
+                                    "graph", timing.reorder_count)
     return len(final), timings

@@ -783,7 +783,8 @@ def predict_model(model_path: Path, lut_path: Path | None, threads: int = 1, tim
                 f"run: latprune profile {model_path} --lut {table.path} --timing {timing} --backend {runtime.name}")
         if not table.has_blocking():  # off-grid widths need the device's blocking rules
             table.set_blocking(runtime.blocking_rules()[0])
-        layers = predict_layers(prob, table)
+        reorders = runtime.layout_reorders(analysis.static_model(model)) if table.blocking else None
+        layers = predict_layers(prob, table, reorders=reorders)
         family = model_family(model, data)
         if like is not None:
             family = model_family(load_model(like), Path(like).read_bytes())
@@ -795,7 +796,9 @@ def predict_model(model_path: Path, lut_path: Path | None, threads: int = 1, tim
                 "calibrated": calib is not None, "layers": len(prob.layers),
                 "band_ms": [predicted - scale * layers.band_ms, predicted + scale * layers.band_ms],
                 "cells": layers.found, "interpolated_layers": layers.interpolated,
-                "extrapolated_layers": layers.outside, "blocking": table.blocking.describe()}
+                "extrapolated_layers": layers.outside, "blocking": table.blocking.describe(),
+                "layout_reorders": {"ms": layers.reorder_ms, "from": layers.reorders_from,
+                                    **({} if reorders is None else {"count": reorders[0], "melements": reorders[1]})}}
     finally:
         table.close()
 

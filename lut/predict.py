@@ -393,16 +393,36 @@ class LayerSum:
     found: dict[str, int]
     interpolated: list[str]
     outside: list[str]  # "name (c_in x c_out, how)" of extrapolated or modelled layers
+    reorder_ms: float = 0.0  # the layout reorders' part of raw_ms
+    reorders_from: str = "modelled"  # "graph": counted in the runtime's compiled graph
+
+
+def graph_reorder_ms(table: LatencyTable, reorders: tuple[int, float]) -> float | None:
+    """ms of the layout reorders a runtime's compiled graph holds, (count, millions of
+    elements) from Backend.layout_reorders, priced by the table's fit over its in-graph runs
+    (LatencyTable.reorder_fit); None when the table has no such fit."""
+    fit = table.reorder_fit()
+    if fit is None:
+        return None
+    return fit[0] * reorders[0] + fit[1] * reorders[1]
 
 
 def predict_layers(problem: Problem, table: LatencyTable, widths: dict[int, int] | None = None,
-                   removed_blocks: list[int] | tuple = ()) -> LayerSum:
+                   removed_blocks: list[int] | tuple = (), reorders: tuple[int, float] | None = None) -> LayerSum:
     """The layer sum at `widths` (dense when omitted; layers of `removed_blocks` left out) plus
-    the layout reorders (reorder_ms), with its uncertainty (UNCERTAINTY). Raises KeyError for
-    a layer whose signature the table lacks."""
+    the layout reorders, with its uncertainty (UNCERTAINTY). The reorders: with `reorders`
+    (count, millions of elements: Backend.layout_reorders of the model at exactly these
+    widths), priced by graph_reorder_ms; otherwise modelled from the blocking rules
+    (reorder_ms). Raises KeyError for a layer whose signature the table lacks."""
     full = {g.id: (widths or {}).get(g.id, g.size) for g in problem.groups}
-    reorders = reorder_ms(problem, table, widths, removed_blocks)
-    out = LayerSum(reorders, UNCERTAINTY["modelled"] * reorders, {how: 0 for how in UNCERTAINTY}, [], [])
+    exact = graph_reorder_ms(table, reorders) if reorders is not None else None
+    if exact is not None:
+        out = LayerSum(exact, UNCERTAINTY["interpolated"] * exact, {how: 0 for how in UNCERTAINTY}, [], [],
+                       exact, "graph")
+    else:
+        modelled = reorder_ms(problem, table, widths, removed_blocks)
+        out = LayerSum(modelled, UNCERTAINTY["modelled"] * modelled, {how: 0 for how in UNCERTAINTY}, [], [],
+                       modelled)
     for layer in problem.layers:
         if layer.block is not None and layer.block in removed_blocks:
             continue

@@ -238,12 +238,14 @@ class LatencyTable:
             (self.fp_id, family + OVERHEAD_SUFFIX)).fetchall()
         return fit_overhead([r[0] for r in rows], [r[2] for r in rows], [r[1] for r in rows]) if rows else None
 
-    def add_reorder_point(self, reorder_ms: float, melements: float, kind: str = "layers") -> None:
-        """One in-graph run: the layout reorders of `kind` (ms) and the elements that predict
-        them (millions): "layers", reorders done for fallback convs against
-        lut.predict.layout_boundaries; "overhead", reorders done for other operators against
-        lut.predict.blocked_overhead_elements."""
-        self.add_calibration(REORDER_FAMILIES[kind], 0.0, reorder_ms, melements)
+    def add_reorder_point(self, reorder_ms: float, melements: float, kind: str = "layers", count: int = 0) -> None:
+        """One in-graph run: the layout reorders of `kind` (ms) and what predicts them:
+        "layers", reorders done for fallback convs, against lut.predict.layout_boundaries
+        (millions of elements); "overhead", reorders done for other operators, against
+        lut.predict.blocked_overhead_elements; "graph", all reorders of the runtime's compiled
+        graph, against their `count` and the elements they move (Backend.layout_reorders).
+        The count is kept in the calibration row's raw_ms column."""
+        self.add_calibration(REORDER_FAMILIES[kind], float(count), reorder_ms, melements)
 
     def reorder_cost(self, kind: str = "layers") -> float:
         """ms per million elements of the layout reorders of `kind` (add_reorder_point), from
@@ -251,6 +253,25 @@ class LatencyTable:
         row = self.db.execute("SELECT SUM(measured_ms), SUM(melements) FROM calibration WHERE fingerprint=? "
                               "AND family=? AND melements > 0", (self.fp_id, REORDER_FAMILIES[kind])).fetchone()
         return float(row[0] / row[1]) if row and row[1] else 0.0
+
+    def reorder_fit(self) -> tuple[float, float] | None:
+        """(ms per reorder, ms per million elements) of the runtime's layout reorders, a
+        non-negative least-squares fit over the in-graph runs' "graph" points (each reorder
+        kernel costs a few microseconds however small: EfficientNet's 1x1 squeeze-excite
+        tensors); None without points."""
+        rows = self.db.execute("SELECT raw_ms, melements, measured_ms FROM calibration WHERE fingerprint=? "
+                               "AND family=? AND raw_ms > 0", (self.fp_id, REORDER_FAMILIES["graph"])).fetchall()
+        if not rows:
+            return None
+        import numpy as np
+
+        counts, mel, ms = (np.array(col, dtype=float) for col in zip(*rows))
+        (per_reorder, per_mel), *_ = np.linalg.lstsq(np.column_stack([counts, mel]), ms, rcond=None)
+        if per_reorder < 0 or per_mel < 0:  # one term alone (non-negative least squares in 2-D)
+            if per_mel < 0 or not mel.any():
+                return float(max(0.0, counts @ ms / (counts @ counts))), 0.0
+            return 0.0, float(max(0.0, mel @ ms / (mel @ mel)))
+        return float(per_reorder), float(per_mel)
 
     def reference_phase(self, key: str) -> float | None:
         """The reference model's kernel time (ms) that in-graph cells profiled with reference
@@ -280,7 +301,8 @@ class LatencyTable:
 
 MIN_POINTS_3TERM = 5
 OVERHEAD_SUFFIX = "/in-graph-overhead"
-REORDER_FAMILIES = {"layers": "in-graph-layout-reorders", "overhead": "in-graph-layout-reorders/overhead"}
+REORDER_FAMILIES = {"layers": "in-graph-layout-reorders", "overhead": "in-graph-layout-reorders/overhead",
+                    "graph": "in-graph-layout-reorders/graph"}
 REFERENCE_PREFIX = "in-graph-reference/"
 
 

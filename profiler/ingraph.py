@@ -44,6 +44,10 @@ class ConfigTiming:
     # layout reorders done for other operators (a squeeze-excite Mul that runs in plain layout
     # beside blocked convs): ms, kept out of unmapped_ms (lut.predict.blocked_overhead_elements)
     overhead_reorder_ms: float = 0.0
+    # all layout reorders in the runtime's compiled graph (both kinds above): how many, and the
+    # elements they move (millions); None where the backend cannot say (lut.predict graph fit)
+    reorder_count: int = 0
+    reorder_melements: float | None = None
 
 
 # How long each model is profiled: at least MIN_SECONDS of runs, between MIN_RUNS and MAX_RUNS

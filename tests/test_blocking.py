@@ -163,6 +163,45 @@ def test_layout_reorders_are_counted_for_the_fallback_layer_that_needs_them():
     assert reorder_ms[16] == 0 < reorder_ms[13]  # kept apart from the layers' cells
 
 
+def test_the_runtime_says_which_layout_reorders_its_compiled_graph_holds():
+    """ONNX Runtime's optimised graph of the chain at 13 channels holds, besides the head's
+    reorder (32 x 1 x 1 after the pooling), the two around the fallback conv: its 13-channel
+    input and its 32-channel output, 24 x 24 each. The in-graph profile of the same model
+    counts the same reorders (ConfigTiming.reorder_count / reorder_melements)."""
+    from latprune.ingraph_profile import layer_names
+    from latprune.profiler.backends import get_backend
+    from latprune.profiler.ingraph import profile_interleaved
+
+    ort = get_backend("ort-cpu")
+    head = ort.layout_reorders(_chain(16))
+    count, mel = ort.layout_reorders(_chain(13))
+    assert count == head[0] + 2
+    assert mel - head[1] == pytest.approx((13 + 32) * 24 * 24 / 1e6)
+    analysis = analyse(normalise(_chain(13)), step=8)
+    data = analysis.model.SerializeToString()
+    [timing] = profile_interleaved([{}], lambda _: data, data, layer_names(analysis.model, analysis.problem),
+                                   min_seconds=0, min_runs=3)
+    assert (timing.reorder_count, timing.reorder_melements) == (count, pytest.approx(mel))
+
+
+def test_graph_reorders_are_priced_per_reorder_and_per_element(tmp_path):
+    """LatencyTable.reorder_fit recovers a fixed cost per reorder kernel and a cost per element
+    from in-graph runs, and predict_layers prices the reorders a compiled graph holds with it
+    in place of the modelled ones."""
+    from latprune.lut.predict import graph_reorder_ms
+
+    t = LatencyTable(tmp_path / "lut.sqlite", FP)
+    assert t.reorder_fit() is None and graph_reorder_ms(t, (3, 1.0)) is None
+    for count, mel in ((10, 0.5), (30, 0.6), (20, 2.0)):
+        t.add_reorder_point(0.004 * count + 0.2 * mel, mel, "graph", count)
+    per_reorder, per_mel = t.reorder_fit()
+    assert (per_reorder, per_mel) == (pytest.approx(0.004), pytest.approx(0.2))
+    t.add_reorder_point(0.5, 1.0, "layers")  # other kinds stay apart
+    assert t.reorder_fit() == (pytest.approx(0.004), pytest.approx(0.2))
+    assert graph_reorder_ms(t, (5, 1.5)) == pytest.approx(0.02 + 0.3)
+    t.close()
+
+
 def test_predict_layers_says_how_each_value_was_found(table):
     analysis = analyse(normalise(residual_cnn()), step=8)
     with pytest.raises(KeyError):  # the table holds none of this model's signatures

@@ -175,6 +175,12 @@ class Backend(abc.ABC):
 
         return blocking_rules(self, progress)
 
+    def layout_reorders(self, model) -> tuple[int, float] | None:
+        """(count, millions of elements) of the layout reorders this runtime adds to `model`
+        (ONNX, static shapes) around its blocked kernels, read from its compiled graph; None
+        where the runtime does not say (lut.predict then models them from the blocking rules)."""
+        return None
+
     # ---- build, run, measure -------------------------------------------------------------------
     @abc.abstractmethod
     def load(self, model) -> Runner:

@@ -9,6 +9,7 @@ optimised graph names.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -98,6 +99,44 @@ def _reorder_neighbours(graph) -> dict[str, list[str]]:
     return out
 
 
+def _tensor_elements(model_bytes: bytes) -> dict[str, int]:
+    """{tensor: elements} of a model (ONNX shape inference; symbolic input dimensions read as 1,
+    the batch tables are keyed by); {} if inference fails."""
+    import onnx
+
+    try:
+        model = onnx.load_from_string(model_bytes)
+        for inp in model.graph.input:
+            for dim in inp.type.tensor_type.shape.dim:
+                if not dim.HasField("dim_value") or dim.dim_value <= 0:
+                    dim.dim_value = 1
+        graph = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:
+        return {}
+    out = {}
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim]
+        if dims and all(d > 0 for d in dims):
+            out[vi.name] = math.prod(dims)
+    return out
+
+
+def _reorder_sizes(graph, elements: dict[str, int]) -> dict[str, int] | None:
+    """{layout reorder node: elements it moves} in ONNX Runtime's optimised graph: its plain
+    side (a ReorderInput's input, a ReorderOutput's output keeps the original tensor's name),
+    sized from the original model's shapes; None if a reorder's size is unknown."""
+    if graph is None:
+        return None
+    sizes = {}
+    for n in graph.node:
+        if n.op_type in ("ReorderInput", "ReorderOutput"):
+            tensor = n.input[0] if n.op_type == "ReorderInput" else n.output[0]
+            if tensor not in elements:
+                return None
+            sizes[n.name] = elements[tensor]
+    return sizes
+
+
 class OrtProfiled(ProfiledModel):
     """One model open twice: under ONNX Runtime's profiler (kernel times) and plain (end-to-end
     time of the same moments)."""
@@ -122,6 +161,7 @@ class OrtProfiled(ProfiledModel):
         graph = _optimized_graph(optimized)
         self.fused_outputs = _fused_outputs(graph)
         self.reorders = _reorder_neighbours(graph)
+        self.reorder_sizes = _reorder_sizes(graph, _tensor_elements(data))
         self.feed = random_feed(self.profiled)
         self.plain = make_session(data, threads)
         self.plain_feed = random_feed(self.plain)
@@ -169,6 +209,9 @@ class OrtProfiled(ProfiledModel):
                                    node_layer, widths, float(np.median(self.plain_ms)), self.runs)
         timing.reorder_ms = sum(kernel_ms[k] for k in for_layer)
         timing.overhead_reorder_ms = sum(kernel_ms[k] for k in for_other)
+        if self.reorder_sizes is not None:  # the graph's own reorders, for lut.predict's graph fit
+            timing.reorder_count = len(self.reorder_sizes)
+            timing.reorder_melements = sum(self.reorder_sizes.values()) / 1e6
         return timing
 
 
@@ -280,6 +323,27 @@ class OrtBackend(Backend):
             return super().profiled(data, prefix)
         self.check()
         return OrtProfiled(data, self.threads, prefix)
+
+    def layout_reorders(self, model) -> tuple[int, float] | None:
+        """The layout reorders ONNX Runtime's CPU optimiser puts into `model` (static shapes)
+        around its NCHWc kernels: (count, millions of elements moved), read from the optimised
+        graph of a session that is created, not run (~0.1 s). None on GPU providers or when a
+        reorder's size is unknown."""
+        if not self.cpu:
+            return None
+        import tempfile
+
+        from latprune.profiler.onnxrt import make_session, session_options
+
+        data = _model_bytes(model)
+        with tempfile.TemporaryDirectory(prefix="latprune-opt-") as tmp:
+            opts = session_options(self.threads)
+            opts.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+            opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.bin")
+            opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "64")
+            make_session(data, self.threads, opts)
+            sizes = _reorder_sizes(_optimized_graph(opts.optimized_model_filepath), _tensor_elements(data))
+        return None if sizes is None else (len(sizes), sum(sizes.values()) / 1e6)
 
     def time_layer(self, spec, c_in: int, c_out: int) -> TimingStats:
         if not self.cpu:
