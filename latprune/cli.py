@@ -119,6 +119,7 @@ def optimize(
     importance: str = typer.Option("l1", "--importance", help=help_text("importance")),
     distortion: str = typer.Option("forward", "--distortion", help=help_text("distortion")),
     repair: str = typer.Option("auto", "--repair", help=help_text("repair")),
+    recover_steps: int = typer.Option(0, "--recover-steps", help=help_text("recover_steps")),
     step: Optional[int] = typer.Option(None, "--step", help=help_text("step")),
     max_candidates: int = typer.Option(16, "--max-candidates", help=help_text("max_candidates")),
     remove_blocks: str = typer.Option("auto", "--remove-blocks", help=help_text("remove_blocks")),
@@ -145,8 +146,8 @@ def optimize(
                                sequence_length=sequence_length,
                                time_limit_s=time_limit, importance=importance, objective=objective,
                                distortion=distortion, calib=calib, calib_samples=calib_samples,
-                               repair=repair, flops_ratio=flops_ratio, params_ratio=params_ratio,
-                               timing=timing)
+                               repair=repair, recover_steps=recover_steps, flops_ratio=flops_ratio,
+                               params_ratio=params_ratio, timing=timing)
         report = run(model, out, opts, _RichProgress(quiet, show_progress))
     except LatpruneError as exc:
         _fail(exc)
@@ -675,6 +676,8 @@ def finetune(
     step: Optional[int] = typer.Option(None, "--step", help="channel widths are multiples of STEP"),
     torch_threads: int = typer.Option(0, "--torch-threads", help="torch intra-op threads for training "
                                       "(0: torch's default)"),
+    distill: float = typer.Option(0.0, "--distill", help="share (0-1) of the loss that is distillation from the "
+                                  "dense model (KL divergence at temperature 4); 0: labels only"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     show_progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
 ) -> None:
@@ -689,7 +692,7 @@ def finetune(
     try:
         _run_finetune(model, out, speedup, budget_ms, method, epochs, decay_steps, rate_threshold,
                       length_threshold, lr, batch_size, seed, subset, test_limit, data, lut, threads,
-                      solver, calib, distortion, step, torch_threads, quiet, show_progress)
+                      solver, calib, distortion, step, torch_threads, quiet, show_progress, distill)
     except LatpruneError as exc:
         _fail(exc)
 
@@ -722,7 +725,7 @@ def _load_cifar_module(model: str, data: Optional[Path]):
 
 def _run_finetune(model, out, speedup, budget_ms, method, epochs, decay_steps, rate_threshold,
                   length_threshold, lr, batch_size, seed, subset, test_limit, data, lut, threads,
-                  solver, calib, distortion, step, torch_threads, quiet, show_progress) -> None:
+                  solver, calib, distortion, step, torch_threads, quiet, show_progress, distill=0.0) -> None:
     import shutil
     import tempfile
     import time
@@ -783,7 +786,8 @@ def _run_finetune(model, out, speedup, budget_ms, method, epochs, decay_steps, r
 
         res = run_finetune(module, graph, plan, method, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                            subset=subset, decay_steps=decay_steps, rate_threshold=rate_threshold,
-                           length_threshold=length_threshold, data=data, progress=log, log_every=100)
+                           length_threshold=length_threshold, data=data, progress=log, log_every=100,
+                           distill=distill)
         top1_masked = evaluate(module, x_test, y_test)
         progress.stage("cutting the channels (ONNX surgery) and measuring")
         pruned = export_pruned(graph, res.plan)
@@ -794,7 +798,7 @@ def _run_finetune(model, out, speedup, budget_ms, method, epochs, decay_steps, r
         budget = budget_ms if budget_ms is not None else timed["dense"].median_ms / speedup
         pd = res.pruner
         report = {
-            "model": label, "method": method, "dense_ms": timed["dense"].median_ms, "budget_ms": budget,
+            "model": label, "method": method, "distill": distill, "dense_ms": timed["dense"].median_ms, "budget_ms": budget,
             "predicted_ms": opt_report.get("predicted_ms"), "measured_ms": timed["pruned"].median_ms,
             "measured_p90_ms": timed["pruned"].p90_ms, "meets_budget": timed["pruned"].median_ms <= budget,
             "speedup": timed["dense"].median_ms / timed["pruned"].median_ms,

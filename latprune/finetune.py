@@ -32,6 +32,7 @@ import numpy as np
 from latprune.types import InputError, Plan
 
 METHODS = ("oneshot", "dpm", "dpm-sr")
+DISTILL_TEMPERATURE = 4.0
 TRAIN_ZIP = "cifar10-train-jpg.zip"
 TEST_NPZ = "cifar10-test.npz"
 
@@ -194,7 +195,8 @@ def finetune(module, graph, plan: Plan, method: str = "dpm-sr", epochs: float = 
              length_threshold: float | None = None, weight_decay: float = 5e-4, momentum: float = 0.9,
              data: str | Path | None = None, train_set=None,
              eval_set: tuple[np.ndarray, np.ndarray] | None = None,
-             progress: Callable[[dict], None] | None = None, log_every: int = 50) -> FinetuneResult:
+             progress: Callable[[dict], None] | None = None, log_every: int = 50,
+             distill: float = 0.0, temperature: float = DISTILL_TEMPERATURE) -> FinetuneResult:
     """Fine-tune `module` (analysed as `graph`) towards `plan` on CIFAR-10 training images.
 
     `epochs` may be fractional (steps = ceil(epochs · len(data) / batch_size)); `subset`: that
@@ -202,13 +204,24 @@ def finetune(module, graph, plan: Plan, method: str = "dpm-sr", epochs: float = 
     `decay_steps` (dpm, dpm-sr): None = half of the total steps (decay in the first half,
     recover at the final width in the second); clipped to the total steps. `eval_set`: (x, y)
     evaluated after each epoch. `progress(record)` gets every `log_every` steps and each
-    epoch's record. Returns the module (trained in place), the final plan, the pruner and a
+    epoch's record. `distill` (0..1): the share of the loss that is knowledge distillation from
+    a frozen copy of the dense module (Hinton et al.: KL divergence between the softened
+    outputs at `temperature`, times its square), the rest cross-entropy with the labels. Returns the module (trained in place), the final plan, the pruner and a
     history of records {epoch, step, loss, lr, train_top1, ...}.
     """
     torch = _torch()
     if epochs <= 0 or lr <= 0 or batch_size < 1:
         raise InputError("epochs and lr must be positive and batch_size at least 1")
+    if not 0.0 <= distill <= 1.0 or temperature <= 0:
+        raise InputError("distill must lie in [0, 1] and the temperature be positive")
     torch.manual_seed(seed)
+    teacher = None
+    if distill > 0:  # the dense module, frozen, before any channel is decayed
+        import copy
+
+        teacher = copy.deepcopy(module).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
     if train_set is None:
         train_set = CifarTrain(subset, data, augment=True, seed=seed)
     if len(train_set) == 0:
@@ -234,6 +247,12 @@ def finetune(module, graph, plan: Plan, method: str = "dpm-sr", epochs: float = 
         for xb, yb in loader:
             out = module(xb)
             loss = torch.nn.functional.cross_entropy(out, yb)
+            if teacher is not None:
+                with torch.no_grad():
+                    soft = torch.nn.functional.softmax(teacher(xb) / temperature, dim=1)
+                kd = torch.nn.functional.kl_div(torch.nn.functional.log_softmax(out / temperature, dim=1), soft,
+                                                reduction="batchmean") * temperature ** 2
+                loss = (1 - distill) * loss + distill * kd
             opt.zero_grad(set_to_none=True)
             loss.backward()
             pruner.before_step()

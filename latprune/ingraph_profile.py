@@ -151,6 +151,40 @@ def profile_configs(analysis, configs: list[dict[int, int]], backend=1,
 
 
 
+CLOCK_KEY = "clock/conv3x3-64-28/v1"
+
+
+def clock_model() -> bytes:
+    """The table's clock: one 3x3 conv, 64 -> 64 channels at 28x28 (~0.5 ms on one core),
+    the same bytes on every machine and every run (profiler.layers.layer_model, seed 0)."""
+    from latprune.profiler.layers import layer_model
+
+    spec = LayerSpec("Conv", [3, 3], [1, 1], [1, 1, 1, 1], [1, 1], False, [28, 28], 1, activation="Relu")
+    return layer_model(spec, 64, 64).SerializeToString()
+
+
+def anchored_phase(table, analysis, backend=1, min_seconds: float = MIN_SECONDS) -> float:
+    """The kernel time (ms) the in-graph cells of a model new to `table` are scaled to: its
+    dense model's kernel time, timed in interleaved rounds beside the table's clock
+    (clock_model), times (the clock's first recorded time / its time in these rounds). Cells
+    of different models profiled into one table at different moments then share one speed of
+    the machine: without the clock each model was scaled to its own first profile's phase, and
+    a model profiled in one of this VM's slow phases read 17% slow against the others
+    (RegNetX, issue 15). The first model of a table records the clock."""
+    from latprune.profiler.backends import as_backend
+
+    backend = as_backend(backend)
+    [clock] = profile_interleaved([None], lambda _: clock_model(), analysis.static_model().SerializeToString(),
+                                  {}, backend.threads, min_seconds=min_seconds, backend=backend)
+    clock_ms = clock.unmapped_ms + sum(clock.layer_ms.values()) + clock.reorder_ms + clock.overhead_reorder_ms
+    reference_ms = clock.phase_ms  # the dense model's kernel time in the same rounds
+    first = table.reference_phase(CLOCK_KEY)
+    if first is None:
+        table.set_reference_phase(CLOCK_KEY, clock_ms)
+        return reference_ms
+    return reference_ms * first / clock_ms
+
+
 def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], backend=1,
                      grid_points: int = 5, progress: Callable[[int, int], None] | None = None,
                      remeasure: bool = False, passes: int = 1,
@@ -160,10 +194,11 @@ def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], b
     per pass (each pass its own design, so a cell is measured in `passes` different models
     and moments; a cell's value is the median). Cells are committed after each batch of runs
     (profiler.ingraph.BATCH models: an interrupted profile resumes, losing at most one batch),
-    and rescaled to the whole profile's median phase at the end: the first in-graph profile of
-    a model in a table records that phase (table.set_reference_phase, keyed by the model's
-    hash) and later ones (resumed, refined, re-timed) scale to it, so a machine that drifted
-    in between does not leave cells of two scales side by side. Cells no run could reach are
+    and scaled to one phase of the machine: the first in-graph profile of a model in a table
+    records its dense model's kernel time on the table's clock (anchored_phase;
+    table.set_reference_phase, keyed by the model's hash) and every profile of it (the first,
+    resumed, refined, re-timed) scales its batches to it, so a machine that drifted in between
+    does not leave cells of two scales side by side, within a model or across models. Cells no run could reach are
     left out (the caller times them alone). The runs draw each group's widths from its grid
     plus any width the cells ask of it (refined grids: lut.predict.refine_widths). Returns
     (cells stored, the runs). `backend`: the runtime whose profiler times the runs (an int:
@@ -211,9 +246,10 @@ def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], b
 
     reference = reference_key(analysis.model)
     phase_ms = table.reference_phase(reference)
+    if phase_ms is None:  # a model new to the table: its phase on the table's clock
+        phase_ms = anchored_phase(table, analysis, backend, min_seconds)
+        table.set_reference_phase(reference, phase_ms)
     timings = profile_configs(analysis, configs, backend, store, min_seconds, phase_ms=phase_ms)
-    if timings and phase_ms is None:
-        table.set_reference_phase(reference, timings[0].reference_ms)
     final: dict[tuple[str, int, int], list[float]] = defaultdict(list)
     runs: dict[tuple[str, int, int], int] = defaultdict(int)
     for timing in timings:  # the final scale (timings come back rescaled)

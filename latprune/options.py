@@ -48,6 +48,10 @@ class OptimizeSettings(BaseModel):
         "forward", description="distortion curves: forward (measured) | fisher (estimated)")
     repair: Literal[REPAIRS] = Field(  # type: ignore[valid-type]
         "auto", description="none | bias | lsq (auto: lsq with calibration inputs, else none)")
+    recover_steps: int = Field(0, ge=0, le=100_000,
+                               description="label-free recovery after repair: this many steps of distillation "
+                                           "from the dense model's outputs on the calibration inputs (needs "
+                                           "--calib and PyTorch; 0: off)")
     calib_samples: int = Field(256, ge=1, le=100_000, description="calibration inputs used at most")
     step: int | None = Field(None, ge=1, le=1024, description="channel widths are multiples of STEP (default: "
                                                                "the backend's block, probed on the device)")

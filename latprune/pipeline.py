@@ -94,6 +94,8 @@ def check_options(opts: OptimizeOptions) -> None:
         raise InputError(f"--calib-samples must be at least 1, not {opts.calib_samples}")
     data_driven = (opts.resolved_objective() == "distortion" or opts.resolved_repair() != "none"
                    or opts.importance in ("activation", "taylor"))
+    if opts.recover_steps and not opts.calib:
+        raise InputError("--recover-steps distils on the calibration inputs: give --calib FILE.npz")
     if data_driven and not opts.calib:
         raise InputError("the distortion objective, repair and activation/taylor importance need "
                          "calibration inputs: --calib FILE.npz (or --calib noise for the zero-data mode)")
@@ -439,6 +441,8 @@ def optimize_model(model_path: Path, opts: OptimizeOptions, progress: Progress |
         else:
             plan, pruned, report = _optimize_latency(model_path, opts, analysis, scoring, family, progress, wall0,
                                                       measurer, backend)
+        if opts.recover_steps:
+            pruned, report["recovery"] = _recovered(analysis, pruned, scoring, opts.recover_steps, progress)
         save_model_atomic(pruned, work / "final.onnx")
         artifact = measurer.artifact(work / "final.onnx")
         # an ONNX artifact (ONNX Runtime) is pruned.onnx itself (timed at the sequence length)
@@ -597,6 +601,20 @@ def _repaired(analysis: Analysis, plan: Plan, scoring: Scoring, progress: Progre
     from latprune.pruner.repair import repair
     progress.stage(f"repairing the pruned layers ({mode}) from {len(scoring.calib_x)} calibration inputs")
     return repair(analysis, plan, pruned, scoring.calib_x, mode=mode, progress=progress.advance)
+
+
+def _recovered(analysis: Analysis, pruned: onnx.ModelProto, scoring: Scoring, steps: int,
+               progress: Progress) -> tuple[onnx.ModelProto, dict]:
+    """The final pruned model after `steps` of label-free distillation from the dense model on
+    the calibration inputs (pruner.recover; same graph, so the measured latency stands), and
+    what the recovery did."""
+    from latprune.pruner.recover import recover
+
+    progress.stage(f"label-free recovery: {steps} distillation steps on {len(scoring.calib_x)} calibration inputs")
+    model, rec = recover(analysis.model, pruned, scoring.calib_x, steps, progress=progress.advance)
+    progress.info(f"held-out distance to the dense outputs {rec.holdout_loss_before:.4f} -> "
+                  f"{rec.holdout_loss_after:.4f} (step {rec.best_step} kept, {rec.seconds:.0f} s)")
+    return model, rec.as_dict()
 
 
 def _add_scoring(report: dict, scoring: Scoring) -> None:

@@ -361,3 +361,29 @@ def test_runner_goes_item_by_item_when_the_graph_fixes_the_batch(merge_batch):
     want = x.sum(axis=1, keepdims=True) if merge_batch else x + np.arange(4, dtype=np.float32)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+# ---- label-free recovery (pruner.recover, issue 16) ----------------------------------------
+
+def test_label_free_recovery_moves_the_pruned_outputs_towards_the_dense_ones(residual):
+    """Distillation steps on calibration inputs bring the pruned model's outputs closer to the
+    dense model's on inputs it never saw, keep the graph (so the latency) as it is, and report
+    the held-out loss of the weights they wrote."""
+    pytest.importorskip("torch")
+    from latprune.pruner.recover import recover
+
+    plan = _real_plans(residual)[0][1]
+    pruned = apply_plan(residual, plan)
+    x, held = _noise(64, 0), _noise(32, 1)
+    recovered, rec = recover(residual.model, pruned, x, steps=60, lr=1e-3, batch=16, eval_every=10)
+    dense = Runner(residual.model)
+    ref = dense.logits(held)
+    assert mse(Runner(recovered).logits(held), ref) < 0.8 * mse(Runner(pruned).logits(held), ref)
+    assert 0 < rec.best_step <= 60 and rec.holdout_loss_after < rec.holdout_loss_before
+    onnx.checker.check_model(recovered, full_check=True)
+    assert [(n.name, n.op_type) for n in recovered.graph.node] == [(n.name, n.op_type) for n in pruned.graph.node]
+    assert _layer_param_shapes(recovered) == _layer_param_shapes(pruned)
+    with pytest.raises(InputError):
+        recover(residual.model, pruned, x[:1], steps=5)
+    with pytest.raises(InputError):
+        recover(residual.model, pruned, x, steps=0)

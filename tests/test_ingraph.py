@@ -337,3 +337,23 @@ def test_profile_in_graph_reaches_widths_added_to_the_grid(tmp_path):
     stored, _ = profile_in_graph(table, analysis, todo, grid_points=3, min_seconds=0)  # widths from the cells
     assert stored > 0 and len(missing_cells(prob, table, 3, extra)) < len(todo)
     table.close()
+
+
+def test_models_new_to_a_table_are_scaled_to_the_tables_clock(tmp_path):
+    """The first model profiled into a table records the clock's kernel time; a later model's
+    phase is its dense kernel time times (recorded clock / clock now): a table whose clock was
+    recorded on a machine 3x slower scales a new model's cells up by about 3."""
+    from latprune.ingraph_profile import CLOCK_KEY, anchored_phase
+
+    analysis = _analysis(residual_cnn(blocks=1, width=16))
+    table = LatencyTable(tmp_path / "t.sqlite", cpu_fingerprint(threads=1, timing="in-graph"))
+    plain = anchored_phase(table, analysis, min_seconds=0.2)
+    clock = table.reference_phase(CLOCK_KEY)
+    assert plain > 0 and clock > 0
+    slow = LatencyTable(tmp_path / "slow.sqlite", cpu_fingerprint(threads=1, timing="in-graph"))
+    slow.set_reference_phase(CLOCK_KEY, 3 * clock)
+    scaled = anchored_phase(slow, analysis, min_seconds=0.2)
+    assert slow.reference_phase(CLOCK_KEY) == 3 * clock  # the first record stays
+    assert 2.0 < scaled / plain < 4.5
+    table.close()
+    slow.close()

@@ -143,6 +143,7 @@ class OrtProfiled(ProfiledModel):
 
     fused_outputs: dict[str, list[str]] = {}  # nodes ONNX Runtime made -> the tensors they write
     reorders: dict[str, list[str]] = {}  # layout reorder nodes -> the nodes they are done for
+    reorder_sizes: dict[str, int] | None = None  # layout reorder nodes -> elements they move
 
     def __init__(self, data: bytes, threads: int, prefix: str):
         from latprune.profiler.onnxrt import make_session, random_feed, session_options
