@@ -96,7 +96,8 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None, help="test images (default all 10,000)")
     ap.add_argument("--lut", default=str(OUT / "lut.sqlite"))
     ap.add_argument("--step", type=int, default=8)
-    ap.add_argument("--recover-steps", type=int, default=300, help="steps of the lsq+recover rows")
+    ap.add_argument("--recover-steps", type=int, default=300, help="steps of the lsq+recover rows "
+                    "(1024 calibration inputs, as optimize --recover-steps)")
     args = ap.parse_args()
 
     dense_path = bench_models.exported("cifar_resnet56")
@@ -104,6 +105,8 @@ def main() -> int:
     x_test, y_test = bench_models.cifar_test_arrays(args.limit)
     _, _, analysis = prepare(dense_path, step=args.step)
     x_cal = load_calibration(calib, input_shape(analysis.model), 256)
+    from latprune.pruner.recover import RECOVER_SAMPLES
+    x_rec = load_calibration(calib, input_shape(analysis.model), RECOVER_SAMPLES)  # as optimize --recover-steps
     out_json = OUT / "accuracy.json"
     state = json.loads(out_json.read_text()) if out_json.is_file() else {"rows": []}
     done = {(r["budget"], r["config"], r["repair"]) for r in state["rows"]}
@@ -142,7 +145,7 @@ def main() -> int:
                 if mode == "lsq+recover":
                     from latprune.pruner.recover import recover
 
-                    model, rec = recover(analysis.model, repair(analysis, plan, pruned, x_cal, mode="lsq"), x_cal,
+                    model, rec = recover(analysis.model, repair(analysis, plan, pruned, x_cal, mode="lsq"), x_rec,
                                          args.recover_steps)
                     extra = {"recovery": rec.as_dict()}
                 else:

@@ -442,7 +442,7 @@ def optimize_model(model_path: Path, opts: OptimizeOptions, progress: Progress |
             plan, pruned, report = _optimize_latency(model_path, opts, analysis, scoring, family, progress, wall0,
                                                       measurer, backend)
         if opts.recover_steps:
-            pruned, report["recovery"] = _recovered(analysis, pruned, scoring, opts.recover_steps, progress)
+            pruned, report["recovery"] = _recovered(analysis, pruned, scoring, opts, progress)
         save_model_atomic(pruned, work / "final.onnx")
         artifact = measurer.artifact(work / "final.onnx")
         # an ONNX artifact (ONNX Runtime) is pruned.onnx itself (timed at the sequence length)
@@ -603,15 +603,21 @@ def _repaired(analysis: Analysis, plan: Plan, scoring: Scoring, progress: Progre
     return repair(analysis, plan, pruned, scoring.calib_x, mode=mode, progress=progress.advance)
 
 
-def _recovered(analysis: Analysis, pruned: onnx.ModelProto, scoring: Scoring, steps: int,
+def _recovered(analysis: Analysis, pruned: onnx.ModelProto, scoring: Scoring, opts: OptimizeOptions,
                progress: Progress) -> tuple[onnx.ModelProto, dict]:
     """The final pruned model after `steps` of label-free distillation from the dense model on
     the calibration inputs (pruner.recover; same graph, so the measured latency stands), and
-    what the recovery did."""
-    from latprune.pruner.recover import recover
+    what the recovery did. It reads up to RECOVER_SAMPLES inputs of the calibration file."""
+    steps = opts.recover_steps
+    from latprune.calibration import load_calibration
+    from latprune.pruner.forward import input_shape
+    from latprune.pruner.recover import RECOVER_SAMPLES, recover
 
-    progress.stage(f"label-free recovery: {steps} distillation steps on {len(scoring.calib_x)} calibration inputs")
-    model, rec = recover(analysis.model, pruned, scoring.calib_x, steps, progress=progress.advance)
+    x = scoring.calib_x
+    if opts.calib != "noise" and opts.calib_samples < RECOVER_SAMPLES:  # more of the file, when it has them
+        x = load_calibration(opts.calib, input_shape(analysis.model), RECOVER_SAMPLES)
+    progress.stage(f"label-free recovery: {steps} distillation steps on {len(x)} calibration inputs")
+    model, rec = recover(analysis.model, pruned, x, steps, progress=progress.advance)
     progress.info(f"held-out distance to the dense outputs {rec.holdout_loss_before:.4f} -> "
                   f"{rec.holdout_loss_after:.4f} (step {rec.best_step} kept, {rec.seconds:.0f} s)")
     return model, rec.as_dict()

@@ -3,6 +3,7 @@ inputs, the distortion objective with the DP, lsq repair, FLOPs budgets, the HAL
 threshold baselines, and one clear error line for every bad combination."""
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -40,14 +41,22 @@ def _valid_outputs(out, dense_path) -> tuple[dict, Plan]:
     return report, plan
 
 
+# label-free recovery needs torch (./test.sh installs it)
+RECOVER = ["--recover-steps", "20"] if importlib.util.find_spec("torch") else []
+
+
 # ---- successful runs -----------------------------------------------------------------------
 
 def test_distortion_dp_with_noise_calibration(residual_path, shared_lut, tmp_path, latprune_home):
     out = tmp_path / "dp"
     proc = _run(residual_path, shared_lut, out, "--speedup", "1.3", "--calib", "noise",
-                "--calib-samples", "16", "--method", "dp", "--rounds", "1")
+                "--calib-samples", "16", "--method", "dp", "--rounds", "1", *RECOVER)
     assert proc.returncode in (0, 3), proc.stderr
     report, plan = _valid_outputs(out, residual_path)
+    if RECOVER:  # label-free recovery ran on the (noise) calibration inputs, best held-out step kept
+        rec = report["recovery"]
+        assert rec["steps"] == 20 and 0 <= rec["best_step"] <= 20
+        assert rec["holdout_loss_after"] <= rec["holdout_loss_before"]
     assert report["meets_budget"] == (proc.returncode == 0)
     scoring = report["scoring"]
     assert scoring["objective"] == "distortion"
@@ -117,6 +126,7 @@ BAD_CLI = {
     "missing calib file": (["--speedup", "1.3", "--calib", "{tmp}/missing.npz"], "missing.npz"),
     "bogus importance": (["--speedup", "1.3", "--importance", "bogus"], "bogus"),
     "bogus repair": (["--speedup", "1.3", "--calib", "noise", "--repair", "bogus"], "bogus"),
+    "recovery without calib": (["--speedup", "1.3", "--recover-steps", "5"], "--calib"),
     "flops ratio above one": (["--flops-ratio", "1.5"], "--flops-ratio"),
     "speedup and flops ratio": (["--speedup", "1.3", "--flops-ratio", "0.5"], "exactly one budget"),
 }
