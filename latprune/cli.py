@@ -798,7 +798,8 @@ def _run_finetune(model, out, speedup, budget_ms, method, epochs, decay_steps, r
         budget = budget_ms if budget_ms is not None else timed["dense"].median_ms / speedup
         pd = res.pruner
         report = {
-            "model": label, "method": method, "distill": distill, "dense_ms": timed["dense"].median_ms, "budget_ms": budget,
+            "model": label, "method": method, "distill": distill, "dense_ms": timed["dense"].median_ms,
+            "budget_ms": budget,
             "predicted_ms": opt_report.get("predicted_ms"), "measured_ms": timed["pruned"].median_ms,
             "measured_p90_ms": timed["pruned"].p90_ms, "meets_budget": timed["pruned"].median_ms <= budget,
             "speedup": timed["dense"].median_ms / timed["pruned"].median_ms,

@@ -206,8 +206,9 @@ def finetune(module, graph, plan: Plan, method: str = "dpm-sr", epochs: float = 
     evaluated after each epoch. `progress(record)` gets every `log_every` steps and each
     epoch's record. `distill` (0..1): the share of the loss that is knowledge distillation from
     a frozen copy of the dense module (Hinton et al.: KL divergence between the softened
-    outputs at `temperature`, times its square), the rest cross-entropy with the labels. Returns the module (trained in place), the final plan, the pruner and a
-    history of records {epoch, step, loss, lr, train_top1, ...}.
+    outputs at `temperature`, times its square), the rest cross-entropy with the labels.
+    Returns the module (trained in place), the final plan, the pruner and a history of records
+    {epoch, step, loss, lr, train_top1, ...}.
     """
     torch = _torch()
     if epochs <= 0 or lr <= 0 or batch_size < 1:

@@ -176,7 +176,7 @@ def anchored_phase(table, analysis, backend=1, min_seconds: float = MIN_SECONDS)
     backend = as_backend(backend)
     [clock] = profile_interleaved([None], lambda _: clock_model(), analysis.static_model().SerializeToString(),
                                   {}, backend.threads, min_seconds=min_seconds, backend=backend)
-    clock_ms = clock.unmapped_ms + sum(clock.layer_ms.values()) + clock.reorder_ms + clock.overhead_reorder_ms
+    clock_ms = clock.kernel_ms
     reference_ms = clock.phase_ms  # the dense model's kernel time in the same rounds
     first = table.reference_phase(CLOCK_KEY)
     if first is None:
@@ -198,8 +198,8 @@ def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], b
     records its dense model's kernel time on the table's clock (anchored_phase;
     table.set_reference_phase, keyed by the model's hash) and every profile of it (the first,
     resumed, refined, re-timed) scales its batches to it, so a machine that drifted in between
-    does not leave cells of two scales side by side, within a model or across models. Cells no run could reach are
-    left out (the caller times them alone). The runs draw each group's widths from its grid
+    does not leave cells of two scales side by side, within a model or across models. Cells no
+    run could reach are left out (the caller times them alone). The runs draw each group's widths from its grid
     plus any width the cells ask of it (refined grids: lut.predict.refine_widths). Returns
     (cells stored, the runs). `backend`: the runtime whose profiler times the runs (an int:
     ONNX Runtime on this CPU with that many threads).

@@ -605,16 +605,16 @@ def _repaired(analysis: Analysis, plan: Plan, scoring: Scoring, progress: Progre
 
 def _recovered(analysis: Analysis, pruned: onnx.ModelProto, scoring: Scoring, opts: OptimizeOptions,
                progress: Progress) -> tuple[onnx.ModelProto, dict]:
-    """The final pruned model after `steps` of label-free distillation from the dense model on
+    """The final pruned model after --recover-steps of label-free distillation from the dense model on
     the calibration inputs (pruner.recover; same graph, so the measured latency stands), and
     what the recovery did. It reads up to RECOVER_SAMPLES inputs of the calibration file."""
-    steps = opts.recover_steps
-    from latprune.calibration import load_calibration
+    from latprune.calibration import NOISE, load_calibration
     from latprune.pruner.forward import input_shape
     from latprune.pruner.recover import RECOVER_SAMPLES, recover
 
+    steps = opts.recover_steps
     x = scoring.calib_x
-    if opts.calib != "noise" and opts.calib_samples < RECOVER_SAMPLES:  # more of the file, when it has them
+    if opts.calib != NOISE and opts.calib_samples < RECOVER_SAMPLES:  # more of the file, when it has them
         x = load_calibration(opts.calib, input_shape(analysis.model), RECOVER_SAMPLES)
     progress.stage(f"label-free recovery: {steps} distillation steps on {len(x)} calibration inputs")
     model, rec = recover(analysis.model, pruned, x, steps, progress=progress.advance)

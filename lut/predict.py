@@ -415,14 +415,11 @@ def predict_layers(problem: Problem, table: LatencyTable, widths: dict[int, int]
     widths), priced by graph_reorder_ms; otherwise modelled from the blocking rules
     (reorder_ms). Raises KeyError for a layer whose signature the table lacks."""
     full = {g.id: (widths or {}).get(g.id, g.size) for g in problem.groups}
-    exact = graph_reorder_ms(table, reorders) if reorders is not None else None
-    if exact is not None:
-        out = LayerSum(exact, UNCERTAINTY["interpolated"] * exact, {how: 0 for how in UNCERTAINTY}, [], [],
-                       exact, "graph")
-    else:
-        modelled = reorder_ms(problem, table, widths, removed_blocks)
-        out = LayerSum(modelled, UNCERTAINTY["modelled"] * modelled, {how: 0 for how in UNCERTAINTY}, [], [],
-                       modelled)
+    ms = graph_reorder_ms(table, reorders) if reorders is not None else None
+    source, how = ("graph", "interpolated") if ms is not None else ("modelled", "modelled")
+    if ms is None:
+        ms = reorder_ms(problem, table, widths, removed_blocks)
+    out = LayerSum(ms, UNCERTAINTY[how] * ms, {h: 0 for h in UNCERTAINTY}, [], [], ms, source)
     for layer in problem.layers:
         if layer.block is not None and layer.block in removed_blocks:
             continue

@@ -49,6 +49,11 @@ class ConfigTiming:
     reorder_count: int = 0
     reorder_melements: float | None = None
 
+    @property
+    def kernel_ms(self) -> float:
+        """All kernel time of the run (ms): layers, unclaimed kernels and reorders."""
+        return sum(self.layer_ms.values()) + self.unmapped_ms + self.reorder_ms + self.overhead_reorder_ms
+
 
 # How long each model is profiled: at least MIN_SECONDS of runs, between MIN_RUNS and MAX_RUNS
 # rounds. With models interleaved run by run, 40 rounds of ResNet-50 repeat a kernel's median
@@ -108,7 +113,7 @@ def profile_interleaved(items: Sequence, build: Callable[[object], bytes], refer
             results = [m.finish(names, item) for m, item in zip(members, [None] + chunk)]
             members.clear()  # free this batch's sessions before the next batch opens its own
         ref = results[0]
-        phase = sum(ref.layer_ms.values()) + ref.unmapped_ms + ref.reorder_ms + ref.overhead_reorder_ms
+        phase = ref.kernel_ms
         if not phase > 0:
             raise ValueError("the reference model ran no timed kernel: nothing to scale by")
         phases.append(phase)

@@ -60,6 +60,15 @@ def _kernel_name(event_name: str) -> str:
 _LAYOUT_OPS = {"ReorderInput", "ReorderOutput", "Transpose"}
 
 
+def _save_optimized(opts, path: str) -> None:
+    """Make the session built with `opts` write its optimised graph to `path` (its large
+    initializers beside it, so a big model stays under protobuf's 2 GB)."""
+    opts.optimized_model_filepath = path
+    opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                  os.path.basename(path) + ".bin")
+    opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "64")
+
+
 def _optimized_graph(path: str):
     import onnx
 
@@ -154,10 +163,7 @@ class OrtProfiled(ProfiledModel):
         # ONNX Runtime's optimised graph, to map the kernels of nodes its fusions made (a GELU
         # written out in five nodes runs as one `Gelu_token_N`) to the tensors they write.
         optimized = prefix + "_optimized.onnx"
-        opts.optimized_model_filepath = optimized
-        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                      os.path.basename(prefix) + "_optimized.bin")
-        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "64")
+        _save_optimized(opts, optimized)
         self.profiled = make_session(data, threads, opts)
         graph = _optimized_graph(optimized)
         self.fused_outputs = _fused_outputs(graph)
@@ -339,11 +345,10 @@ class OrtBackend(Backend):
         data = _model_bytes(model)
         with tempfile.TemporaryDirectory(prefix="latprune-opt-") as tmp:
             opts = session_options(self.threads)
-            opts.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
-            opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.bin")
-            opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "64")
+            optimized = os.path.join(tmp, "optimized.onnx")
+            _save_optimized(opts, optimized)
             make_session(data, self.threads, opts)
-            sizes = _reorder_sizes(_optimized_graph(opts.optimized_model_filepath), _tensor_elements(data))
+            sizes = _reorder_sizes(_optimized_graph(optimized), _tensor_elements(data))
         return None if sizes is None else (len(sizes), sum(sizes.values()) / 1e6)
 
     def time_layer(self, spec, c_in: int, c_out: int) -> TimingStats:
