@@ -29,7 +29,7 @@ def solve_halp(inp: SolveInput, bins: int = 2000, steps: int = 10) -> Plan:
     costs = _Costs(inp, units)
     current = {g.id: g.size for g in prob.groups}
     dense_raw = evaluate(inp, {}, set())[1]
-    best, last, seen = None, None, set()
+    best, smallest, seen = None, None, set()
     for k in range(1, 2 * steps + 1):
         target = inp.raw_budget + (dense_raw - inp.raw_budget) * max(steps - k, 0) / steps
         picks = _halp_knapsack(inp, units, costs, current, target, bins)
@@ -39,16 +39,17 @@ def solve_halp(inp: SolveInput, bins: int = 2000, steps: int = 10) -> Plan:
             break
         widths = {unit.groups[0]: unit.options[o][0][unit.groups[0]] for unit, o in zip(units, picks)}
         obj, raw = evaluate(inp, widths, set())
-        last = (obj, raw, widths)
+        smallest = raw if smallest is None else min(smallest, raw)
         if raw <= inp.raw_budget + 1e-12 and (best is None or obj > best[0]):
-            best = last
+            best = (obj, raw, widths)
         key = tuple(sorted(widths.items()))
         if k > steps and key in seen:
             break
         seen.add(key)
         current = {**{g.id: g.size for g in prob.groups}, **widths}
     if best is None:
-        reached = "" if last is None else f" (its last plan predicts {inp.scale * last[1] + inp.offset_ms:.3f} ms)"
+        reached = ("" if smallest is None else
+                   f" (the smallest of its plans predicts {inp.scale * smallest + inp.offset_ms:.3f} ms)")
         raise InputError(f"HALP's linear latency model found no plan within the budget "
                          f"{inp.budget_ms:.3f} ms{reached}")
     obj, raw, widths = best
@@ -110,8 +111,10 @@ def solve_threshold(inp: SolveInput) -> Plan:
     scores = np.unique(np.concatenate([np.asarray(g.importance, dtype=float) for g in groups]))
     scores = np.append(scores, np.inf)
     lo, hi = 0, len(scores) - 1  # the last (infinite) threshold keeps the smallest widths
-    if evaluate(inp, widths_at(scores[hi]), set())[1] > inp.raw_budget:
-        raise InputError(f"no global threshold meets the budget {inp.budget_ms:.3f} ms")
+    smallest = evaluate(inp, widths_at(scores[hi]), set())[1]
+    if smallest > inp.raw_budget:
+        raise InputError(f"no global threshold meets the budget {inp.budget_ms:.3f} ms (every group "
+                         f"at its smallest width predicts {inp.scale * smallest + inp.offset_ms:.3f} ms)")
     while lo < hi:  # smallest index whose widths fit (latency falls as t rises)
         mid = (lo + hi) // 2
         if evaluate(inp, widths_at(scores[mid]), set())[1] <= inp.raw_budget:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import numpy as np
 import onnx
@@ -91,31 +92,42 @@ def test_flops_budget(residual_path, shared_lut, tmp_path):
     assert report["measured_ms"] > 0 and report["dense_ms"] > 0
 
 
+def _run_within_reach(residual_path, shared_lut, out, speedup: str, method: str):
+    """Run a baseline at `--speedup`; where this machine's calibrated model says the baseline
+    cannot reach that budget (a tiny model whose latency is mostly fixed overhead, on some CPUs),
+    the error must say so with the smallest latency it reaches, and a run at 1.15x that
+    latency (--budget-ms) must then run through (that budget may leave little to narrow)."""
+    args = ("--method", method, "--rounds", "1")
+    proc = _run(residual_path, shared_lut, out, "--speedup", speedup, *args)
+    if proc.returncode == 2:
+        m = re.search(r"budget ([0-9.]+) ms \(.*predicts ([0-9.]+) ms\)", proc.stderr)
+        assert m, proc.stderr
+        budget_ms, reached_ms = map(float, m.groups())
+        assert reached_ms > budget_ms, proc.stderr
+        assert_no_output(out)
+        proc = _run(residual_path, shared_lut, out, "--budget-ms", f"{1.15 * reached_ms:.4f}", *args)
+    assert proc.returncode in (0, 3), proc.stderr
+    report, plan = _valid_outputs(out, residual_path)
+    assert report["meets_budget"] == (proc.returncode == 0)
+    assert report["solver"]["method"] == method == plan.method
+    assert report["blocks"]["removed"] == []
+    return report, plan
+
+
 def test_halp_baseline(residual_path, shared_lut, tmp_path):
     """A small speedup: HALP's linear model holds every layer's input at its dense width, so it
     cannot reach budgets much below the dense latency on this tiny model (at step 16 its
-    smallest prediction is ~92% of the dense layer sum): 1.3x fails with InputError there."""
-    out = tmp_path / "halp"
-    proc = _run(residual_path, shared_lut, out, "--speedup", "1.02", "--method", "halp", "--rounds", "1")
-    assert proc.returncode in (0, 3), proc.stderr
-    report, plan = _valid_outputs(out, residual_path)
-    assert report["solver"]["method"] == "halp" == plan.method
-    assert report["blocks"]["removed"] == []
+    smallest prediction is ~92% of the dense layer sum)."""
+    report, _ = _run_within_reach(residual_path, shared_lut, tmp_path / "halp", "1.02", "halp")
     assert report["solver"]["status"].startswith("Optimal (linear latency model)")
 
 
 def test_threshold_baseline(residual_path, shared_lut, tmp_path):
-    out = tmp_path / "threshold"
     # 1.15x: the global threshold cannot remove blocks, and 1.3x is at the edge of what
-    # narrowing alone reaches on this tiny model (predicted 0.097 ms for a 0.098 ms budget)
-    proc = _run(residual_path, shared_lut, out, "--speedup", "1.15", "--method", "threshold", "--rounds", "1")
-    assert proc.returncode in (0, 3), proc.stderr
-    report, plan = _valid_outputs(out, residual_path)
-    assert report["solver"]["method"] == "threshold" == plan.method
+    # narrowing alone reaches on this tiny model on some machines
+    report, _ = _run_within_reach(residual_path, shared_lut, tmp_path / "threshold", "1.15", "threshold")
     assert report["solver"]["status"].startswith("threshold=")
-    assert report["blocks"]["removed"] == []
     assert report["scoring"]["objective"] == "importance" and report["scoring"]["repair"] == "none"
-    assert report["meets_budget"] == (proc.returncode == 0)
 
 
 # ---- bad inputs ----------------------------------------------------------------------------

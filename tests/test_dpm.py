@@ -298,7 +298,8 @@ def test_cli_finetune_plans_from_its_own_training_images_by_default(tmp_path):
         out = tmp_path / name
         proc = subprocess.run([sys.executable, "-m", "latprune.cli", "finetune", "--model", "resnet20",
                                "--speedup", "1.2", "--method", "oneshot", "--epochs", "0.02", "--subset", "200",
-                               "--batch-size", "32", "--test-limit", "100", "--lut", str(tmp_path / "lut.sqlite"),
+                               "--batch-size", "32", "--test-limit", "100", "--step", "16",
+                               "--lut", str(tmp_path / "lut.sqlite"),
                                "--out", str(out), "-q", *extra], capture_output=True, text=True, timeout=900)
         assert proc.returncode in (0, 3), proc.stderr[-2000:]
         report = json.loads((out / "report.json").read_text())

@@ -21,6 +21,17 @@ from onnx_builders import residual_cnn
 @pytest.fixture(params=["sqlite", "postgresql"])
 def settings(request, tmp_path):
     """Every worker test runs on the default SQLite file and on a real PostgreSQL server."""
+    yield from _settings(request, tmp_path)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
+def heavy_settings(request, tmp_path):
+    """As `settings`, for the tests that profile or run whole jobs (30 s or more each): their
+    PostgreSQL variant is opt-in (-m slow); the cheaper tests cover PostgreSQL by default."""
+    yield from _settings(request, tmp_path)
+
+
+def _settings(request, tmp_path):
     url = ""
     if request.param == "postgresql":
         url = request.getfixturevalue("postgres_url")
@@ -64,7 +75,8 @@ def _wait(settings: Settings, job_id: str, states: tuple[str, ...], timeout: flo
     raise AssertionError(f"job {job_id} did not reach {states} in {timeout} s (state {job.state}, {job.stage})")
 
 
-def test_profile_job_runs_in_a_child_process(settings):
+def test_profile_job_runs_in_a_child_process(heavy_settings):
+    settings = heavy_settings
     job_id = _model_job(settings, "profile")
     assert worker.claim(settings, job_id, worker.worker_id())
     assert not worker.claim(settings, job_id, worker.worker_id()), "a job is claimed once"
@@ -80,7 +92,8 @@ def test_profile_job_runs_in_a_child_process(settings):
     assert Storage(settings.data_path).lut_path(settings.local_device).is_file()
 
 
-def test_nightly_reprofile_retimes_in_graph_cells_through_the_devices_models(settings):
+def test_nightly_reprofile_retimes_in_graph_cells_through_the_devices_models(heavy_settings):
+    settings = heavy_settings
     """In-graph cells are re-timed inside pruned copies of the model the device profiled; with
     that model gone, the job says so instead of reporting a drift of nothing."""
     from latprune.pipeline import Progress
@@ -127,7 +140,8 @@ def _job_processes(settings) -> list[int]:
     return left
 
 
-def test_pool_runs_queued_jobs_and_cancel_kills_a_running_one(settings):
+def test_pool_runs_queued_jobs_and_cancel_kills_a_running_one(heavy_settings):
+    settings = heavy_settings
     pool = worker.WorkerPool(settings)
     pool.start()
     try:
