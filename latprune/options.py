@@ -52,7 +52,9 @@ class OptimizeSettings(BaseModel):
                                description="label-free recovery after repair: this many steps of distillation "
                                            "from the dense model's outputs on the calibration inputs (needs "
                                            "--calib and PyTorch; 0: off)")
-    calib_samples: int = Field(256, ge=1, le=100_000, description="calibration inputs used at most")
+    calib_samples: int = Field(
+        256, ge=1, le=100_000, description="calibration inputs for the distortion curves and importance; repair "
+        "and recovery read up to 1024 of the file (repair: as many as its activations fit in 4 GiB)")
     step: int | None = Field(None, ge=1, le=1024, description="channel widths are multiples of STEP (default: "
                                                                "the backend's block, probed on the device)")
     max_candidates: int = Field(16, ge=1, le=256, description="candidate widths per channel group")

@@ -180,6 +180,7 @@ class Scoring:
     objective: Objective
     info: dict
     calib_x: "object | None" = None  # np.ndarray of calibration inputs, when any
+    calib_source: str | None = None  # where calib_x came from (a .npz path or "noise")
 
 
 def score(analysis: Analysis, opts: OptimizeOptions, progress: Progress) -> Scoring:
@@ -213,7 +214,7 @@ def score(analysis: Analysis, opts: OptimizeOptions, progress: Progress) -> Scor
     if scores:
         apply_scores(prob, scores)
     if opts.resolved_objective() == "importance":
-        return Scoring(importance_objective(prob), info, x)
+        return Scoring(importance_objective(prob), info, x, opts.calib)
     orders = importance_objective(prob).orders
     t0 = time.perf_counter()
     if opts.distortion == "fisher":
@@ -227,7 +228,7 @@ def score(analysis: Analysis, opts: OptimizeOptions, progress: Progress) -> Scor
                                     progress=progress.advance, cache_dir=default_lut_path().parent / "distortion")
         values, blocks = curves.values, curves.blocks
     info["distortion"] = {"method": opts.distortion, "seconds": time.perf_counter() - t0}
-    return Scoring(distortion_objective(prob, values, blocks, orders), info, x)
+    return Scoring(distortion_objective(prob, values, blocks, orders), info, x, opts.calib)
 
 
 def _torch_missing() -> InputError:
@@ -509,7 +510,9 @@ def _optimize_latency(model_path, opts, analysis, scoring, family, progress, wal
                 progress.info(f"stopping: {exc}")  # keep the best plan of the earlier rounds
                 break
             progress.stage(f"applying the plan and measuring (round {rnd})")
-            pruned = _tag(_repaired(analysis, plan, scoring, progress), family)
+            # Rounds time the unrepaired surgery: repair refits weights only (same graph, same
+            # latency), so it runs once, on the best round's plan, after the rounds.
+            pruned = _tag(apply_plan(analysis, plan), family)
             # Pruned and dense are timed side by side in fresh processes: a --speedup budget is
             # checked as a ratio to the dense latency measured alongside (see profiler.compare).
             save_model_atomic(pruned, work / "pruned.onnx")
@@ -545,6 +548,8 @@ def _optimize_latency(model_path, opts, analysis, scoring, family, progress, wal
             target = target * budget / measured.median_ms * 0.99
         assert best is not None
         plan, pruned, measured_ms, p90_ms, dense, budget = best
+        if scoring.info["repair"] != "none":
+            pruned = _tag(_repaired(analysis, plan, scoring, progress), family)
         report = _report(model_path, prob, table, plan, dense, budget, measured_ms, p90_ms,
                          cal, rounds, opts, n_measured, analysis, wall0)
         _add_scoring(report, scoring)
@@ -598,9 +603,26 @@ def _repaired(analysis: Analysis, plan: Plan, scoring: Scoring, progress: Progre
     mode = scoring.info["repair"]
     if mode == "none":
         return pruned
-    from latprune.pruner.repair import repair
-    progress.stage(f"repairing the pruned layers ({mode}) from {len(scoring.calib_x)} calibration inputs")
-    return repair(analysis, plan, pruned, scoring.calib_x, mode=mode, progress=progress.advance)
+    from latprune.pruner.repair import REPAIR_SAMPLES, repair, repair_samples
+    x = _wider_calibration(analysis, scoring, REPAIR_SAMPLES)
+    x = x[:repair_samples(analysis, len(x))] if len(x) > len(scoring.calib_x) else x
+    scoring.info["calibration_inputs"]["repair_samples"] = int(len(x))
+    progress.stage(f"repairing the pruned layers ({mode}) from {len(x)} calibration inputs")
+    return repair(analysis, plan, pruned, x, mode=mode, progress=progress.advance)
+
+
+def _wider_calibration(analysis: Analysis, scoring: Scoring, samples: int):
+    """Up to `samples` inputs of the calibration file, spread over it, when it holds more than
+    the curves used (--calib-samples); otherwise the curves' own inputs. Repair and recovery
+    gain from more inputs (the curves only rank cuts), so they read more of the file."""
+    from latprune.calibration import NOISE, load_calibration
+    from latprune.pruner.forward import input_shape
+
+    source = scoring.calib_source
+    if source is None or source == NOISE or len(scoring.calib_x) >= samples:
+        return scoring.calib_x
+    x = load_calibration(source, input_shape(analysis.model), samples)
+    return x if len(x) > len(scoring.calib_x) else scoring.calib_x
 
 
 def _recovered(analysis: Analysis, pruned: onnx.ModelProto, scoring: Scoring, opts: OptimizeOptions,
@@ -608,14 +630,10 @@ def _recovered(analysis: Analysis, pruned: onnx.ModelProto, scoring: Scoring, op
     """The final pruned model after --recover-steps of label-free distillation from the dense model on
     the calibration inputs (pruner.recover; same graph, so the measured latency stands), and
     what the recovery did. It reads up to RECOVER_SAMPLES inputs of the calibration file."""
-    from latprune.calibration import NOISE, load_calibration
-    from latprune.pruner.forward import input_shape
     from latprune.pruner.recover import RECOVER_SAMPLES, recover
 
     steps = opts.recover_steps
-    x = scoring.calib_x
-    if opts.calib != NOISE and opts.calib_samples < RECOVER_SAMPLES:  # more of the file, when it has them
-        x = load_calibration(opts.calib, input_shape(analysis.model), RECOVER_SAMPLES)
+    x = _wider_calibration(analysis, scoring, RECOVER_SAMPLES)
     progress.stage(f"label-free recovery: {steps} distillation steps on {len(x)} calibration inputs")
     model, rec = recover(analysis.model, pruned, x, steps, progress=progress.advance)
     progress.info(f"held-out distance to the dense outputs {rec.holdout_loss_before:.4f} -> "

@@ -12,7 +12,8 @@ from latprune.pruner.analysis import analyse, consumer_slices, weight_slices
 from latprune.pruner.channel_stats import activation_scores, bn_scale_scores
 from latprune.pruner.distortion import DistortionCurves, joint_distortion, measure_distortion, mse
 from latprune.pruner.forward import Runner
-from latprune.pruner.repair import repair
+from latprune.pruner import repair as repair_module
+from latprune.pruner.repair import repair, repair_samples
 from latprune.pruner.surgery import apply_plan
 from latprune.solver.importance import magnitude_importance
 from latprune.solver.objective import importance_objective
@@ -387,3 +388,17 @@ def test_label_free_recovery_moves_the_pruned_outputs_towards_the_dense_ones(res
         recover(residual.model, pruned, x[:1], steps=5)
     with pytest.raises(InputError):
         recover(residual.model, pruned, x, steps=0)
+
+
+def test_repair_samples_are_capped_by_the_dense_activations_they_hold(residual, monkeypatch):
+    """repair holds every repaired layer's dense output for all its inputs: the number of inputs
+    it reads is what fits REPAIR_MEMORY_BYTES (per input: the layers' output bytes, here
+    measured by running the model), at most REPAIR_SAMPLES and what the file holds."""
+    names = [n.output[0] for n in residual.model.graph.node if n.name in {l.name for l in residual.problem.layers}]
+    per_item = sum(a.nbytes for a in Runner(residual.model, names).run(_noise(1, 0)).values())
+    assert repair_samples(residual, 10_000) == repair_module.REPAIR_SAMPLES
+    assert repair_samples(residual, 40) == 40
+    monkeypatch.setattr(repair_module, "REPAIR_MEMORY_BYTES", 5 * per_item)
+    assert repair_samples(residual, 10_000) == 5
+    monkeypatch.setattr(repair_module, "REPAIR_MEMORY_BYTES", per_item // 2)
+    assert repair_samples(residual, 10_000) == 1
