@@ -5,8 +5,9 @@ For every budget (0.7×, 0.5×, 0.35× of the dense latency measured alongside) 
 configuration, `latprune.pipeline.optimize` runs with repair off (it profiles, solves, measures
 and re-solves until the measured latency meets the budget); the final plan is then repaired
 with `bias` and `lsq` (repair changes no shape, so no latency) and every variant's top-1 is
-measured on all 10,000 images of ../shared/data/cifar10-test.npz. Calibration: 256 CIFAR-10
-*training* images (bench.models.cifar_train_calibration). Finally every budget's lsq-repaired
+measured on all 10,000 images of ../shared/data/cifar10-test.npz. Calibration: CIFAR-10
+*training* images (bench.models.cifar_train_calibration): 256 for the curves, and as optimize
+does, up to 1024 for repair and recovery. Finally every budget's lsq-repaired
 models are re-timed side by side with the dense model in 3 fresh processes.
 
     python bench/accuracy.py [--budgets 0.7,0.5,0.35] [--configs ...] [--limit N]
@@ -104,9 +105,11 @@ def main() -> int:
     calib = bench_models.cifar_train_calibration(1024)
     x_test, y_test = bench_models.cifar_test_arrays(args.limit)
     _, _, analysis = prepare(dense_path, step=args.step)
-    x_cal = load_calibration(calib, input_shape(analysis.model), 256)
     from latprune.pruner.recover import RECOVER_SAMPLES
-    x_rec = load_calibration(calib, input_shape(analysis.model), RECOVER_SAMPLES)  # as optimize --recover-steps
+    from latprune.pruner.repair import repair_samples
+    # as optimize: repair and recovery read up to 1024 inputs of the file (the curves 256)
+    x_rec = load_calibration(calib, input_shape(analysis.model), RECOVER_SAMPLES)
+    x_rep = x_rec[:repair_samples(analysis, len(x_rec))]
     out_json = OUT / "accuracy.json"
     state = json.loads(out_json.read_text()) if out_json.is_file() else {"rows": []}
     done = {(r["budget"], r["config"], r["repair"]) for r in state["rows"]}
@@ -145,11 +148,11 @@ def main() -> int:
                 if mode == "lsq+recover":
                     from latprune.pruner.recover import recover
 
-                    model, rec = recover(analysis.model, repair(analysis, plan, pruned, x_cal, mode="lsq"), x_rec,
+                    model, rec = recover(analysis.model, repair(analysis, plan, pruned, x_rep, mode="lsq"), x_rec,
                                          args.recover_steps)
                     extra = {"recovery": rec.as_dict()}
                 else:
-                    model = repair(analysis, plan, pruned, x_cal, mode=mode)
+                    model = repair(analysis, plan, pruned, x_rep, mode=mode)
                 repair_s = time.perf_counter() - t1
                 path = run_dir / f"{mode}.onnx"
                 onnx.save(model, path)

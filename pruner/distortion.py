@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -41,10 +41,15 @@ class DistortionCurves:
 
     @staticmethod
     def from_json(text: str) -> "DistortionCurves":
+        """Parse to_json's text; keys this version does not know are ignored (a cache written
+        by another version still reads)."""
         raw = json.loads(text)
         for k in ("widths", "values", "blocks"):
             raw[k] = {int(g): v for g, v in raw[k].items()}
-        return DistortionCurves(**raw)
+        return DistortionCurves(**{k: v for k, v in raw.items() if k in _FIELDS})
+
+
+_FIELDS = {f.name for f in fields(DistortionCurves)}
 
 
 def mse(a: np.ndarray, b: np.ndarray) -> float:
@@ -71,7 +76,10 @@ def measure_distortion(analysis: Analysis, x: np.ndarray, orders: dict[int, list
     key = cache_key(analysis, x, orders if groups else {}, blocks)
     cache = Path(cache_dir) / f"distortion-{key}.json" if cache_dir else None
     if cache is not None and cache.is_file():
-        return DistortionCurves.from_json(cache.read_text())
+        try:
+            return DistortionCurves.from_json(cache.read_text())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass  # an unreadable cache file (truncated, foreign) is measured again and replaced
     t0 = time.perf_counter()
     prob = analysis.problem
     reference = Runner(analysis.model, threads=threads).logits(x)

@@ -2,6 +2,8 @@
 post-pruning repair (pruner.repair) and per-channel statistics (pruner.channel_stats)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -10,7 +12,7 @@ from onnx import numpy_helper
 from onnx_builders import aliased_weights_cnn, depthwise_cnn, pad_shortcut_cnn, residual_cnn
 from latprune.pruner.analysis import analyse, consumer_slices, weight_slices
 from latprune.pruner.channel_stats import activation_scores, bn_scale_scores
-from latprune.pruner.distortion import DistortionCurves, joint_distortion, measure_distortion, mse
+from latprune.pruner.distortion import DistortionCurves, cache_key, joint_distortion, measure_distortion, mse
 from latprune.pruner.forward import Runner
 from latprune.pruner import repair as repair_module
 from latprune.pruner.repair import repair, repair_samples
@@ -110,6 +112,20 @@ def test_distortion_cache_is_written_and_reused(residual, curves):
     other = measure_distortion(residual, x[:8], orders, blocks=True, cache_dir=cache)
     assert other.samples == 8
     assert len(list(cache.glob("distortion-*.json"))) == 2
+
+
+def test_a_foreign_or_broken_cache_file_is_measured_again(residual, curves, tmp_path):
+    """A cache written by another version (an extra key) still reads; a truncated one is
+    measured again and replaced, never an error."""
+    first, x, orders, cache, _ = curves
+    cached = cache / f"distortion-{cache_key(residual, x, orders, True)}.json"
+    extra = json.loads(cached.read_text()) | {"written_by": "a later version"}
+    assert DistortionCurves.from_json(json.dumps(extra)) == first
+    broken = tmp_path / cached.name
+    broken.write_text(cached.read_text()[:40])
+    again = measure_distortion(residual, x, orders, blocks=True, cache_dir=tmp_path)
+    assert again.values == first.values and again.blocks == first.blocks
+    assert DistortionCurves.from_json(broken.read_text()) == again
 
 
 def test_distortion_without_blocks_or_groups(residual, curves):
