@@ -15,6 +15,7 @@ measured-latency plan with one-shot pruning, DPM smooth pruning and DPM with sel
 
     python bench/dpm.py [--seeds 0,1] [--epochs 2] [--subset 10000] [--parallel 2] [--out dpm]
     python bench/dpm.py --seeds 0 --subset 0 --parallel 3 --out dpm_full   # 2 full epochs
+    python bench/dpm.py --methods oneshot,dpm-sr --distill 0.5 --out dpm_distill
 
 Prints a table and writes bench/out/<out>.json (models and plans in bench/out/<out>/). Runs
 resume: a finished (method, seed) is not run again.
@@ -106,7 +107,8 @@ def _onnx_top1(path: Path, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def run_one(method: str, seed: int, epochs: float, subset: int, lr: float,
-            rate_threshold: float | None = None, length_threshold: float | None = None) -> None:
+            rate_threshold: float | None = None, length_threshold: float | None = None,
+            distill: float = 0.0) -> None:
     """One fine-tuning run (its own process): writes WORK/<method>_s<seed>/{pruned.onnx,result.json}."""
     from latprune.finetune import finetune
     from latprune.pruner.model_io import save_model_atomic
@@ -121,7 +123,7 @@ def run_one(method: str, seed: int, epochs: float, subset: int, lr: float,
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     res = finetune(module, graph, plan, method, epochs=epochs, lr=lr, batch_size=128, seed=seed, subset=subset or None,
-                   rate_threshold=rate_threshold, length_threshold=length_threshold,
+                   rate_threshold=rate_threshold, length_threshold=length_threshold, distill=distill,
                    progress=lambda r: print(method, seed, r, flush=True), log_every=20)
     final = res.pruner.finish() if hasattr(res.pruner, "finish") else res.plan
     save_model_atomic(export_pruned(graph, final), out / "pruned.onnx")
@@ -159,6 +161,8 @@ def main() -> None:
     ap.add_argument("--length-threshold", type=float, default=None, help="dpm-sr T_len (default: pruner.dpm's)")
     ap.add_argument("--out", default="dpm", help="folder under bench/out; a new folder reuses the plan "
                     "of bench/out/dpm when there is one (same plan for every budget)")
+    ap.add_argument("--distill", type=float, default=0.0, help="share of the loss distilled from the dense "
+                    "model (finetune --distill)")
     ap.add_argument("--run", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     global WORK
@@ -169,7 +173,7 @@ def main() -> None:
         shutil.copyfile(OUT / "dpm" / "plan_info.json", WORK / "plan_info.json")
     if args.run:
         run_one(args.run[0], int(args.run[1]), args.epochs, args.subset, args.lr,
-                args.rate_threshold, args.length_threshold)
+                args.rate_threshold, args.length_threshold, args.distill)
         return
     WORK.mkdir(parents=True, exist_ok=True)
     summary_path = OUT / f"{args.out}.json"
@@ -201,7 +205,7 @@ def main() -> None:
             continue  # resume
         reap(args.parallel)
         cmd = [sys.executable, __file__, "--run", method, str(seed), "--epochs", str(args.epochs),
-               "--subset", str(args.subset), "--lr", str(args.lr), "--out", args.out]
+               "--subset", str(args.subset), "--lr", str(args.lr), "--out", args.out, "--distill", str(args.distill)]
         for flag, value in (("--rate-threshold", args.rate_threshold), ("--length-threshold", args.length_threshold)):
             if value is not None:
                 cmd += [flag, str(value)]
@@ -223,12 +227,14 @@ def main() -> None:
                       "measured_ms": [r["measured_ms"] for r in rs], "latency_ratio": [r["latency_ratio"] for r in rs],
                       "swaps": [r["swaps"] for r in rs], "train_seconds": [r["train_seconds"] for r in rs]})
     summary = {"plan": plan_info, "runs": runs, "table": table,
-               "budget": {"epochs": args.epochs, "subset": args.subset, "lr": args.lr, "batch_size": 128},
+               "budget": {"epochs": args.epochs, "subset": args.subset, "lr": args.lr, "batch_size": 128,
+                          "distill": args.distill},
                "dpm_sr_thresholds": {"rate": args.rate_threshold, "length": args.length_threshold}}
     summary_path.write_text(json.dumps(summary, indent=1, default=float))
     print(f"\nResNet-56, plan at {1 / args.speedup:.2f}x latency; dense top-1 {plan_info['top1_dense']:.2f}%, "
           f"pruned without fine-tuning {plan_info['top1_no_finetune']:.2f}%")
-    print(f"fine-tuning: {args.epochs:g} epochs over {args.subset or 50000} training images, lr {args.lr}")
+    print(f"fine-tuning: {args.epochs:g} epochs over {args.subset or 50000} training images, lr {args.lr}, "
+          f"distillation share {args.distill:g}")
     print(f"{'method':10} {'top-1 % mean':>12} {'spread':>8} {'per seed':>14} {'ms':>14} {'ratio':>12} {'swaps':>8}")
     for row in table:
         print(f"{row['method']:10} {row['top1_mean']:12.2f} {row['top1_spread']:8.2f} "

