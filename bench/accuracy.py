@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 HERE = Path(__file__).resolve().parent
@@ -146,9 +147,12 @@ def main() -> int:
                 t1 = time.perf_counter()
                 extra = {}
                 if mode == "lsq+recover":
-                    from latprune.pruner.recover import recover
+                    from latprune.pruner.recover import holdout_split, recover
 
-                    model, rec = recover(analysis.model, repair(analysis, plan, pruned, x_rep, mode="lsq"), x_rec,
+                    # as optimize --recover-steps: repair leaves out the inputs recovery holds out
+                    x_fit = x_rec[np.sort(holdout_split(len(x_rec))[1])]
+                    x_fit = x_fit[:repair_samples(analysis, len(x_fit))]
+                    model, rec = recover(analysis.model, repair(analysis, plan, pruned, x_fit, mode="lsq"), x_rec,
                                          args.recover_steps)
                     extra = {"recovery": rec.as_dict()}
                 else:

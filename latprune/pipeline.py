@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from latprune.types import InputError, Plan, Problem
@@ -549,7 +550,7 @@ def _optimize_latency(model_path, opts, analysis, scoring, family, progress, wal
         assert best is not None
         plan, pruned, measured_ms, p90_ms, dense, budget = best
         if scoring.info["repair"] != "none":
-            pruned = _tag(_repaired(analysis, plan, scoring, progress), family)
+            pruned = _tag(_repaired(analysis, plan, scoring, progress, opts.recover_steps > 0), family)
         report = _report(model_path, prob, table, plan, dense, budget, measured_ms, p90_ms,
                          cal, rounds, opts, n_measured, analysis, wall0)
         _add_scoring(report, scoring)
@@ -597,14 +598,21 @@ def _solve_input(prob, costs, target, cal, allow_blocks, opts, scoring) -> Solve
     return inp
 
 
-def _repaired(analysis: Analysis, plan: Plan, scoring: Scoring, progress: Progress) -> onnx.ModelProto:
-    """apply_plan, then the repair the options ask for (pruner.repair)."""
+def _repaired(analysis: Analysis, plan: Plan, scoring: Scoring, progress: Progress,
+              recovering: bool = False) -> onnx.ModelProto:
+    """apply_plan, then the repair the options ask for (pruner.repair). `recovering`: recovery
+    follows, so repair leaves out the inputs recovery holds out (its check stays fair)."""
     pruned = apply_plan(analysis, plan)
     mode = scoring.info["repair"]
     if mode == "none":
         return pruned
+    from latprune.pruner.recover import RECOVER_SAMPLES, holdout_split
     from latprune.pruner.repair import REPAIR_SAMPLES, repair, repair_samples
-    x = _wider_calibration(analysis, scoring, REPAIR_SAMPLES)
+    if recovering:  # the very inputs _recovered will read, less its held-out ones
+        x = _wider_calibration(analysis, scoring, RECOVER_SAMPLES)
+        x = x[np.sort(holdout_split(len(x))[1])] if len(x) >= 2 else x
+    else:
+        x = _wider_calibration(analysis, scoring, REPAIR_SAMPLES)
     x = x[:repair_samples(analysis, len(x))] if len(x) > len(scoring.calib_x) else x
     scoring.info["calibration_inputs"]["repair_samples"] = int(len(x))
     progress.stage(f"repairing the pruned layers ({mode}) from {len(x)} calibration inputs")
@@ -664,7 +672,7 @@ def _optimize_counts(model_path, opts, analysis, scoring, family, progress, wall
                      objective=scoring.objective)
     progress.stage(f"solving ({opts.method}) for {ratio:g}× the dense {kind}")
     plan = solve(inp, opts.method)
-    pruned = _tag(_repaired(analysis, plan, scoring, progress), family)
+    pruned = _tag(_repaired(analysis, plan, scoring, progress, opts.recover_steps > 0), family)
     save_model_atomic(pruned, measurer.work / "pruned.onnx")
     progress.stage("measuring pruned and dense side by side")
     timed = measurer.measure({"dense": Path(model_path), "pruned": measurer.work / "pruned.onnx"},

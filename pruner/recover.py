@@ -67,6 +67,16 @@ def _teacher_outputs(dense: onnx.ModelProto, x: np.ndarray, names: list[str]) ->
     return [np.asarray(out[n], dtype=np.float32) for n in names]
 
 
+def holdout_split(n: int, batch: int = DEFAULT_BATCH,
+                  seed: "int | np.random.Generator" = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(held-out, training) indices of recover()'s n calibration inputs: a tenth held out, at
+    most one batch and at most half. Repair before recovery should not see the held-out ones:
+    a held-out check on inputs the repair was fitted to favours the repaired weights (step 0)."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_hold = max(1, min(int(round(HOLDOUT_SHARE * n)), batch, n // 2))
+    return order[:n_hold], order[n_hold:]
+
+
 def recover(dense: onnx.ModelProto, pruned: onnx.ModelProto, calib_x: np.ndarray, steps: int,
             lr: float = DEFAULT_LR, batch: int = DEFAULT_BATCH, eval_every: int = 25, seed: int = 0,
             progress: Callable[[int, int], None] | None = None) -> tuple[onnx.ModelProto, Recovery]:
@@ -85,10 +95,8 @@ def recover(dense: onnx.ModelProto, pruned: onnx.ModelProto, calib_x: np.ndarray
         raise InputError("recovery needs at least one step")
     if len(x) < 2:
         raise InputError(f"recovery needs at least 2 calibration inputs, not {len(x)}")
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(x))
-    n_hold = max(1, min(int(round(HOLDOUT_SHARE * len(x))), batch, len(x) // 2))
-    hold, train = order[:n_hold], order[n_hold:]
+    rng = np.random.default_rng(seed)  # the split is its first draw; minibatches follow
+    hold, train = holdout_split(len(x), batch, rng)
     from latprune.pruner.forward import compared_outputs
 
     names = compared_outputs(pruned)  # the float outputs of fixed shape (distortion's outputs)
