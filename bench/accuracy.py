@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 HERE = Path(__file__).resolve().parent
@@ -107,10 +106,10 @@ def main() -> int:
     x_test, y_test = bench_models.cifar_test_arrays(args.limit)
     _, _, analysis = prepare(dense_path, step=args.step)
     from latprune.pruner.recover import RECOVER_SAMPLES
-    from latprune.pruner.repair import repair_samples
+    from latprune.pipeline import repair_inputs
     # as optimize: repair and recovery read up to 1024 inputs of the file (the curves 256)
     x_rec = load_calibration(calib, input_shape(analysis.model), RECOVER_SAMPLES)
-    x_rep = x_rec[:repair_samples(analysis, len(x_rec))]
+    x_rep = repair_inputs(analysis, x_rec)
     out_json = OUT / "accuracy.json"
     state = json.loads(out_json.read_text()) if out_json.is_file() else {"rows": []}
     done = {(r["budget"], r["config"], r["repair"]) for r in state["rows"]}
@@ -147,11 +146,10 @@ def main() -> int:
                 t1 = time.perf_counter()
                 extra = {}
                 if mode == "lsq+recover":
-                    from latprune.pruner.recover import holdout_split, recover
+                    from latprune.pruner.recover import recover
 
                     # as optimize --recover-steps: repair leaves out the inputs recovery holds out
-                    x_fit = x_rec[np.sort(holdout_split(len(x_rec))[1])]
-                    x_fit = x_fit[:repair_samples(analysis, len(x_fit))]
+                    x_fit = repair_inputs(analysis, x_rec, recovering=True)
                     model, rec = recover(analysis.model, repair(analysis, plan, pruned, x_fit, mode="lsq"), x_rec,
                                          args.recover_steps)
                     extra = {"recovery": rec.as_dict()}

@@ -606,17 +606,27 @@ def _repaired(analysis: Analysis, plan: Plan, scoring: Scoring, progress: Progre
     mode = scoring.info["repair"]
     if mode == "none":
         return pruned
-    from latprune.pruner.recover import RECOVER_SAMPLES, holdout_split
-    from latprune.pruner.repair import REPAIR_SAMPLES, repair, repair_samples
-    if recovering:  # the very inputs _recovered will read, less its held-out ones
-        x = _wider_calibration(analysis, scoring, RECOVER_SAMPLES)
-        x = x[np.sort(holdout_split(len(x))[1])] if len(x) >= 2 else x
-    else:
-        x = _wider_calibration(analysis, scoring, REPAIR_SAMPLES)
-    x = x[:repair_samples(analysis, len(x))] if len(x) > len(scoring.calib_x) else x
+    from latprune.pruner.recover import RECOVER_SAMPLES
+    from latprune.pruner.repair import REPAIR_SAMPLES, repair
+    # recovering: the very inputs _recovered will read, less its held-out ones
+    x = _wider_calibration(analysis, scoring, RECOVER_SAMPLES if recovering else REPAIR_SAMPLES)
+    x = repair_inputs(analysis, x, recovering) if len(x) > len(scoring.calib_x) or recovering else x
     scoring.info["calibration_inputs"]["repair_samples"] = int(len(x))
     progress.stage(f"repairing the pruned layers ({mode}) from {len(x)} calibration inputs")
     return repair(analysis, plan, pruned, x, mode=mode, progress=progress.advance)
+
+
+def repair_inputs(analysis: Analysis, x, recovering: bool = False):
+    """The calibration inputs lsq repair fits on, of the wide set `x` (up to REPAIR_SAMPLES or
+    RECOVER_SAMPLES of the file): without recovery's held-out inputs when recovery follows
+    (pruner.recover.holdout_split of the same x), and no more than pruner.repair.repair_samples
+    lets the dense activations hold."""
+    from latprune.pruner.recover import holdout_split
+    from latprune.pruner.repair import repair_samples
+
+    if recovering and len(x) >= 2:
+        x = x[np.sort(holdout_split(len(x))[1])]
+    return x[:repair_samples(analysis, len(x))]
 
 
 def _wider_calibration(analysis: Analysis, scoring: Scoring, samples: int):
