@@ -120,6 +120,8 @@ def optimize_and_check(name: str, model: Path, out: Path, ratio: float, threads:
         "blocks_removed": len(rep["blocks"]["removed"]), "cells_measured": rep["lut"]["cells_measured_now"],
         "valid": valid(out / "pruned.onnx"), "check": check, "step": rep.get("step"),
         "objective": rep["solver"].get("objective"), "budget_share": rep.get("budget_share"),
+        "budget_use_note": rep.get("budget_use_note"),
+        "widths": {layer["name"]: [layer["c_in"], layer["c_out"]] for layer in rep["layers"]},
         "meets": check["ratio"] <= ratio * ALLOWANCE,
     })
     return row
@@ -148,7 +150,7 @@ def main() -> int:
             Path(args.json).write_text(json.dumps(rows, indent=1))
     print()
     hdr = ("model", "budget", "dense ms", "budget ms", "pred ms", "meas ms", "pred err", "recheck ratio",
-           "solve s", "wall s", "rounds", "valid", "meets")
+           "solve s", "wall s", "rounds", "budget used", "valid", "meets")
     print(" | ".join(hdr))
     for r in rows:
         if "error" in r:
@@ -158,7 +160,10 @@ def main() -> int:
             r["model"], f"{r['budget_ratio']:.2f}×", f"{r['dense_ms']:.2f}", f"{r['budget_ms']:.2f}",
             f"{r['predicted_ms']:.2f}", f"{r['measured_ms']:.2f}", f"{100 * r['pred_error']:+.1f}%",
             f"{r['check']['ratio']:.3f}", f"{r['solve_s']:.2f}", f"{r['wall_s']:.0f}", r["rounds"],
-            r["valid"], r["meets"])))
+            f"{100 * r['budget_share']:.0f}%", r["valid"], r["meets"])))
+    for r in rows:
+        if r.get("budget_use_note"):
+            print(f"{r['model']} {r['budget_ratio']:.2f}×: {r['budget_use_note']}")
     ok = all(r.get("valid") and r.get("meets") for r in rows)
     print(f"\nall valid and within budget (+{100 * (ALLOWANCE - 1):.0f}%): {ok}")
     return 0 if ok else 1

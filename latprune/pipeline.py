@@ -494,6 +494,7 @@ def _optimize_latency(model_path, opts, analysis, scoring, family, progress, wal
             opts.remove_blocks == "auto" and scoring.objective.name == "distortion")
         best: tuple | None = None
         seen_plans: set[tuple] = set()
+        stop_reason = ""  # why the rounds stopped, read when the best plan uses < BUDGET_USE
         for rnd in range(1, opts.rounds + 1):
             if opts.remove_blocks == "auto" and prob.blocks and not allow_blocks:
                 probe = _solve_input(prob, costs, target, cal, False, opts, scoring)
@@ -509,6 +510,7 @@ def _optimize_latency(model_path, opts, analysis, scoring, family, progress, wal
                 if rnd == 1:
                     raise
                 progress.info(f"stopping: {exc}")  # keep the best plan of the earlier rounds
+                stop_reason = f"round {rnd}'s solve failed ({exc})"
                 break
             progress.stage(f"applying the plan and measuring (round {rnd})")
             # Rounds time the unrepaired surgery: repair refits weights only (same graph, same
@@ -535,6 +537,9 @@ def _optimize_latency(model_path, opts, analysis, scoring, family, progress, wal
             key = (tuple(sorted(plan.widths.items())), tuple(sorted(plan.removed_blocks)))
             best = better_round(best, this)
             if round_is_final(measured.median_ms, budget, rnd == opts.rounds, key in seen_plans):
+                stop_reason = ("the solver repeated a plan already measured: the table's next wider "
+                               "plan is predicted over the budget" if key in seen_plans and rnd < opts.rounds
+                               else f"the {opts.rounds} re-solve rounds (--rounds) ran out")
                 break
             if measured.median_ms <= budget:
                 progress.info(f"measured {measured.median_ms:.3f} ms uses "
@@ -553,6 +558,10 @@ def _optimize_latency(model_path, opts, analysis, scoring, family, progress, wal
             pruned = _tag(_repaired(analysis, plan, scoring, progress, opts.recover_steps > 0), family)
         report = _report(model_path, prob, table, plan, dense, budget, measured_ms, p90_ms,
                          cal, rounds, opts, n_measured, analysis, wall0)
+        note = budget_use_note(rounds, measured_ms, budget, stop_reason)
+        if note:
+            report["budget_use_note"] = note
+            report["warnings"].append(note)
         _add_scoring(report, scoring)
         return plan, pruned, report
     finally:
@@ -572,6 +581,20 @@ def better_round(best: tuple | None, this: tuple) -> tuple:
     if meets:
         return this if this[0].objective > best[0].objective else best
     return this if this[2] / this[5] < best[2] / best[5] else best
+
+
+def budget_use_note(rounds: list[dict], measured_ms: float, budget_ms: float, stop_reason: str) -> str:
+    """Why a plan that meets its budget uses less than BUDGET_USE of it ('' when it uses
+    enough or misses): the looser rounds missed the budget, the solver repeated a plan (the
+    candidate widths are too coarse for a plan in between), or the rounds ran out."""
+    if measured_ms > budget_ms or measured_ms >= BUDGET_USE * budget_ms:
+        return ""
+    looser_missed = [r["round"] for r in rounds
+                     if r["measured_ms"] > r["budget_ms"] and r["measured_ms"] != measured_ms]
+    why = (f"round(s) {', '.join(map(str, looser_missed))} re-solved for more of the budget and missed it"
+           if looser_missed else stop_reason or "no looser plan was found")
+    return (f"the plan uses {measured_ms / budget_ms:.0%} of the budget {budget_ms:.3f} ms "
+            f"(under {BUDGET_USE:.0%}): {why}")
 
 
 def round_is_final(measured_ms: float, budget_ms: float, last_round: bool, repeated_plan: bool) -> bool:

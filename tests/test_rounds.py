@@ -34,3 +34,20 @@ def test_the_best_meeting_plan_survives_a_looser_round_that_misses():
     assert better_round(far, near) is near and better_round(near, far) is near
     assert better_round(near, under) is under
     assert better_round(None, far) is far
+
+
+def test_budget_use_note_says_why_a_plan_stays_under_the_budget():
+    from latprune.pipeline import budget_use_note
+
+    def rnd(i, measured, budget=10.0):
+        return {"round": i, "measured_ms": measured, "budget_ms": budget}
+
+    # enough of the budget used, or a miss: nothing to explain
+    assert budget_use_note([rnd(1, 9.5)], 9.5, 10.0, "") == ""
+    assert budget_use_note([rnd(1, 10.5)], 10.5, 10.0, "") == ""
+    # the looser round missed: that is the reason, whatever stopped the rounds
+    note = budget_use_note([rnd(1, 6.0), rnd(2, 10.4)], 6.0, 10.0, "the 2 re-solve rounds (--rounds) ran out")
+    assert "60%" in note and "round(s) 2" in note and "missed" in note
+    # no looser round missed: the stop reason is given
+    note = budget_use_note([rnd(1, 6.0), rnd(2, 6.0)], 6.0, 10.0, "the solver repeated a plan already measured")
+    assert "repeated" in note and "under 90%" in note
