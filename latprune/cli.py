@@ -119,7 +119,8 @@ def optimize(
     importance: str = typer.Option("l1", "--importance", help=help_text("importance")),
     distortion: str = typer.Option("forward", "--distortion", help=help_text("distortion")),
     repair: str = typer.Option("auto", "--repair", help=help_text("repair")),
-    recover_steps: int = typer.Option(0, "--recover-steps", help=help_text("recover_steps")),
+    recover_steps: Optional[int] = typer.Option(None, "--recover-steps", help=help_text("recover_steps")),
+    recover_seconds: float = typer.Option(600.0, "--recover-seconds", help=help_text("recover_seconds")),
     step: Optional[int] = typer.Option(None, "--step", help=help_text("step")),
     max_candidates: int = typer.Option(16, "--max-candidates", help=help_text("max_candidates")),
     remove_blocks: str = typer.Option("auto", "--remove-blocks", help=help_text("remove_blocks")),
@@ -146,7 +147,7 @@ def optimize(
                                sequence_length=sequence_length,
                                time_limit_s=time_limit, importance=importance, objective=objective,
                                distortion=distortion, calib=calib, calib_samples=calib_samples,
-                               repair=repair, recover_steps=recover_steps, flops_ratio=flops_ratio,
+                               repair=repair, recover_steps=recover_steps, recover_seconds=recover_seconds, flops_ratio=flops_ratio,
                                params_ratio=params_ratio, timing=timing)
         report = run(model, out, opts, _RichProgress(quiet, show_progress))
     except LatpruneError as exc:

@@ -48,10 +48,13 @@ class OptimizeSettings(BaseModel):
         "forward", description="distortion curves: forward (measured) | fisher (estimated)")
     repair: Literal[REPAIRS] = Field(  # type: ignore[valid-type]
         "auto", description="none | bias | lsq (auto: lsq with calibration inputs, else none)")
-    recover_steps: int = Field(0, ge=0, le=100_000,
-                               description="label-free recovery after repair: this many steps of distillation "
-                                           "from the dense model's outputs on the calibration inputs (needs "
-                                           "--calib and PyTorch; 0: off)")
+    recover_steps: int | None = Field(None, ge=0, le=100_000,
+                                      description="label-free recovery after repair: this many steps of distillation "
+                                                  "from the dense model's outputs on the calibration inputs (needs "
+                                                  "--calib and PyTorch; 0: off; default: 600 when --calib is a file "
+                                                  "and PyTorch is installed, else off)")
+    recover_seconds: float = Field(600.0, gt=0, le=86_400,
+                                   description="time cap of label-free recovery, s: the steps are cut to what fits")
     calib_samples: int = Field(
         256, ge=1, le=100_000, description="calibration inputs for the distortion curves and importance; repair "
         "and recovery read up to 1024 of the file (repair: as many as its activations fit in 4 GiB)")
@@ -117,6 +120,17 @@ class OptimizeOptions(OptimizeSettings):
 
     def resolved_repair(self) -> str:
         return self.repair if self.repair != "auto" else ("lsq" if self.calib else "none")
+
+    def resolved_recover_steps(self) -> int:
+        """Recovery steps: as given, or by default DEFAULT_STEPS when the calibration inputs are a
+        file (not the zero-data 'noise': distilling on noise teaches nothing) and torch imports."""
+        if self.recover_steps is not None:
+            return self.recover_steps
+        import importlib.util
+
+        from latprune.pruner.recover import DEFAULT_STEPS
+        real = bool(self.calib) and self.calib != "noise" and self.resolved_repair() != "none"
+        return DEFAULT_STEPS if real and importlib.util.find_spec("torch") is not None else 0
 
 
 def settings_fields() -> tuple[str, ...]:

@@ -95,7 +95,7 @@ def check_options(opts: OptimizeOptions) -> None:
         raise InputError(f"--calib-samples must be at least 1, not {opts.calib_samples}")
     data_driven = (opts.resolved_objective() == "distortion" or opts.resolved_repair() != "none"
                    or opts.importance in ("activation", "taylor"))
-    if opts.recover_steps and not opts.calib:
+    if opts.recover_steps and not opts.calib:  # asked for explicitly (None: the default)
         raise InputError("--recover-steps distils on the calibration inputs: give --calib FILE.npz")
     if data_driven and not opts.calib:
         raise InputError("the distortion objective, repair and activation/taylor importance need "
@@ -443,8 +443,10 @@ def optimize_model(model_path: Path, opts: OptimizeOptions, progress: Progress |
         else:
             plan, pruned, report = _optimize_latency(model_path, opts, analysis, scoring, family, progress, wall0,
                                                       measurer, backend)
-        if opts.recover_steps:
+        if opts.resolved_recover_steps():
             pruned, report["recovery"] = _recovered(analysis, pruned, scoring, opts, progress)
+            if "skipped" in report["recovery"]:
+                report["warnings"].append(report["recovery"]["skipped"])
         save_model_atomic(pruned, work / "final.onnx")
         artifact = measurer.artifact(work / "final.onnx")
         # an ONNX artifact (ONNX Runtime) is pruned.onnx itself (timed at the sequence length)
@@ -555,7 +557,7 @@ def _optimize_latency(model_path, opts, analysis, scoring, family, progress, wal
         assert best is not None
         plan, pruned, measured_ms, p90_ms, dense, budget = best
         if scoring.info["repair"] != "none":
-            pruned = _tag(_repaired(analysis, plan, scoring, progress, opts.recover_steps > 0), family)
+            pruned = _tag(_repaired(analysis, plan, scoring, progress, opts.resolved_recover_steps() > 0), family)
         report = _report(model_path, prob, table, plan, dense, budget, measured_ms, p90_ms,
                          cal, rounds, opts, n_measured, analysis, wall0)
         note = budget_use_note(rounds, measured_ms, budget, stop_reason)
@@ -670,15 +672,26 @@ def _recovered(analysis: Analysis, pruned: onnx.ModelProto, scoring: Scoring, op
                progress: Progress) -> tuple[onnx.ModelProto, dict]:
     """The final pruned model after --recover-steps of label-free distillation from the dense model on
     the calibration inputs (pruner.recover; same graph, so the measured latency stands), and
-    what the recovery did. It reads up to RECOVER_SAMPLES inputs of the calibration file."""
+    what the recovery did. It reads up to RECOVER_SAMPLES inputs of the calibration file.
+    By default (--recover-steps not given) a model recovery cannot run (an operator the torch
+    runner lacks) keeps its repaired weights with a warning; asked for explicitly, it fails."""
     from latprune.pruner.recover import RECOVER_SAMPLES, recover
 
-    steps = opts.recover_steps
+    steps = opts.resolved_recover_steps()
     x = _wider_calibration(analysis, scoring, RECOVER_SAMPLES)
-    progress.stage(f"label-free recovery: {steps} distillation steps on {len(x)} calibration inputs")
-    model, rec = recover(analysis.model, pruned, x, steps, progress=progress.advance)
+    progress.stage(f"label-free recovery: up to {steps} distillation steps on {len(x)} calibration inputs "
+                   f"(at most {opts.recover_seconds:.0f} s; --recover-steps 0 turns it off)")
+    try:
+        model, rec = recover(analysis.model, pruned, x, steps, progress=progress.advance,
+                             max_seconds=opts.recover_seconds)
+    except Exception as exc:  # noqa: BLE001 (the default must not fail a run the repair finished)
+        if opts.recover_steps is not None:
+            raise
+        note = f"label-free recovery skipped ({type(exc).__name__}: {exc}); the weights are lsq-repaired only"
+        progress.info(note)
+        return pruned, {"skipped": note}
     progress.info(f"held-out distance to the dense outputs {rec.holdout_loss_before:.4f} -> "
-                  f"{rec.holdout_loss_after:.4f} (step {rec.best_step} kept, {rec.seconds:.0f} s)")
+                  f"{rec.holdout_loss_after:.4f} (step {rec.best_step} of {rec.steps} kept, {rec.seconds:.0f} s)")
     return model, rec.as_dict()
 
 
@@ -705,7 +718,7 @@ def _optimize_counts(model_path, opts, analysis, scoring, family, progress, wall
                      objective=scoring.objective)
     progress.stage(f"solving ({opts.method}) for {ratio:g}× the dense {kind}")
     plan = solve(inp, opts.method)
-    pruned = _tag(_repaired(analysis, plan, scoring, progress, opts.recover_steps > 0), family)
+    pruned = _tag(_repaired(analysis, plan, scoring, progress, opts.resolved_recover_steps() > 0), family)
     save_model_atomic(pruned, measurer.work / "pruned.onnx")
     progress.stage("measuring pruned and dense side by side")
     timed = measurer.measure({"dense": Path(model_path), "pruned": measurer.work / "pruned.onnx"},

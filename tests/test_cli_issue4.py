@@ -120,15 +120,28 @@ def _run_within_reach(residual_path, shared_lut, out, speedup: str, method: str)
 
 def test_repair_reads_more_of_the_calibration_file_than_the_curves(residual_path, shared_lut, tmp_path):
     """--calib-samples sets the curves' inputs; lsq repair reads up to 1024 of the file (more
-    inputs generalise better: +2.5 points at 0.5x on CIFAR ResNet-56)."""
+    inputs generalise better: +2.5 points at 0.5x on CIFAR ResNet-56). With a calibration file
+    label-free recovery follows by default (torch installed): DEFAULT_STEPS asked, cut to what
+    fits in --recover-seconds, on blended inputs; repair leaves out its held-out inputs."""
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=np.random.default_rng(0).standard_normal((48, 3, 16, 16)).astype(np.float32))
     out = tmp_path / "wide"
-    proc = _run(residual_path, shared_lut, out, "--flops-ratio", "0.6", "--calib", calib, "--calib-samples", "16")
+    proc = _run(residual_path, shared_lut, out, "--flops-ratio", "0.6", "--calib", calib, "--calib-samples", "16",
+                "--recover-seconds", "2")
     assert proc.returncode == 0, proc.stderr
     report, _ = _valid_outputs(out, residual_path)
     assert report["scoring"]["repair"] == "lsq"
-    assert report["scoring"]["calibration_inputs"] == {"source": str(calib), "samples": 16, "repair_samples": 48}
+    held = len(holdout_split(48)[0]) if RECOVER else 0
+    assert report["scoring"]["calibration_inputs"] == {"source": str(calib), "samples": 16,
+                                                       "repair_samples": 48 - held}
+    if RECOVER:
+        from latprune.pruner.recover import DEFAULT_STEPS
+
+        rec = report["recovery"]
+        assert rec["steps_asked"] == DEFAULT_STEPS and 0 < rec["steps"] <= DEFAULT_STEPS
+        assert rec["mixed_inputs"] and rec["holdout_loss_after"] <= rec["holdout_loss_before"]
+    else:
+        assert "recovery" not in report
 
 
 def test_halp_baseline(residual_path, shared_lut, tmp_path):

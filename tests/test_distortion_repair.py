@@ -404,6 +404,56 @@ def test_label_free_recovery_moves_the_pruned_outputs_towards_the_dense_ones(res
         recover(residual.model, pruned, x[:1], steps=5)
     with pytest.raises(InputError):
         recover(residual.model, pruned, x, steps=0)
+    assert rec.mixed_inputs  # a float input: blended inputs, the teacher run online (the default)
+
+
+def test_recovery_on_fixed_inputs_and_under_a_time_cap(residual):
+    """mix=False distils on the calibration inputs as they are (the teacher's outputs computed
+    once); a time cap cuts the steps to what fits, after the few steps that time them, and the
+    report gives the steps run and the steps asked."""
+    pytest.importorskip("torch")
+    from latprune.pruner.recover import TIMED_STEPS, recover
+
+    pruned = apply_plan(residual, _real_plans(residual)[0][1])
+    x = _noise(64, 0)
+    _, rec = recover(residual.model, pruned, x, steps=30, lr=1e-3, batch=16, eval_every=10, mix=False)
+    assert not rec.mixed_inputs and rec.steps == rec.steps_asked == 30
+    assert rec.holdout_loss_after < rec.holdout_loss_before
+    capped, rec = recover(residual.model, pruned, x, steps=10_000, batch=16, eval_every=10, max_seconds=1e-3)
+    assert rec.steps_asked == 10_000 and rec.steps == TIMED_STEPS
+    onnx.checker.check_model(capped, full_check=True)
+
+
+def test_fitting_steps_follow_the_pace_of_the_first_steps():
+    from latprune.pruner.recover import fitting_steps
+
+    # 5 steps in 1 s, a held-out check every 25 steps: 0.208 s per step, 100 s left -> 480
+    assert fitting_steps(100.0, 1.0, 5, 25, 600) == 480
+    assert fitting_steps(1000.0, 1.0, 5, 25, 600) == 600  # never more than asked
+    assert fitting_steps(0.0, 1.0, 5, 25, 600) == 5  # never fewer than already run
+    assert fitting_steps(-3.0, 1.0, 5, 25, 600) == 5
+
+
+def test_recovery_runs_by_default_only_with_a_calibration_file_and_torch(monkeypatch):
+    """--recover-steps unset: DEFAULT_STEPS with a calibration file and repair (torch
+    installed), off for the zero-data noise, without --calib, with --repair none, and off when
+    torch is missing; an explicit count is kept as given."""
+    import importlib.util
+
+    from latprune.options import OptimizeOptions
+    from latprune.pruner.recover import DEFAULT_STEPS
+
+    opts = OptimizeOptions(speedup=2, calib="calib.npz")
+    has_torch = importlib.util.find_spec("torch") is not None
+    assert opts.recover_steps is None and opts.resolved_recover_steps() == (DEFAULT_STEPS if has_torch else 0)
+    assert OptimizeOptions(speedup=2, calib="noise").resolved_recover_steps() == 0
+    assert OptimizeOptions(speedup=2).resolved_recover_steps() == 0
+    assert OptimizeOptions(speedup=2, calib="c.npz", repair="none").resolved_recover_steps() == 0
+    assert OptimizeOptions(speedup=2, calib="c.npz", recover_steps=0).resolved_recover_steps() == 0
+    assert OptimizeOptions(speedup=2, calib="noise", recover_steps=7).resolved_recover_steps() == 7
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    assert opts.resolved_recover_steps() == 0
 
 
 def test_repair_samples_are_capped_by_the_dense_activations_they_hold(residual, monkeypatch):
