@@ -29,7 +29,8 @@ sys.path.insert(0, str(HERE))
 OUT = HERE / "out"
 
 # (label, objective, method, repairs measured[, distortion curves]). A repair "lsq+recover"
-# is lsq followed by --recover-steps of label-free distillation (pruner.recover).
+# is lsq followed by --recover-steps of label-free distillation (pruner.recover): what
+# `optimize --calib` does by default.
 CONFIGS = [
     ("fisher-distortion+dp", "distortion", "dp", ("none", "lsq"), "fisher"),
     ("distortion+dp", "distortion", "dp", ("none", "bias", "lsq")),
@@ -97,8 +98,12 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None, help="test images (default all 10,000)")
     ap.add_argument("--lut", default=str(OUT / "lut.sqlite"))
     ap.add_argument("--step", type=int, default=8)
-    ap.add_argument("--recover-steps", type=int, default=300, help="steps of the lsq+recover rows "
-                    "(1024 calibration inputs, as optimize --recover-steps)")
+    from latprune.options import OptimizeSettings
+    from latprune.pruner.recover import DEFAULT_STEPS
+    ap.add_argument("--recover-steps", type=int, default=DEFAULT_STEPS, help="steps of the lsq+recover rows "
+                    "(1024 calibration inputs, blended; optimize's default with --calib)")
+    ap.add_argument("--recover-seconds", type=float, default=OptimizeSettings.model_fields["recover_seconds"].default,
+                    help="time cap of the lsq+recover rows (optimize's default)")
     args = ap.parse_args()
 
     dense_path = bench_models.exported("cifar_resnet56")
@@ -151,7 +156,7 @@ def main() -> int:
                     # as optimize --recover-steps: repair leaves out the inputs recovery holds out
                     x_fit = repair_inputs(analysis, x_rec, recovering=True)
                     model, rec = recover(analysis.model, repair(analysis, plan, pruned, x_fit, mode="lsq"), x_rec,
-                                         args.recover_steps)
+                                         args.recover_steps, max_seconds=args.recover_seconds)
                     extra = {"recovery": rec.as_dict()}
                 else:
                     model = repair(analysis, plan, pruned, x_rep, mode=mode)

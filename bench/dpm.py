@@ -16,6 +16,7 @@ measured-latency plan with one-shot pruning, DPM smooth pruning and DPM with sel
     python bench/dpm.py [--seeds 0,1] [--epochs 2] [--subset 10000] [--parallel 2] [--out dpm]
     python bench/dpm.py --seeds 0 --subset 0 --parallel 3 --out dpm_full   # 2 full epochs
     python bench/dpm.py --methods oneshot,dpm-sr --distill 0.5 --out dpm_distill
+    python bench/dpm.py --methods oneshot --distill 0 --plan-from dpm_distill --out dpm_nodistill
 
 Prints a table and writes bench/out/<out>.json (models and plans in bench/out/<out>/). Runs
 resume: a finished (method, seed) is not run again.
@@ -163,14 +164,17 @@ def main() -> None:
                     "of bench/out/dpm when there is one (same plan for every budget)")
     ap.add_argument("--distill", type=float, default=0.0, help="share of the loss distilled from the dense "
                     "model (finetune --distill)")
+    ap.add_argument("--plan-from", default="dpm", help="folder under bench/out whose plan a new --out folder "
+                    "reuses (a same-plan comparison, e.g. --plan-from dpm_distill --distill 0)")
     ap.add_argument("--run", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     global WORK
     WORK = OUT / args.out
-    if args.out != "dpm" and (OUT / "dpm" / "plan_info.json").is_file() and not (WORK / "plan").exists():
+    source = OUT / args.plan_from
+    if args.out != args.plan_from and (source / "plan_info.json").is_file() and not (WORK / "plan").exists():
         import shutil
-        shutil.copytree(OUT / "dpm" / "plan", WORK / "plan")
-        shutil.copyfile(OUT / "dpm" / "plan_info.json", WORK / "plan_info.json")
+        shutil.copytree(source / "plan", WORK / "plan")
+        shutil.copyfile(source / "plan_info.json", WORK / "plan_info.json")
     if args.run:
         run_one(args.run[0], int(args.run[1]), args.epochs, args.subset, args.lr,
                 args.rate_threshold, args.length_threshold, args.distill)

@@ -678,8 +678,9 @@ def finetune(
     step: Optional[int] = typer.Option(None, "--step", help="channel widths are multiples of STEP"),
     torch_threads: int = typer.Option(0, "--torch-threads", help="torch intra-op threads for training "
                                       "(0: torch's default)"),
-    distill: float = typer.Option(0.0, "--distill", help="share (0-1) of the loss that is distillation from the "
-                                  "dense model (KL divergence at temperature 4); 0: labels only"),
+    distill: float = typer.Option(0.5, "--distill", help="share (0-1) of the loss that is distillation from the "
+                                  "dense model (KL divergence at temperature 4); 0: labels only (about half the "
+                                  "training time)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     show_progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
 ) -> None:

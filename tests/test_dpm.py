@@ -295,7 +295,7 @@ def test_cli_finetune_plans_from_its_own_training_images_by_default(tmp_path):
     except InputError as exc:
         pytest.skip(str(exc))
     objectives = {}
-    for name, extra in (("default", []), ("prior", ["--calib", "none"])):
+    for name, extra in (("default", []), ("prior", ["--calib", "none", "--distill", "0"])):
         out = tmp_path / name
         proc = subprocess.run([sys.executable, "-m", "latprune.cli", "finetune", "--model", "resnet20",
                                "--speedup", "1.2", "--epochs", "0.02", "--subset", "200",
@@ -306,5 +306,6 @@ def test_cli_finetune_plans_from_its_own_training_images_by_default(tmp_path):
         report = json.loads((out / "report.json").read_text())
         objectives[name] = report["scoring"]["objective"]
         assert report["method"] == "oneshot" and report["finetune"]["decay_steps"] in (0, None)
+        assert report["distill"] == (0.5 if name == "default" else 0.0)  # distillation by default
         assert 0 <= report["top1_after"] <= 100
     assert objectives == {"default": "distortion", "prior": "importance"}
