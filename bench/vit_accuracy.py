@@ -103,8 +103,10 @@ def main() -> int:
                 continue
             run = work / f"{budget:.2f}_{label}"
             cfg = CONFIGS[label]
+            # recovery off unless a configuration asks (the README's rows predate it as a default)
             opts = OptimizeOptions(speedup=1 / budget, lut_path=args.lut, calib=str(calib) if cfg["repair"] != "none"
-                                   or cfg["objective"] == "distortion" else None, calib_samples=512, **cfg)
+                                   or cfg["objective"] == "distortion" else None, calib_samples=512,
+                                   **{"recover_steps": 0, **cfg})
             t0 = time.perf_counter()
             try:
                 rep = optimize(dense, run, opts)
@@ -133,7 +135,8 @@ def main() -> int:
                                    repair="none")
             t0 = time.perf_counter()
             graph, plan, rep = optimize_module(module, example, work / f"{budget:.2f}_plan_{method}", opts)
-            res = finetune(module, graph, plan, method, epochs=args.epochs, lr=0.01, batch_size=128, seed=0,
+            # labels only, as the README's rows (distillation became finetune's default later)
+            res = finetune(module, graph, plan, method, epochs=args.epochs, lr=0.01, batch_size=128, seed=0, distill=0.0,
                            train_set=CifarTrain(images=images, augment=True, seed=0) if args.epochs < 1 else None)
             cut = work / f"{budget:.2f}_{label}.onnx"
             export_pruned(graph, res.plan, cut)
