@@ -136,14 +136,18 @@ def plateau_widths(problem: Problem, rules: BlockingRules, max_candidates: int =
     widths that are the widest of their cost plateau for every layer axis the group sets
     alone (aligned and a multiple of the pad block under `rules`: a narrower width costs as
     much, or runs a fallback kernel), plus its full size; at most `max_candidates`, evenly
-    spread, always the smallest and the full size. Axes with no blocking leave every width."""
+    spread, always the smallest and the full size. Axes with no blocking leave every width.
+    An axis several groups set together (a Concat, a zero-padded residual stream) is aligned
+    when each group's share of it is: each share (0 fixed channels) is held to the rule, so no
+    combination of candidates lands the sum off the block."""
     axes: dict[int, list[tuple[int, int, AxisRule]]] = {}
     for layer in problem.layers:
         rin, rout = rules.axes(layer.spec)
         for space, rule in ((layer.c_in, rin), (layer.c_out, rout)):
-            if len(space.terms) == 1 and (rule.align > 1 or rule.block > 1):
-                gid, mult = space.terms[0]
-                axes.setdefault(gid, []).append((space.fixed, mult, rule))
+            if not space.terms or (rule.align <= 1 and rule.block <= 1):
+                continue
+            for gid, mult in space.terms:
+                axes.setdefault(gid, []).append((space.fixed if len(space.terms) == 1 else 0, mult, rule))
     out = {}
     for g in problem.groups:
         if not g.prunable or len(g.candidate_widths) <= 1:

@@ -16,7 +16,7 @@ from latprune.profiler.probe import axis_rule
 from latprune.pruner.analysis import analyse
 from latprune.pruner.model_io import normalise
 from latprune.types import LayerSpec
-from onnx_builders import GraphBuilder, depthwise_cnn, residual_cnn
+from onnx_builders import GraphBuilder, concat_cnn, depthwise_cnn, pad_shortcut_cnn, residual_cnn
 
 FP = {"device": "cpu", "cpu": "test-blocking", "threads": 1}
 CONV = LayerSpec("Conv", [3, 3], [1, 1], [1, 1, 1, 1], [1, 1], False, [14, 14], 1, activation="Relu")
@@ -223,6 +223,29 @@ def test_any_width_candidates_are_the_widest_of_each_cost_plateau():
         assert set(range(8, size, 8)) <= set(ws)  # every plateau top, none skipped
     smooth = plateau_widths(prob, BlockingRules(), max_candidates=64)
     assert any(len(ws) > len(widths[gid]) for gid, ws in smooth.items())
+
+
+@pytest.mark.parametrize("build", [pad_shortcut_cnn, concat_cnn])
+def test_any_width_candidates_keep_a_shared_axis_on_the_block(build):
+    """A conv whose input several groups set together (a zero-padded residual stream, a
+    Concat) is aligned only if the sum is: every group's share stays a multiple of the block,
+    so --step 1 offers no width that would push the sum off it (before: every width)."""
+    from latprune.lut.predict import plateau_widths
+
+    rules = BlockingRules({kind: {"in": AxisRule(4, 8, 1.5), "out": AxisRule(1, 8)}
+                           for kind in ("conv", "conv1x1", "gemm")})
+    prob = analyse(normalise(build()), step=1, max_candidates=64).problem
+    shared = {gid for layer in prob.layers for space in (layer.c_in, layer.c_out) if len(space.terms) > 1
+              for gid, _ in space.terms if prob.groups[gid].prunable}
+    assert shared  # the model has such an axis
+    widths = plateau_widths(prob, rules, max_candidates=64)
+    for gid in shared:
+        ws = widths[gid]
+        assert all(w % 8 == 0 for w in ws[:-1]) and ws[-1] == prob.groups[gid].size, (gid, ws)
+        for layer in prob.layers:  # the smallest candidates together keep every shared axis aligned
+            for space in (layer.c_in, layer.c_out):
+                if len(space.terms) > 1 and all(prob.groups[g].prunable for g, _ in space.terms):
+                    assert (space.fixed + sum(m * widths[g][0] for g, m in space.terms)) % 8 == space.fixed % 8
 
 
 def test_layout_boundaries_count_elements_between_blocked_and_fallback_convs(tmp_path):
