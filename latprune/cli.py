@@ -679,8 +679,8 @@ def finetune(
     torch_threads: int = typer.Option(0, "--torch-threads", help="torch intra-op threads for training "
                                       "(0: torch's default)"),
     distill: float = typer.Option(0.5, "--distill", help="share (0-1) of the loss that is distillation from the "
-                                  "dense model (KL divergence at temperature 4); 0: labels only (about half the "
-                                  "training time)"),
+                                  "dense model (KL divergence at temperature 4); 0: labels only (no teacher forward "
+                                  "pass per step)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     show_progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
 ) -> None:

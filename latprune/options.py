@@ -51,8 +51,8 @@ class OptimizeSettings(BaseModel):
     recover_steps: int | None = Field(None, ge=0, le=100_000,
                                       description="label-free recovery after repair: this many steps of distillation "
                                                   "from the dense model's outputs on the calibration inputs (needs "
-                                                  "--calib and PyTorch; 0: off; default: 600 when --calib is a file "
-                                                  "and PyTorch is installed, else off)")
+                                                  "--calib and PyTorch; 0: off; default: 600 when --calib is a file, "
+                                                  "repair is on and PyTorch is installed, else off)")
     recover_seconds: float = Field(600.0, gt=0, le=86_400,
                                    description="time cap of label-free recovery, s: the steps are cut to what fits")
     calib_samples: int = Field(

@@ -591,8 +591,7 @@ def budget_use_note(rounds: list[dict], measured_ms: float, budget_ms: float, st
     candidate widths are too coarse for a plan in between), or the rounds ran out."""
     if measured_ms > budget_ms or measured_ms >= BUDGET_USE * budget_ms:
         return ""
-    looser_missed = [r["round"] for r in rounds
-                     if r["measured_ms"] > r["budget_ms"] and r["measured_ms"] != measured_ms]
+    looser_missed = [r["round"] for r in rounds if r["measured_ms"] > r["budget_ms"]]
     why = (f"round(s) {', '.join(map(str, looser_missed))} re-solved for more of the budget and missed it"
            if looser_missed else stop_reason or "no looser plan was found")
     return (f"the plan uses {measured_ms / budget_ms:.0%} of the budget {budget_ms:.3f} ms "
@@ -687,7 +686,7 @@ def _recovered(analysis: Analysis, pruned: onnx.ModelProto, scoring: Scoring, op
     except Exception as exc:  # noqa: BLE001 (the default must not fail a run the repair finished)
         if opts.recover_steps is not None:
             raise
-        note = f"label-free recovery skipped ({type(exc).__name__}: {exc}); the weights are lsq-repaired only"
+        note = f"label-free recovery skipped ({type(exc).__name__}: {exc}); the repaired weights are kept"
         progress.info(note)
         return pruned, {"skipped": note}
     progress.info(f"held-out distance to the dense outputs {rec.holdout_loss_before:.4f} -> "

@@ -135,7 +135,6 @@ def recover(dense: onnx.ModelProto, pruned: onnx.ModelProto, calib_x: np.ndarray
     picked = [student.outputs.index(n) for n in names]
     if not student.params:
         raise InputError("the pruned model has no float weights to recover")
-    online = None
     if mix:  # the teacher in torch, frozen, for the blended inputs
         online = OnnxTorch(dense)
         for p in online.params.values():
