@@ -164,6 +164,8 @@ def optimize(
         err.print(t)
         for w in report["warnings"]:
             err.print(f"[yellow]warning:[/] {w}")
+        if report.get("budget_use_note"):
+            err.print(f"note: {report['budget_use_note']}")
         extra = [a for a in report.get("backend", {}).get("artifacts", []) if a != "pruned.onnx"]
         err.print(f"wrote {out}/pruned.onnx, {', '.join(extra + ['plan.json', 'report.json', 'report.html'])}")
     if not report["meets_budget"]:

@@ -561,9 +561,8 @@ def _optimize_latency(model_path, opts, analysis, scoring, family, progress, wal
         report = _report(model_path, prob, table, plan, dense, budget, measured_ms, p90_ms,
                          cal, rounds, opts, n_measured, analysis, wall0)
         note = budget_use_note(rounds, measured_ms, budget, stop_reason)
-        if note:
+        if note:  # not a warning: `warnings` means the budget was missed (exit code 3)
             report["budget_use_note"] = note
-            report["warnings"].append(note)
         _add_scoring(report, scoring)
         return plan, pruned, report
     finally:
