@@ -9,6 +9,7 @@ pruner (graph names, surgery), the profiler and the table, as the pipeline does.
 """
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from typing import Callable
 
@@ -18,6 +19,8 @@ import onnx
 from latprune.lut.predict import group_grid, single_group
 from latprune.profiler.ingraph import MIN_SECONDS, ConfigTiming, profile_interleaved
 from latprune.types import LayerSpec, Problem
+
+log = logging.getLogger(__name__)
 
 # Ops ONNX Runtime fuses into the conv before them (conv+activation, NCHWc conv+sum+activation).
 _FUSABLE = {"Relu", "Clip", "Add", "Sum", "BatchNormalization", "HardSigmoid", "HardSwish",
@@ -185,6 +188,61 @@ def anchored_phase(table, analysis, backend=1, min_seconds: float = MIN_SECONDS)
     return reference_ms * first / clock_ms
 
 
+# A model new to a table is scaled to the table's own cells (table_anchor) when the cells the
+# table held before its profile give at least this share of its runs' layer time, from at
+# least TABLE_ANCHOR_LAYERS layers; otherwise to the table's clock (anchored_phase).
+TABLE_ANCHOR_SHARE = 0.2
+TABLE_ANCHOR_LAYERS = 3
+
+
+def known_layer_ms(problem: Problem, table, configs: list[dict[int, int]]) -> list[dict[int, float]]:
+    """For each of `configs` (group widths): layer index -> the ms `table` gives that layer now,
+    for the layers whose cell it measured or interpolates between measured cells (not
+    extrapolated, not modelled from the other regime)."""
+    sigs = [layer.spec.signature() for layer in problem.layers]
+    out = []
+    for widths in configs:
+        known = {}
+        for index, c_in, c_out in config_cells(problem, widths):
+            try:
+                ms, how = table.lookup_detail(sigs[index], c_in, c_out)
+            except KeyError:
+                continue
+            if how in ("measured", "interpolated") and ms > 0:
+                known[index] = ms
+        out.append(known)
+    return out
+
+
+def table_anchor(known: list[dict[int, float]], timings: list[ConfigTiming]) -> float | None:
+    """The factor that brings `timings` (one per config of `known`, same order) to the scale of
+    the table's earlier cells: the median over runs of (the table's ms / the run's ms) summed
+    over the layers both have, or None where those layers give under TABLE_ANCHOR_SHARE of
+    the runs' layer time (median) or number under TABLE_ANCHOR_LAYERS.
+
+    Why not the clock alone: on this VM the slow phases hit a model's memory-bound kernels
+    (grouped and depthwise convs, large activations) much harder than the clock's small 3x3
+    conv, whose data stay in cache: a RegNetX configuration anchored on the clock read 35%
+    slow against the rest of the table while its runs agreed with the table's cells to 3%
+    (issue 15). The model's own runs, set against cells of the same kernels, share the phase
+    whatever it slows."""
+    ratios, shares, layers = [], [], []
+    for table_ms, timing in zip(known, timings):
+        common = [i for i in table_ms if timing.layer_ms.get(i, 0) > 0]
+        measured = sum(timing.layer_ms[i] for i in common)
+        total = sum(timing.layer_ms.values())
+        if not common or total <= 0:
+            shares.append(0.0)
+            layers.append(0)
+            continue
+        ratios.append(sum(table_ms[i] for i in common) / measured)
+        shares.append(measured / total)
+        layers.append(len(common))
+    if not ratios or np.median(shares) < TABLE_ANCHOR_SHARE or np.median(layers) < TABLE_ANCHOR_LAYERS:
+        return None
+    return float(np.median(ratios))
+
+
 def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], backend=1,
                      grid_points: int = 5, progress: Callable[[int, int], None] | None = None,
                      remeasure: bool = False, passes: int = 1,
@@ -195,8 +253,9 @@ def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], b
     and moments; a cell's value is the median). Cells are committed after each batch of runs
     (profiler.ingraph.BATCH models: an interrupted profile resumes, losing at most one batch),
     and scaled to one phase of the machine: the first in-graph profile of a model in a table
-    records its dense model's kernel time on the table's clock (anchored_phase;
-    table.set_reference_phase, keyed by the model's hash) and every profile of it (the first,
+    records its dense model's kernel time on the table's clock (anchored_phase), or, where
+    the table's earlier cells cover enough of its layers, on those cells (table_anchor:
+    table.set_reference_phase, keyed by the model's hash), and every profile of it (the first,
     resumed, refined, re-timed) scales its batches to it, so a machine that drifted in between
     does not leave cells of two scales side by side, within a model or across models. Cells no
     run could reach are left out (the caller times them alone). The runs draw each group's widths from its grid
@@ -246,10 +305,20 @@ def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], b
 
     reference = reference_key(analysis.model)
     phase_ms = table.reference_phase(reference)
-    if phase_ms is None:  # a model new to the table: its phase on the table's clock
+    known = None
+    if phase_ms is None:  # a model new to the table: its phase on the table's clock, for now
+        known = known_layer_ms(prob, table, configs)  # before this profile adds any cell
         phase_ms = anchored_phase(table, analysis, backend, min_seconds)
         table.set_reference_phase(reference, phase_ms)
     timings = profile_configs(analysis, configs, backend, store, min_seconds, phase_ms=phase_ms)
+    factor = table_anchor(known, timings) if known is not None else None
+    if factor is not None:  # then on the table's own cells, where they cover enough of it
+        from latprune.profiler.ingraph import rescale
+
+        log.info("scaled to the table's earlier cells: x%.3f of the clock's scale", factor)
+        for timing in timings:
+            rescale(timing, factor)
+        table.set_reference_phase(reference, phase_ms * factor, replace=True)
     final: dict[tuple[str, int, int], list[float]] = defaultdict(list)
     runs: dict[tuple[str, int, int], int] = defaultdict(int)
     for timing in timings:  # the final scale (timings come back rescaled)

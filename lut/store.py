@@ -281,9 +281,13 @@ class LatencyTable:
             (self.fp_id, REFERENCE_PREFIX + key)).fetchone()
         return float(row[0]) if row else None
 
-    def set_reference_phase(self, key: str, ms: float) -> None:
+    def set_reference_phase(self, key: str, ms: float, replace: bool = False) -> None:
         """Record the scale of in-graph cells profiled beside reference `key` (a calibration point
-        of family REFERENCE_PREFIX + key: the exchange format carries it unchanged)."""
+        of family REFERENCE_PREFIX + key: the exchange format carries it unchanged). The first
+        record stands (reference_phase) unless `replace` drops the earlier ones."""
+        if replace:
+            self.db.execute("DELETE FROM calibration WHERE fingerprint=? AND family=?",
+                            (self.fp_id, REFERENCE_PREFIX + key))
         self.add_calibration(REFERENCE_PREFIX + key, ms, ms)
 
     def calibration(self, family: str) -> Calibration | None:

@@ -357,3 +357,26 @@ def test_models_new_to_a_table_are_scaled_to_the_tables_clock(tmp_path):
     assert 2.0 < scaled / plain < 4.5
     table.close()
     slow.close()
+
+
+def test_a_model_new_to_a_table_is_scaled_to_the_tables_cells_not_a_wrong_clock(tmp_path):
+    """A second model whose layers the table already covers (same kinds, narrower) is scaled
+    so that its cells agree with the earlier ones, even when the table's clock is off: here
+    the clock's record says the machine was 3x slower, which alone would scale its cells by
+    about 3 (test_models_new_to_a_table_are_scaled_to_the_tables_clock)."""
+    from latprune.ingraph_profile import CLOCK_KEY, reference_key
+    from latprune.lut.predict import predict_layers
+
+    wide, narrow = _analysis(residual_cnn(blocks=1, width=32)), _analysis(residual_cnn(blocks=1, width=24))
+    table = LatencyTable(tmp_path / "t.sqlite", cpu_fingerprint(threads=1, timing="in-graph"))
+    profile_in_graph(table, wide, required_cells(wide.problem, 3), grid_points=3, min_seconds=0.2)
+    table.set_reference_phase(CLOCK_KEY, 3 * table.reference_phase(CLOCK_KEY), replace=True)
+    middle = {g.id: 16 for g in narrow.problem.groups if g.prunable}  # on the narrow grid, not the wide one
+    before = predict_layers(narrow.problem, table, middle)  # interpolated between the wide model's cells
+    assert before.found["interpolated"] > 0
+    profile_in_graph(table, narrow, required_cells(narrow.problem, 3), grid_points=3, min_seconds=0.2)
+    after = predict_layers(narrow.problem, table, middle)  # the narrow model's own cells
+    assert after.found["measured"] > before.found["measured"]
+    assert 0.6 < after.raw_ms / before.raw_ms < 1.6
+    assert table.reference_phase(reference_key(narrow.model)) > 0
+    table.close()
