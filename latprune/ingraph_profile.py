@@ -246,7 +246,8 @@ def table_anchor(known: list[dict[int, float]], timings: list[ConfigTiming]) -> 
 def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], backend=1,
                      grid_points: int = 5, progress: Callable[[int, int], None] | None = None,
                      remeasure: bool = False, passes: int = 1,
-                     min_seconds: float = MIN_SECONDS) -> tuple[int, list[ConfigTiming]]:
+                     min_seconds: float = MIN_SECONDS,
+                     note: Callable[[str], None] | None = None) -> tuple[int, list[ConfigTiming]]:
     """Measure the (spec, c_in, c_out) `cells` the table lacks (all of them with `remeasure`)
     by profiling pruned copies of the model (profile_configs) chosen by design_configs, once
     per pass (each pass its own design, so a cell is measured in `passes` different models
@@ -261,7 +262,8 @@ def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], b
     run could reach are left out (the caller times them alone). The runs draw each group's widths from its grid
     plus any width the cells ask of it (refined grids: lut.predict.refine_widths). Returns
     (cells stored, the runs). `backend`: the runtime whose profiler times the runs (an int:
-    ONNX Runtime on this CPU with that many threads).
+    ONNX Runtime on this CPU with that many threads). `note(message)` hears which scale a
+    model new to the table was put on.
 
     On this VM one in-graph measurement of a cell lies 0.5-0.7% (median) and 3.5-3.7% (p95)
     from the median of 3 (bench/lut_fidelity.py); passes average over designs and moments.
@@ -315,7 +317,11 @@ def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], b
     if factor is not None:  # then on the table's own cells, where they cover enough of it
         from latprune.profiler.ingraph import rescale
 
-        log.info("scaled to the table's earlier cells: x%.3f of the clock's scale", factor)
+        message = (f"a model new to this table: its cells are scaled to the table's earlier cells "
+                   f"(x{factor:.3f} of the table clock's scale)")
+        log.info(message)
+        if note:
+            note(message)
         for timing in timings:
             rescale(timing, factor)
         table.set_reference_phase(reference, phase_ms * factor, replace=True)

@@ -303,7 +303,8 @@ def ensure_profiled(problem: Problem, table: LatencyTable, backend, points: int,
             from latprune.ingraph_profile import profile_in_graph
 
             progress.stage(f"profiling {len(todo)} {what} inside pruned copies of the model")
-            n, done = profile_in_graph(table, analysis, todo, backend, points, progress.advance, passes=passes)
+            n, done = profile_in_graph(table, analysis, todo, backend, points, progress.advance, passes=passes,
+                                       note=progress.info)
             runs.extend(done)
             todo = missing_cells(problem, table, points, extra, fallback)
         if todo:

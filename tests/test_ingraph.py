@@ -374,7 +374,10 @@ def test_a_model_new_to_a_table_is_scaled_to_the_tables_cells_not_a_wrong_clock(
     middle = {g.id: 16 for g in narrow.problem.groups if g.prunable}  # on the narrow grid, not the wide one
     before = predict_layers(narrow.problem, table, middle)  # interpolated between the wide model's cells
     assert before.found["interpolated"] > 0
-    profile_in_graph(table, narrow, required_cells(narrow.problem, 3), grid_points=3, min_seconds=0.2)
+    notes = []
+    profile_in_graph(table, narrow, required_cells(narrow.problem, 3), grid_points=3, min_seconds=0.2,
+                     note=notes.append)
+    assert len(notes) == 1 and "table's earlier cells" in notes[0]
     after = predict_layers(narrow.problem, table, middle)  # the narrow model's own cells
     assert after.found["measured"] > before.found["measured"]
     assert 0.6 < after.raw_ms / before.raw_ms < 1.6
