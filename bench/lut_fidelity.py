@@ -304,6 +304,8 @@ def any_width_errors(name: str, n_configs: int, input_hw: int = 224, seed: int =
     channels per group than any dense layer), the configuration is profiled into the table
     first (`latprune profile config.onnx`), as a user would. The same cells are also read
     without the blocking rules (one bilinear surface, the lookup before issue 15)."""
+    from dataclasses import replace
+
     from latprune.lut.blocking import BlockingRules
     from latprune.pipeline import load_model, model_family, open_table, profile_model
     from tp_configs import export_tp_configs
@@ -329,8 +331,11 @@ def any_width_errors(name: str, n_configs: int, input_hw: int = 224, seed: int =
         family = model_family(load_model(dense), dense.read_bytes())
         cal = table.calibration(family)
         rules = table.blocking
+        no_direct = BlockingRules({kind: {axis: replace(r, direct_below=0) for axis, r in axes.items()}
+                                   for kind, axes in rules.rules.items()})
         preds = {}
         for label, use, graph in (("blocking-aware", rules, True), ("blocking-aware, modelled reorders", rules, False),
+                                  ("blocking-aware, no direct kernel", no_direct, True),
                                   ("bilinear (no rules)", BlockingRules(), False)):
             table.blocking, table._class_cache = use, {}
             sums = [_layer_sum(p, table, graph) for p in [dense] + configs]

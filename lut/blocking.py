@@ -14,9 +14,17 @@ An `AxisRule` says, for one axis (input or output channels) of one layer kind:
   block    the fast kernel costs what the next multiple of `block` costs (block 1: no padding)
   penalty  the median cost of a fallback width over the fast cost of its padded width (what a
            prediction uses when the table holds no fallback cell of a layer)
+  direct_below, direct
+           (input axis of plain convs) widths under `direct_below` run a third, *direct*
+           kernel that reads the plain layout as it is (ONNX Runtime's NCHWc conv reads an
+           input narrower than its block without reordering it, as a stem reads 3 channels):
+           no alignment, no padding, its own smooth surface; `direct` is its median cost over
+           the fast cost at the block scaled by width/block (what a prediction uses when the
+           table holds no direct cell). On AVX-512 (block 16) a 3x3 conv reading 8 channels
+           costs 0.6x its 16-channel cost, a 1x1 conv 1.3x: neither is the padded width.
 
-A layer's (c_in, c_out) is *fast* when both axes are aligned, else *fallback*. The table keeps
-the two regimes apart: a fast cell is predicted from fast cells at padded widths, a fallback
+A layer's (c_in, c_out) is *direct* when its input axis is under the rule's direct_below,
+else *fast* when both axes are aligned, else *fallback*. The table keeps the regimes apart: a fast cell is predicted from fast cells at padded widths, a fallback
 cell from fallback cells (smooth: those kernels do not pad), and from the other regime times
 the penalty only where the table has none of its own (lut/store.py). The rules come from a
 short probe on the device (profiler/probe.py) and are stored in the table beside its cells.
@@ -38,13 +46,21 @@ class AxisRule:
     align: int = 1
     block: int = 1
     penalty: float = 1.0
+    direct_below: int = 0
+    direct: float = 1.0
+
+    def is_direct(self, width: int) -> bool:
+        """Whether `width` runs the direct kernel (under direct_below; module doc)."""
+        return 0 < width < self.direct_below
 
     def aligned(self, width: int) -> bool:
-        return width % self.align == 0
+        """Whether `width` runs no fallback kernel (a direct width counts as aligned)."""
+        return width % self.align == 0 or self.is_direct(width)
 
     def pad(self, width: int) -> int:
-        """The width the fast kernel runs at: `width` rounded up to a multiple of `block`."""
-        return -(-width // self.block) * self.block
+        """The width the fast kernel runs at: `width` rounded up to a multiple of `block` (a
+        direct width is not padded)."""
+        return width if self.is_direct(width) else -(-width // self.block) * self.block
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -100,6 +116,14 @@ class BlockingRules:
         return (fixed_in or rin.aligned(c_in // g if c_in % g == 0 else c_in)) and \
             (fixed_out or rout.aligned(c_out // g if c_out % g == 0 else c_out))
 
+    def regime(self, spec: LayerSpec, c_in: int, c_out: int, fixed_in: bool = False,
+               fixed_out: bool = False) -> str:
+        """"direct", "fast" or "fallback" (module doc); a `fixed` axis is left out, as in fast."""
+        rin, _ = self.axes(spec)
+        if not fixed_in and not spec.depthwise and self.groups(spec, c_in) == 1 and rin.is_direct(c_in):
+            return "direct"
+        return "fast" if self.fast(spec, c_in, c_out, fixed_in, fixed_out) else "fallback"
+
     def axes(self, spec: LayerSpec) -> tuple[AxisRule, AxisRule]:
         kind = layer_kind(spec)
         axes = self.rules.get(kind, {}) if kind else {}
@@ -131,8 +155,9 @@ class BlockingRules:
     def from_records(cls, records: list[dict]) -> "BlockingRules":
         rules: dict[str, dict[str, AxisRule]] = {}
         for r in records:
-            rules.setdefault(r["kind"], {})[r["axis"]] = AxisRule(int(r["align"]), int(r["block"]),
-                                                                  float(r["penalty"]))
+            rules.setdefault(r["kind"], {})[r["axis"]] = AxisRule(
+                int(r["align"]), int(r["block"]), float(r["penalty"]),
+                int(r.get("direct_below", 0)), float(r.get("direct", 1.0)))  # absent before version 3
         return cls(rules)
 
     def describe(self) -> str:
@@ -140,7 +165,9 @@ class BlockingRules:
         for kind, axes in sorted(self.rules.items()):
             text = ", ".join(f"{axis}: " + ("any width" if r == SMOOTH else
                                             f"multiples of {r.align} fast" + (f", padded to {r.block}" if r.block > 1 else "")
-                                            + (f", others x{r.penalty:.2f}" if r.align > 1 else ""))
+                                            + (f", others x{r.penalty:.2f}" if r.align > 1 else "")
+                                            + (f"; under {r.direct_below} direct, x{r.direct:.2f}"
+                                               if r.direct_below else ""))
                              for axis, r in sorted(axes.items()))
             parts.append(f"{kind} ({text})")
         return "; ".join(parts) or "no blocking"

@@ -1,15 +1,15 @@
 """Export, import, merge and validate latency tables (many fingerprints per SQLite file).
 
-JSON exchange format (version 2), one object:
+JSON exchange format (version 3), one object:
 
-    {"format": "latprune-lut", "version": 2,
+    {"format": "latprune-lut", "version": 3,
      "tables": [{"fingerprint": {...device fingerprint...},
                  "cells": [{"signature": {...LayerSpec fields...}, "c_in": 64, "c_out": 128,
                             "ms": 0.412, "runs": 40, "measured_at": 1795000000.0}, ...],
                  "calibration": [{"family": "ab12...", "raw_ms": 3.1, "melements": 2.4,
                                   "measured_ms": 3.4, "measured_at": 1795000000.0}, ...],
                  "blocking": [{"kind": "conv", "axis": "in", "align": 4, "block": 8,
-                               "penalty": 1.45}, ...]}]}
+                               "penalty": 1.45, "direct_below": 8, "direct": 1.1}, ...]}]}
 
 `ms` is the median latency of one layer in milliseconds, `runs` the number of timed runs
 behind it. A calibration point is one end-to-end measurement of a model of the `family`:
@@ -23,24 +23,26 @@ time that the in-graph cells are scaled to). Merging combines cells of the same 
 `blocking` (version 2, issue 15) holds the device's channel-blocking rules per layer kind
 (`kind` one of lut.blocking.KINDS, `axis` "in" or "out"; see lut/blocking.py): widths that are
 multiples of `align` run the fast kernel at the width rounded up to `block`, others a fallback
-kernel `penalty` times slower. Version 1 files (no rules) are still read; an imported rule
-replaces the file's rule of the same fingerprint, kind and axis.
+kernel `penalty` times slower. Version 3 adds `direct_below` and `direct` (optional, default
+0 and 1): input widths under `direct_below` run a direct kernel on the plain layout, `direct`
+times the fast cost at the block scaled by width/block. Version 1 files (no rules) and
+version 2 files (no direct kernel) are still read; an imported rule replaces the file's rule
+of the same fingerprint, kind and axis.
 """
 from __future__ import annotations
 
 import json
 import math
 import sqlite3
-import time
 from pathlib import Path
 
 from latprune.types import InputError, LayerSpec
 from latprune.lut.blocking import AXES, KINDS
-from latprune.lut.store import SCHEMA
+from latprune.lut.store import SCHEMA, blocking_records, insert_blocking, migrate_blocking
 
 FORMAT = "latprune-lut"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 
 def _connect(path: str | Path, create: bool = False) -> sqlite3.Connection:
@@ -51,6 +53,7 @@ def _connect(path: str | Path, create: bool = False) -> sqlite3.Connection:
         db = sqlite3.connect(str(path), timeout=30)
         db.execute("PRAGMA journal_mode=WAL")
         db.executescript(SCHEMA)
+        migrate_blocking(db)
     except sqlite3.DatabaseError as exc:
         raise InputError(f"{path}: not a latency table ({exc})") from None
     return db
@@ -74,10 +77,7 @@ def export_tables(db_path: str | Path) -> dict:
                     "SELECT family, raw_ms, measured_ms, measured_at, melements FROM calibration WHERE fingerprint=?",
                     (fp_id,))
             ]
-            blocking = [{"kind": k, "axis": a, "align": al, "block": b, "penalty": p}
-                        for k, a, al, b, p in db.execute(
-                            "SELECT kind, axis, align, block, penalty FROM blocking WHERE fingerprint=? "
-                            "ORDER BY kind, axis", (fp_id,))]
+            blocking = blocking_records(db, fp_id)
             tables.append({"fingerprint": json.loads(fp_json), "cells": cells, "calibration": calib,
                            "blocking": blocking})
         return {"format": FORMAT, "version": VERSION, "tables": tables}
@@ -125,9 +125,7 @@ def import_tables(db_path: str | Path, data: dict) -> dict:
                                 float(c.get("measured_at", 0.0)), float(c.get("melements", 0.0))))
                     calib += 1
                 for r in table.get("blocking", []):
-                    db.execute("INSERT OR REPLACE INTO blocking VALUES (?, ?, ?, ?, ?, ?, ?)",
-                               (fp_id, r["kind"], r["axis"], int(r["align"]), int(r["block"]),
-                                float(r["penalty"]), time.time()))
+                    insert_blocking(db, fp_id, r)
     finally:
         db.close()
     return {"cells_added": added, "cells_combined": combined, "calibration_points": calib}
@@ -214,9 +212,12 @@ def validate_object(data: dict) -> list[str]:
             if not (isinstance(rule, dict) and rule.get("kind") in KINDS and rule.get("axis") in AXES
                     and _is_int(rule.get("align")) and _is_int(rule.get("block"))
                     and 1 <= rule["align"] <= 4096 and 1 <= rule["block"] <= 4096
-                    and _is_number(rule.get("penalty")) and rule["penalty"] > 0):
+                    and _is_number(rule.get("penalty")) and rule["penalty"] > 0
+                    and _is_int(rule.get("direct_below", 0)) and 0 <= rule.get("direct_below", 0) <= 4096
+                    and _is_number(rule.get("direct", 1.0)) and rule.get("direct", 1.0) > 0):
                 problems.append(f"table {ti} blocking rule {ri}: needs kind (one of {', '.join(KINDS)}), "
-                                f"axis (in or out), align and block (integers 1-4096) and penalty (> 0)")
+                                f"axis (in or out), align and block (integers 1-4096) and penalty (> 0); "
+                                f"direct_below (integer 0-4096) and direct (> 0) where given")
         for pi, point in enumerate(calib):
             where = f"table {ti} calibration point {pi}"
             if not isinstance(point, dict) or not isinstance(point.get("family"), str):
@@ -247,10 +248,10 @@ def validate_file(db_path: str | Path) -> dict:
         for sig, grid in by_sig.items():
             spec = LayerSpec(**json.loads(sig))
             for (ci, co), ms in grid.items():
-                fast = rules.fast(spec, ci, co)
+                regime = rules.regime(spec, ci, co)
                 for (ci2, co2), ms2 in grid.items():
                     if ci2 >= ci and co2 >= co and (ci2, co2) != (ci, co) and ms2 < 0.8 * ms \
-                            and rules.fast(spec, ci2, co2) == fast:
+                            and rules.regime(spec, ci2, co2) == regime:
                         warnings.append(f"{json.loads(sig)['op']} {ci}x{co}: {ms:.4f} ms but {ci2}x{co2}: {ms2:.4f} ms")
     return {"errors": errors, "warnings": warnings,
             "fingerprints": len(data["tables"]), "cells": sum(len(t["cells"]) for t in data["tables"])}

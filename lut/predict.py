@@ -100,11 +100,13 @@ def required_cells(problem: Problem, points: int = 5, extra: dict[int, list[int]
 FALLBACK_POINTS = 3  # widths per axis of a layer's fallback cells
 
 
-def _fallback_width(width: int, align: int) -> int | None:
-    """A width next to `width` that runs the fallback kernel (itself if it already does)."""
-    if width % align:
-        return width
-    return width - 1 if width > 1 else None
+def _fallback_width(width: int, rule: AxisRule) -> int | None:
+    """A width next to `width` that runs the fallback kernel (itself if it already does);
+    None where neither does (a width the direct kernel runs, or 1)."""
+    for w in (width, width - 1):
+        if w >= 1 and not rule.aligned(w):
+            return w
+    return None
 
 
 def fallback_grid(problem: Problem, layer: Layer, rules: BlockingRules,
@@ -112,22 +114,27 @@ def fallback_grid(problem: Problem, layer: Layer, rules: BlockingRules,
     """Cells of `layer` in the fallback regime of `rules` (lut/blocking.py) that a table must
     hold to predict widths off the kernel's alignment: for each axis that is one group's
     width and has an alignment, `points` of its widths moved one channel off it, against
-    `points` widths of the other axis (a depthwise layer: its diagonal). Empty where every
-    width runs the fast kernel, or the layer's widths are fixed or set by several groups."""
+    `points` widths of the other axis (a depthwise layer: its diagonal); and where the input
+    axis can go under the rule's direct_below, cells of the direct kernel (half its bound and
+    one under it). Empty where every width runs the fast kernel, or the layer's widths are
+    fixed or set by several groups."""
     rin, rout = rules.axes(layer.spec)
     cells: set[tuple[int, int]] = set()
     ins = _sample(space_values(problem, layer.c_in), points)
     if layer.spec.depthwise:
         if rin.align > 1 and single_group(layer.c_in) is not None:
-            cells |= {(w, w) for w in (_fallback_width(v, rin.align) for v in ins) if w}
+            cells |= {(w, w) for w in (_fallback_width(v, rin) for v in ins) if w}
         return sorted(cells)
     if coupled_group(layer) is not None or rules.groups(layer.spec, layer.dense_c_in) > 1:
         return []  # grouped: a width one channel off is no longer whole groups
     outs = _sample(space_values(problem, layer.c_out), points)
     if rin.align > 1 and single_group(layer.c_in) is not None and len(ins) > 1:
-        cells |= {(w, co) for w in (_fallback_width(v, rin.align) for v in ins) if w for co in outs}
+        cells |= {(w, co) for w in (_fallback_width(v, rin) for v in ins) if w for co in outs}
     if rout.align > 1 and single_group(layer.c_out) is not None and len(outs) > 1:
-        cells |= {(ci, w) for w in (_fallback_width(v, rout.align) for v in outs) if w for ci in ins}
+        cells |= {(ci, w) for w in (_fallback_width(v, rout) for v in outs) if w for ci in ins}
+    if rin.direct_below > 1 and single_group(layer.c_in) is not None and ins and min(ins) < rin.direct_below:
+        direct = sorted({max(1, rin.direct_below // 2), rin.direct_below - 1})
+        cells |= {(w, co) for w in direct for co in outs}
     return sorted(cells)
 
 
@@ -144,7 +151,7 @@ def plateau_widths(problem: Problem, rules: BlockingRules, max_candidates: int =
     for layer in problem.layers:
         rin, rout = rules.axes(layer.spec)
         for space, rule in ((layer.c_in, rin), (layer.c_out, rout)):
-            if not space.terms or (rule.align <= 1 and rule.block <= 1):
+            if not space.terms or (rule.align <= 1 and rule.block <= 1 and not rule.direct_below):
                 continue
             for gid, mult in space.terms:
                 axes.setdefault(gid, []).append((space.fixed if len(space.terms) == 1 else 0, mult, rule))
@@ -153,23 +160,24 @@ def plateau_widths(problem: Problem, rules: BlockingRules, max_candidates: int =
         if not g.prunable or len(g.candidate_widths) <= 1:
             continue
         need = axes.get(g.id, [])
-        widths = [w for w in range(1, g.size)
-                  if all((f + m * w) % r.align == 0 and (f + m * w) % r.block == 0 for f, m, r in need)] + [g.size]
+        widths = [w for w in range(1, g.size)  # aligned and unpadded (a direct width is its own top)
+                  if all(r.aligned(f + m * w) and r.pad(f + m * w) == f + m * w for f, m, r in need)] + [g.size]
         out[g.id] = _sample(widths, max_candidates)
     return out
 
 
 def needs_fallback(problem: Problem, rules: BlockingRules) -> bool:
-    """Whether some group may take a width (below its full size) that runs a fallback kernel
-    under `rules`: then a plan can reach those cells and the table must hold them."""
+    """Whether some group may take a width (below its full size) that runs a fallback or a
+    direct kernel under `rules`: then a plan can reach those cells and the table must hold
+    them."""
     if not rules:
         return False
     for layer in problem.layers:
         rin, rout = rules.axes(layer.spec)
         for space, rule in ((layer.c_in, rin), (layer.c_out, rout)):
-            if rule.align > 1 and space.terms:
+            if (rule.align > 1 or rule.direct_below) and space.terms:
                 values = space_values(problem, space)
-                if any(v % rule.align for v in values[:-1]):
+                if any(not rule.aligned(v) or rule.is_direct(v) for v in values[:-1]):
                     return True
     return False
 
@@ -314,31 +322,40 @@ def layout_boundaries(problem: Problem, table: LatencyTable, widths: dict[int, i
     the given widths (issue 15): a conv running its fallback (plain-layout) kernel reads its
     input through a reorder when a conv writing that input runs blocked, and writes its
     output through one when a conv reading it runs blocked (neighbours: convs sharing a
-    channel group of the tensor). 0 without blocking rules or fallback convs."""
+    channel group of the tensor); a conv running the direct kernel reads its input through
+    one from a blocked producer and writes blocked. 0 without blocking rules or fallback
+    convs."""
     if not table.blocking:
         return 0.0
     full = {g.id: (widths or {}).get(g.id, g.size) for g in problem.groups}
     fast: dict[int, bool] = {}
+    direct: list[int] = []  # convs reading their (narrow) input in plain layout, writing blocked
     producers: dict[int, list[int]] = {}
     consumers: dict[int, list[int]] = {}
     for i, layer in enumerate(problem.layers):
         if layer.spec.op != "Conv" or (layer.block is not None and layer.block in removed_blocks):
             continue
         ci, co = layer.c_in.width(full), layer.c_out.width(full)
-        # an axis that never changes is left out (as store._fast does)
-        fast[i] = table.blocking.fast(layer.spec, ci, ci if layer.spec.depthwise else co,
-                                      not layer.c_in.terms, not layer.c_out.terms)
+        # an axis that never changes is left out (as store._regime does)
+        regime = table.blocking.regime(layer.spec, ci, ci if layer.spec.depthwise else co,
+                                       not layer.c_in.terms, not layer.c_out.terms)
+        fast[i] = regime == "fast"
+        if regime == "direct":
+            direct.append(i)
         for gid, _ in layer.c_out.terms:
             producers.setdefault(gid, []).append(i)
         for gid, _ in layer.c_in.terms:
             consumers.setdefault(gid, []).append(i)
+    writes_blocked = {i: is_fast or i in direct for i, is_fast in fast.items()}
     elements = 0.0
     for i, is_fast in fast.items():
         if is_fast:
             continue
-        layer = problem.layers[i]
-        if any(fast[j] for gid, _ in layer.c_in.terms for j in producers.get(gid, ()) if j != i):
+        layer = problem.layers[i]  # reads plain (fallback or direct): a reorder after a blocked producer
+        if any(writes_blocked[j] for gid, _ in layer.c_in.terms for j in producers.get(gid, ()) if j != i):
             elements += layer.c_in.width(full) * math.prod(layer.spec.input_hw)
+        if i in direct:
+            continue
         if any(fast[j] for gid, _ in layer.c_out.terms for j in consumers.get(gid, ()) if j != i):
             elements += layer.c_out.width(full) * math.prod(_out_hw(layer.spec))
     return elements / 1e6
@@ -359,7 +376,8 @@ def blocked_overhead_elements(problem: Problem, table: LatencyTable, widths: dic
     full = {g.id: (widths or {}).get(g.id, g.size) for g in problem.groups}
     total = sum(mult * full[gid] for o in problem.overheads
                 if o.block is None or o.block not in removed_blocks
-                for gid, mult in o.space.terms if full[gid] % rule.align == 0)
+                for gid, mult in o.space.terms
+                if full[gid] % rule.align == 0 and not rule.is_direct(full[gid]))
     return total / 1e6
 
 

@@ -4,7 +4,8 @@ Schema (one row per measured cell; tables never mix fingerprints):
   cells(fingerprint, signature, c_in, c_out, ms, runs, measured_at)   -- layer latency, ms
   calibration(fingerprint, family, raw_ms, measured_ms, measured_at)  -- whole-model points
   fingerprints(id, json)
-  blocking(fingerprint, kind, axis, align, block, penalty, measured_at)  -- lut/blocking.py rules
+  blocking(fingerprint, kind, axis, align, block, penalty, measured_at, direct_below, direct)
+                                                                      -- lut/blocking.py rules
 
 A table without blocking rows (written before issue 15, or never probed) interpolates every
 signature's cells as one surface, as before; with them, fast and fallback cells apart (lookup).
@@ -38,8 +39,38 @@ CREATE TABLE IF NOT EXISTS calibration (
 CREATE TABLE IF NOT EXISTS blocking (
     fingerprint TEXT NOT NULL, kind TEXT NOT NULL, axis TEXT NOT NULL, align INTEGER NOT NULL,
     block INTEGER NOT NULL, penalty REAL NOT NULL, measured_at REAL NOT NULL,
+    direct_below INTEGER NOT NULL DEFAULT 0, direct REAL NOT NULL DEFAULT 1,
     PRIMARY KEY (fingerprint, kind, axis));
 """
+
+
+BLOCKING_FIELDS = ("kind", "axis", "align", "block", "penalty", "direct_below", "direct")
+
+
+def migrate_blocking(db: sqlite3.Connection) -> None:
+    """Add the direct-kernel columns to a blocking table written before them (rules read as
+    having no direct kernel, as they were probed)."""
+    cols = [r[1] for r in db.execute("PRAGMA table_info(blocking)")]
+    if "direct_below" not in cols:
+        db.execute("ALTER TABLE blocking ADD COLUMN direct_below INTEGER NOT NULL DEFAULT 0")
+    if "direct" not in cols:
+        db.execute("ALTER TABLE blocking ADD COLUMN direct REAL NOT NULL DEFAULT 1")
+
+
+def blocking_records(db: sqlite3.Connection, fp_id: str) -> list[dict]:
+    """The fingerprint's blocking rules as records (BlockingRules.from_records)."""
+    rows = db.execute(f"SELECT {', '.join(BLOCKING_FIELDS)} FROM blocking WHERE fingerprint=? ORDER BY kind, axis",
+                      (fp_id,)).fetchall()
+    return [dict(zip(BLOCKING_FIELDS, row)) for row in rows]
+
+
+def insert_blocking(db: sqlite3.Connection, fp_id: str, record: dict) -> None:
+    """Insert or replace one rule record (kind, axis, align, block, penalty[, direct_below,
+    direct]) of the fingerprint."""
+    db.execute(f"INSERT OR REPLACE INTO blocking (fingerprint, measured_at, {', '.join(BLOCKING_FIELDS)}) "
+               f"VALUES (?, ?, {', '.join('?' * len(BLOCKING_FIELDS))})",
+               (fp_id, time.time(), record["kind"], record["axis"], int(record["align"]), int(record["block"]),
+                float(record["penalty"]), int(record.get("direct_below", 0)), float(record.get("direct", 1.0))))
 
 
 @dataclass
@@ -72,6 +103,7 @@ class LatencyTable:
             cols = [r[1] for r in self.db.execute("PRAGMA table_info(calibration)")]
             if "melements" not in cols:  # tables written before the overhead term existed
                 self.db.execute("ALTER TABLE calibration ADD COLUMN melements REAL NOT NULL DEFAULT 0")
+            migrate_blocking(self.db)
             self.db.execute("INSERT OR IGNORE INTO fingerprints VALUES (?, ?)",
                             (self.fp_id, json.dumps(fingerprint, sort_keys=True)))
             self.db.commit()
@@ -83,10 +115,7 @@ class LatencyTable:
 
     # ---- blocking rules (lut/blocking.py) ------------------------------------------------------
     def _load_blocking(self) -> BlockingRules:
-        rows = self.db.execute("SELECT kind, axis, align, block, penalty FROM blocking WHERE fingerprint=?",
-                               (self.fp_id,)).fetchall()
-        return BlockingRules.from_records([{"kind": k, "axis": a, "align": al, "block": b, "penalty": p}
-                                           for k, a, al, b, p in rows])
+        return BlockingRules.from_records(blocking_records(self.db, self.fp_id))
 
     def has_blocking(self) -> bool:
         """Whether the device's blocking rules were recorded (even 'no blocking')."""
@@ -97,8 +126,7 @@ class LatencyTable:
         with self.db:
             self.db.execute("DELETE FROM blocking WHERE fingerprint=?", (self.fp_id,))
             for r in rules.as_records():
-                self.db.execute("INSERT INTO blocking VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                (self.fp_id, r["kind"], r["axis"], r["align"], r["block"], r["penalty"], time.time()))
+                insert_blocking(self.db, self.fp_id, r)
         self.blocking = self._load_blocking()
         self._class_cache.clear()
 
@@ -149,7 +177,11 @@ class LatencyTable:
         15), a fast cell (both widths aligned) comes from the fast cells at the widths the
         kernel pads to, a fallback cell from the fallback cells at its own widths; a regime
         with no cell of its own takes the other's value times (or over) the kernel kind's
-        penalty. Within a regime: linear in c_out within each measured c_in row, then linear
+        penalty; a direct cell (an input under the rule's direct_below) comes from the direct
+        cells where they bracket its input width, else from the fast cells at the block times
+        the rule's `direct` and width/block (a stem's 3-channel cells, direct too, are no base
+        to scale a pruned 8-channel input from).
+        Within a regime: linear in c_out within each measured c_in row, then linear
         in c_in between the two bracketing rows (bilinear on a rectangular grid). Outside the
         measured range the nearest cell is scaled in proportion to the width. Zero width costs
         nothing (the layer is gone).
@@ -166,26 +198,36 @@ class LatencyTable:
         if not self.blocking or spec is None:
             return _interp_grid(grid, c_in, c_out, spec is not None and spec.depthwise)
         classes = self._classes(signature, spec)
-        fast = self._fast(signature, spec, c_in, c_out)
-        own, other = (classes["fast"], classes["fallback"]) if fast else (classes["fallback"], classes["fast"])
-        if fast:
+        regime = self._regime(signature, spec, c_in, c_out)
+        if regime != "fallback":  # fast and direct kernels write blocked outputs (a direct input is its own width)
             c_in, c_out = self.blocking.padded(spec, c_in, c_out)
-        if own:
-            return _interp_grid(own, c_in, c_out, spec.depthwise)
         rin, rout = self.blocking.axes(spec)
-        if fast:  # only fallback cells: the fast kernel is the penalty cheaper
-            ms, _ = _interp_grid(other, c_in, c_out, spec.depthwise)
+        if regime == "direct":
+            own = classes["direct"]
+            if c_in in own or (len(own) > 1 and min(own) <= c_in <= max(own)):
+                return _interp_grid(own, c_in, c_out, spec.depthwise)
+            if classes["fast"]:  # the fast cost at the block, times the rule's `direct` and width/block
+                ms, _ = _interp_grid(classes["fast"], rin.direct_below, c_out, spec.depthwise)
+                return ms * rin.direct * c_in / rin.direct_below, "modelled"
+        if classes[regime]:
+            return _interp_grid(classes[regime], c_in, c_out, spec.depthwise)
+        if regime == "fast" and classes["fallback"]:  # the fast kernel is the penalty cheaper
+            ms, _ = _interp_grid(classes["fallback"], c_in, c_out, spec.depthwise)
             return ms / max(max(rin.penalty, rout.penalty), 1e-6), "modelled"
-        ms, _ = _interp_grid(other, *self.blocking.padded(spec, c_in, c_out), spec.depthwise)
-        return ms * self.blocking.penalty(spec, c_in, c_out), "modelled"
+        if classes["fast"]:  # a fallback cell: the fast cost at the padded widths times the penalty
+            ms, _ = _interp_grid(classes["fast"], *self.blocking.padded(spec, c_in, c_out), spec.depthwise)
+            return ms * self.blocking.penalty(spec, c_in, c_out), "modelled"
+        # the only cells are of another regime with no rule between them: one surface
+        ms, _ = _interp_grid(grid, c_in, c_out, spec.depthwise)
+        return ms, "modelled"
 
-    def _fast(self, signature: str, spec: LayerSpec, c_in: int, c_out: int) -> bool:
-        """Whether (c_in, c_out) runs the fast kernel; an axis every cell of the signature
-        shares (a stem's 3 input channels) is left out: it never changes, and the runtime may
-        treat a narrow fixed input its own way (ONNX Runtime runs a 3-channel input through
-        its blocked conv, padding the output)."""
+    def _regime(self, signature: str, spec: LayerSpec, c_in: int, c_out: int) -> str:
+        """The kernel (c_in, c_out) runs: "direct", "fast" or "fallback" (BlockingRules.regime);
+        an axis every cell of the signature shares (a stem's 3 input channels) is left out: it
+        never changes, and the runtime may treat a narrow fixed input its own way (ONNX Runtime
+        runs a 3-channel input through its blocked conv, padding the output)."""
         only_in, only_out = self._classes(signature, spec)["fixed"]
-        return self.blocking.fast(spec, c_in, c_out, c_in == only_in, c_out == only_out)
+        return self.blocking.regime(spec, c_in, c_out, c_in == only_in, c_out == only_out)
 
     def _classes(self, signature: str, spec: LayerSpec) -> dict:
         """The signature's cells split by regime: fast cells at their padded widths (a cell
@@ -198,25 +240,26 @@ class LatencyTable:
             cols = {co for row in grid.values() for co, _ in row}
             only_in = next(iter(rows)) if len(rows) == 1 and not spec.depthwise else None
             only_out = next(iter(cols)) if len(cols) == 1 and not spec.depthwise else None
-            fast: dict[tuple[int, int], tuple[bool, float]] = {}
-            slow: dict[int, list[tuple[int, float]]] = defaultdict(list)
+            padded: dict[str, dict[tuple[int, int], tuple[bool, float]]] = {"fast": {}, "direct": {}}
+            own: dict[str, dict[int, list[tuple[int, float]]]] = {k: defaultdict(list)
+                                                                  for k in ("fast", "fallback", "direct")}
             for ci, row in grid.items():
                 for co, ms in row:
-                    if self.blocking.fast(spec, ci, co, ci == only_in, co == only_out):
-                        key = self.blocking.padded(spec, ci, co)
-                        exact = key == (ci, co)
-                        if key not in fast or (exact and not fast[key][0]):
-                            fast[key] = (exact, ms)
-                    else:
-                        slow[ci].append((co, ms))
-            fast_grid: dict[int, list[tuple[int, float]]] = defaultdict(list)
-            for (ci, co), (_, ms) in fast.items():
-                fast_grid[ci].append((co, ms))
-            for g in (fast_grid, slow):
+                    regime = self.blocking.regime(spec, ci, co, ci == only_in, co == only_out)
+                    if regime == "fallback":
+                        own["fallback"][ci].append((co, ms))
+                        continue
+                    key = self.blocking.padded(spec, ci, co)  # a direct input is not padded
+                    exact = key == (ci, co)
+                    if key not in padded[regime] or (exact and not padded[regime][key][0]):
+                        padded[regime][key] = (exact, ms)
+            for regime in ("fast", "direct"):
+                for (ci, co), (_, ms) in padded[regime].items():
+                    own[regime][ci].append((co, ms))
+            for g in own.values():
                 for row in g.values():
                     row.sort()
-            self._class_cache[signature] = {"fast": dict(fast_grid), "fallback": dict(slow),
-                                            "fixed": (only_in, only_out)}
+            self._class_cache[signature] = {**{k: dict(v) for k, v in own.items()}, "fixed": (only_in, only_out)}
         return self._class_cache[signature]
 
     # ---- whole-model calibration ---------------------------------------------------------

@@ -114,7 +114,7 @@ ALIGNS = (1, 2, 4, 8, 16, 32)
 PAD_BLOCKS = (64, 32, 16, 8, 4, 2)
 PLATEAU_TOL = 0.05  # median relative miss a rule may leave on the fast widths (timing noise)
 PLATEAU_TOL_P90 = 0.10
-BLOCKING_VERSION = 3  # bump when the probe changes what it measures: cached rules are redone
+BLOCKING_VERSION = 4  # bump when the probe changes what it measures: cached rules are redone
 
 
 def probe_specs() -> dict[str, "LayerSpec"]:
@@ -198,11 +198,51 @@ def axis_rule(ms: dict[int, float]):
     return AxisRule(best[0], best[1], fits[best][1] if best[0] > 1 else 1.0)
 
 
+# Direct kernels: ONNX Runtime's NCHWc conv reads an input narrower than its block in plain
+# layout (as a stem reads 3 channels): on AVX-512 (block 16) a 3x3 conv at 8 input channels
+# costs 0.6x its 16-channel time, a 1x1 conv 1.3x (where the padding rule said 1.0x, and a
+# model pruned to 8 channels was predicted slower than its 16-channel original while it ran
+# 15% faster). The input axis of plain convs is also swept over DIRECT_WIDTHS ("in_low"); the
+# widths under the fitted block are a direct kernel when they lie on one line in the width,
+# aligned or not (relative RMS under DIRECT_RMS), growing with it (DIRECT_GROWTH from half the
+# block to the block's last width): not padded, no fallback penalty.
+DIRECT_WIDTHS = tuple(range(2, 33))
+DIRECT_KINDS = ("conv", "conv1x1")
+DIRECT_RMS = 0.08
+DIRECT_GROWTH = 1.3
+
+
+def direct_rule(rule, ms: dict[int, float]):
+    """`rule` (an input axis' AxisRule) with direct_below/direct set from `ms` (kernel ms per
+    input width over DIRECT_WIDTHS) where the widths under its block run a direct kernel;
+    `rule` itself otherwise (no blocking, a block outside the sweep, too few widths)."""
+    from dataclasses import replace
+
+    block = rule.block
+    if rule.align <= 1 or block <= 1 or block not in ms:
+        return rule
+    below = sorted((w, t) for w, t in ms.items() if w < block and t > 0)
+    if len(below) < 4 or not any(w % rule.align for w, _ in below):
+        return rule
+    w = np.array([x for x, _ in below], float)
+    t = np.array([y for _, y in below])
+    coef = np.polyfit(w, t, 1)
+    rms = float(np.sqrt(np.mean((t / np.polyval(coef, w) - 1) ** 2)))
+    half = np.polyval(coef, max(block // 2, w.min()))
+    if rms > DIRECT_RMS or coef[0] <= 0 or np.polyval(coef, block - 1) < DIRECT_GROWTH * half:
+        return rule
+    upper = [(x, y) for x, y in below if x >= block // 2]
+    factor = float(np.median([y / (ms[block] * x / block) for x, y in upper]))
+    return replace(rule, direct_below=block, direct=factor)
+
+
 def blocking_timings(backend, widths=PROBE_WIDTHS, other: int = PROBE_OTHER,
                      progress=None) -> dict[str, dict[str, dict[int, float]]]:
     """{kind: {axis: {width: kernel ms}}}: each probe layer (probe_specs) with one axis swept
     over `widths` and the other at `other` channels (depthwise: one axis), its kernel times
-    taken in-graph and in interleaved rounds (profiler.ingraph.profile_interleaved)."""
+    taken in-graph and in interleaved rounds (profiler.ingraph.profile_interleaved); plain
+    convs' input axis also over DIRECT_WIDTHS ("in_low"), a grouped conv's over twice
+    `widths` (its rule is per group: two blocks of 16 per group need widths past 64)."""
     from latprune.profiler.ingraph import profile_interleaved
     from latprune.profiler.layers import layer_model
 
@@ -211,11 +251,15 @@ def blocking_timings(backend, widths=PROBE_WIDTHS, other: int = PROBE_OTHER,
     for n, (kind, spec) in enumerate(specs.items()):
         axes = ("in",) if spec.depthwise else ("in", "out")
         groups = spec.fixed_groups if kind == "grouped" else 1
-        items = [{"axis": axis, "width": w} for axis in axes for w in widths if w % groups == 0]
+        sweep = range(widths[0], groups * widths[-1] + 1, groups) if groups > 1 else widths
+        items = [{"axis": axis, "width": w} for axis in axes for w in sweep]
+        if kind in DIRECT_KINDS:
+            items += [{"axis": "in_low", "width": w} for w in DIRECT_WIDTHS]
 
         def build(item, spec=spec):
             axis, w = (item["axis"], item["width"]) if item is not None else ("in", other)
-            model = layer_model(spec, w if axis == "in" else other, w if axis == "out" else other)
+            c_in = w if axis in ("in", "in_low") else other
+            model = layer_model(spec, c_in, w if axis == "out" else other)
             for i, node in enumerate(model.graph.node):
                 node.name = f"probe_{i}"
             return model.SerializeToString()
@@ -225,7 +269,7 @@ def blocking_timings(backend, widths=PROBE_WIDTHS, other: int = PROBE_OTHER,
             names.update({t: 0 for t in node.output})
         timings = profile_interleaved(items, build, build(None), names, backend.threads, min_seconds=0.05,
                                       min_runs=15, max_runs=40, backend=backend)
-        out[kind] = {axis: {} for axis in axes}
+        out[kind] = {item["axis"]: {} for item in items}
         for item, t in zip(items, timings):
             if t.layer_ms.get(0, 0) > 0:  # grouped: keyed by channels per group
                 out[kind][item["axis"]][item["width"] // groups] = t.layer_ms[0]
@@ -239,7 +283,11 @@ def rules_from_timings(timings: dict[str, dict[str, dict[int, float]]]):
     conv's rule in channels per group, lut.blocking.BlockingRules.groups)."""
     from latprune.lut.blocking import BlockingRules
 
-    rules = {kind: {axis: axis_rule(ms) for axis, ms in axes.items()} for kind, axes in timings.items()}
+    rules = {kind: {axis: axis_rule(ms) for axis, ms in axes.items() if axis in ("in", "out")}
+             for kind, axes in timings.items()}
+    for kind, axes in timings.items():
+        if "in_low" in axes and "in" in rules[kind]:
+            rules[kind]["in"] = direct_rule(rules[kind]["in"], axes["in_low"])
     if "depthwise" in rules:
         rules["depthwise"]["out"] = rules["depthwise"]["in"]
     if "conv" in rules and "grouped" not in rules:

@@ -88,7 +88,7 @@ def test_fast_widths_cost_their_padded_width_and_fallback_cells_stay_apart(table
 def test_rules_travel_in_the_exchange_format_and_version_1_still_reads(table, tmp_path):
     table.set_blocking(RULES)
     data = export_tables(table.path)
-    assert data["version"] == 2
+    assert data["version"] == 3
     assert {(r["kind"], r["axis"], r["align"], r["block"]) for r in data["tables"][0]["blocking"]} == \
         {("conv", "in", 4, 8), ("conv", "out", 1, 8)}
     copy = tmp_path / "copy.sqlite"
@@ -97,6 +97,11 @@ def test_rules_travel_in_the_exchange_format_and_version_1_still_reads(table, tm
     assert other.blocking.axes(CONV) == RULES.axes(CONV)
     assert other.lookup(CONV.signature(), 44, 41) == pytest.approx(_cost(48, 48))
     other.close()
+    v2 = json.loads(json.dumps(dict(data, version=2)))  # version 2: rules without the direct kernel
+    for rule in v2["tables"][0]["blocking"]:
+        del rule["direct_below"], rule["direct"]
+    import_tables(tmp_path / "v2.sqlite", v2)
+    assert LatencyTable(tmp_path / "v2.sqlite", FP).blocking.axes(CONV) == RULES.axes(CONV)
     old = dict(data, version=1, tables=[{k: v for k, v in t.items() if k != "blocking"} for t in data["tables"]])
     v1 = tmp_path / "v1.sqlite"
     assert import_tables(v1, json.loads(json.dumps(old)))["cells_added"] == 16
@@ -133,6 +138,12 @@ def test_fallback_cells_join_the_grid_only_where_a_width_can_fall_back():
     assert all(ci == co for ci, co in fallback_grid(on_step, dw, rules))
 
 
+# A width no NCHWc block aligns (not a multiple of 4) and above the block on every x86 CPU (8
+# with AVX2, 16 with AVX-512): a conv reading fewer channels than the block reads the plain
+# layout directly, as a first layer does (13 channels took no input reorder on AVX-512).
+OFF_BLOCK = 21
+
+
 def _chain(width: int):
     g = GraphBuilder(in_shape=(1, 3, 24, 24))
     x = g.relu(g.conv("input", 3, 32))
@@ -143,15 +154,15 @@ def _chain(width: int):
 
 
 def test_layout_reorders_are_counted_for_the_fallback_layer_that_needs_them():
-    """At 13 channels (aligned to no NCHWc block) the conv reading them runs a plain-layout
-    kernel, and ONNX Runtime reorders its input and output; those reorders are counted as
-    done for that layer (timing.reorder_ms, not the layer's cell: they depend on the
+    """At OFF_BLOCK channels (aligned to no NCHWc block) the conv reading them runs a
+    plain-layout kernel, and ONNX Runtime reorders its input and output; those reorders are
+    counted as done for that layer (timing.reorder_ms, not the layer's cell: they depend on the
     neighbours): no more reorders are left unclaimed than at an aligned width."""
     from latprune.ingraph_profile import layer_names
     from latprune.profiler.ingraph import profile_interleaved
 
     unclaimed, reorder_ms = {}, {}
-    for width in (16, 13):
+    for width in (16, OFF_BLOCK):
         analysis = analyse(normalise(_chain(width)), step=8)
         data = analysis.model.SerializeToString()
         [timing] = profile_interleaved([{}], lambda _: data, data, layer_names(analysis.model, analysis.problem),
@@ -159,14 +170,14 @@ def test_layout_reorders_are_counted_for_the_fallback_layer_that_needs_them():
         assert sorted(timing.layer_ms) == list(range(len(analysis.problem.layers)))
         unclaimed[width] = sorted(k for k in timing.unmapped if k.startswith("Reorder"))
         reorder_ms[width] = timing.reorder_ms
-    assert len(unclaimed[13]) <= len(unclaimed[16]), unclaimed
-    assert reorder_ms[16] == 0 < reorder_ms[13]  # kept apart from the layers' cells
+    assert len(unclaimed[OFF_BLOCK]) <= len(unclaimed[16]), unclaimed
+    assert reorder_ms[16] == 0 < reorder_ms[OFF_BLOCK]  # kept apart from the layers' cells
 
 
 def test_the_runtime_says_which_layout_reorders_its_compiled_graph_holds():
-    """ONNX Runtime's optimised graph of the chain at 13 channels holds, besides the head's
-    reorder (32 x 1 x 1 after the pooling), the two around the fallback conv: its 13-channel
-    input and its 32-channel output, 24 x 24 each. The in-graph profile of the same model
+    """ONNX Runtime's optimised graph of the chain at OFF_BLOCK channels holds, besides the
+    head's reorder (32 x 1 x 1 after the pooling), the two around the fallback conv: its
+    OFF_BLOCK-channel input and its 32-channel output, 24 x 24 each. The in-graph profile of the same model
     counts the same reorders (ConfigTiming.reorder_count / reorder_melements)."""
     from latprune.ingraph_profile import layer_names
     from latprune.profiler.backends import get_backend
@@ -174,10 +185,10 @@ def test_the_runtime_says_which_layout_reorders_its_compiled_graph_holds():
 
     ort = get_backend("ort-cpu")
     head = ort.layout_reorders(_chain(16))
-    count, mel = ort.layout_reorders(_chain(13))
+    count, mel = ort.layout_reorders(_chain(OFF_BLOCK))
     assert count == head[0] + 2
-    assert mel - head[1] == pytest.approx((13 + 32) * 24 * 24 / 1e6)
-    analysis = analyse(normalise(_chain(13)), step=8)
+    assert mel - head[1] == pytest.approx((OFF_BLOCK + 32) * 24 * 24 / 1e6)
+    analysis = analyse(normalise(_chain(OFF_BLOCK)), step=8)
     data = analysis.model.SerializeToString()
     [timing] = profile_interleaved([{}], lambda _: data, data, layer_names(analysis.model, analysis.problem),
                                    min_seconds=0, min_runs=3)
@@ -309,3 +320,96 @@ def test_grouped_rules_apply_to_the_channels_of_one_group():
     assert rules.fast(grouped(fixed_groups=2), 48, 32)  # 24 and 16 per group
     assert not rules.fast(grouped(fixed_groups=2), 52, 32)  # 26 per group
     assert rules.padded(grouped(fixed_groups=2), 44, 30) == (48, 32)  # 22 -> 24, 15 -> 16 per group
+
+
+DIRECT = BlockingRules({"conv": {"in": AxisRule(4, 16, 1.4, direct_below=16, direct=1.2),
+                                 "out": AxisRule(1, 16)}})
+
+
+def test_probe_finds_a_direct_kernel_under_the_block_only_where_its_widths_lie_on_a_line():
+    """Under the block an input width that runs the direct kernel costs along one line,
+    aligned or not (ONNX Runtime on AVX-512: a 3x3 conv at 8 input channels ~0.6x its 16);
+    where narrow widths instead pad to the block or pay the fallback penalty, no direct kernel."""
+    from latprune.profiler.probe import DIRECT_WIDTHS, direct_rule
+
+    rule = AxisRule(4, 16, 1.4)
+    fast16 = 0.037
+    direct = _noisy({w: (0.004 + 0.0022 * w) if w < 16 else 0.037 + 0.002 * (_pad(w, 16) - 16) * (w % 4 == 0)
+                     + 0.02 * (w % 4 != 0) for w in DIRECT_WIDTHS})
+    direct[16] = fast16
+    found = direct_rule(rule, direct)
+    assert found.direct_below == 16 and (found.align, found.block, found.penalty) == (4, 16, 1.4)
+    expected = np.median([(0.004 + 0.0022 * w) / (fast16 * w / 16) for w in range(8, 16)])
+    assert found.direct == pytest.approx(expected, rel=0.03)
+    padded = _noisy({w: fast16 * _pad(w, 16) / 16 if w % 4 == 0 else 1.4 * fast16 * w / 16 for w in DIRECT_WIDTHS})
+    assert direct_rule(rule, padded) == rule
+    assert direct_rule(AxisRule(), direct) == AxisRule()  # no blocking: nothing to tell apart
+    assert direct_rule(AxisRule(4, 64, 1.4), direct) == AxisRule(4, 64, 1.4)  # block outside the sweep
+
+
+def test_a_direct_input_is_its_own_regime_not_the_padded_width(tmp_path):
+    """With a direct kernel under the block, an 8-channel input is neither the 16-channel
+    cost (padding) nor a fallback: the fast cell at the block times the rule's factor and
+    8/16 until the table holds direct cells, then those; a stem's fixed 3-channel input stays
+    the fast regime's."""
+    t = LatencyTable(tmp_path / "lut.sqlite", FP)
+    t.set_blocking(DIRECT)
+    sig = CONV.signature()
+    for ci in (16, 32):
+        for co in (16, 32):
+            t.put(sig, ci, co, _cost(ci, co), 10)
+    assert DIRECT.regime(CONV, 8, 32) == "direct" and DIRECT.regime(CONV, 8, 32, fixed_in=True) == "fast"
+    assert DIRECT.regime(CONV, 16, 32) == "fast" and DIRECT.regime(CONV, 18, 32) == "fallback"
+    ms, how = t.lookup_detail(sig, 8, 32)
+    assert how == "modelled" and ms == pytest.approx(_cost(16, 32) * 1.2 * 8 / 16)
+    assert t.lookup_detail(sig, 8, 30)[0] == pytest.approx(ms)  # its output still pads to the block
+    assert t.lookup(sig, 16, 32) == pytest.approx(_cost(16, 32))  # fast cells untouched
+    for ci in (6, 12):
+        t.put(sig, ci, 32, 0.01 * ci, 10)
+    assert t.lookup_detail(sig, 9, 32) == (pytest.approx(0.09), "interpolated")
+    t.close()
+    stem_only = LatencyTable(tmp_path / "stem.sqlite", FP)
+    stem_only.set_blocking(DIRECT)
+    stem_only.put(sig, 3, 16, 0.02, 10)
+    stem_only.put(sig, 3, 32, 0.04, 10)
+    assert stem_only.lookup_detail(sig, 3, 24) == (pytest.approx(0.04), "interpolated")  # 24 pads to 32
+    stem_only.close()
+
+
+def test_blocking_rules_of_a_table_written_before_direct_kernels_migrate(tmp_path):
+    """A table whose blocking table lacks the direct columns opens, reads its rules as
+    before (no direct kernel) and takes new rules with them."""
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE fingerprints (id TEXT PRIMARY KEY, json TEXT NOT NULL);
+        CREATE TABLE blocking (fingerprint TEXT NOT NULL, kind TEXT NOT NULL, axis TEXT NOT NULL,
+            align INTEGER NOT NULL, block INTEGER NOT NULL, penalty REAL NOT NULL,
+            measured_at REAL NOT NULL, PRIMARY KEY (fingerprint, kind, axis));""")
+    from latprune.profiler.fingerprint import fingerprint_id
+    db.execute("INSERT INTO blocking VALUES (?, 'conv', 'in', 4, 8, 1.5, 0)", (fingerprint_id(FP),))
+    db.commit()
+    db.close()
+    t = LatencyTable(path, FP)
+    assert t.blocking.axes(CONV)[0] == AxisRule(4, 8, 1.5)
+    t.set_blocking(DIRECT)
+    t.close()
+    assert LatencyTable(path, FP).blocking.axes(CONV) == DIRECT.axes(CONV)
+
+
+def test_a_direct_conv_reads_its_input_through_one_reorder_and_writes_blocked(tmp_path):
+    """A conv chain 32 -> w -> 32 under DIRECT: at w = 8 the conv reading 8 channels runs the
+    direct kernel: a reorder brings its input (8 x 24 x 24) out of the blocked conv before it,
+    its output stays blocked; at 18 (a fallback width) both sides are reordered."""
+    from latprune.lut.predict import layout_boundaries
+
+    prob = analyse(normalise(_chain(16)), step=1).problem
+    t = LatencyTable(tmp_path / "lut.sqlite", FP)
+    t.set_blocking(BlockingRules({k: dict(DIRECT.rules["conv"]) for k in ("conv", "conv1x1")}))
+    gid = next(g.id for g in prob.groups if g.prunable and g.size == 16)
+    assert layout_boundaries(prob, t, {gid: 16}) == 0
+    assert layout_boundaries(prob, t, {gid: 8}) * 1e6 == pytest.approx(8 * 24 * 24)
+    assert layout_boundaries(prob, t, {gid: 14}) * 1e6 == pytest.approx(14 * 24 * 24)
+    t.close()
