@@ -14,14 +14,16 @@ An `AxisRule` says, for one axis (input or output channels) of one layer kind:
   block    the fast kernel costs what the next multiple of `block` costs (block 1: no padding)
   penalty  the median cost of a fallback width over the fast cost of its padded width (what a
            prediction uses when the table holds no fallback cell of a layer)
-  direct_below, direct
+  direct_below, direct, direct_fixed
            (input axis of plain convs) widths under `direct_below` run a third, *direct*
            kernel that reads the plain layout as it is (ONNX Runtime's NCHWc conv reads an
            input narrower than its block without reordering it, as a stem reads 3 channels):
-           no alignment, no padding, its own smooth surface; `direct` is its median cost over
-           the fast cost at the block scaled by width/block (what a prediction uses when the
-           table holds no direct cell). On AVX-512 (block 16) a 3x3 conv reading 8 channels
-           costs 0.6x its 16-channel cost, a 1x1 conv 1.3x: neither is the padded width.
+           no alignment, no padding, its own smooth surface. Its cost is a line in the width:
+           `direct` times the fast cost at the block where the line reaches the block, of
+           which the share `direct_fixed` does not shrink with the width (what a prediction
+           uses when the table holds no direct cell). On AVX-512 (block 16) a 3x3 conv
+           reading 8 channels costs 0.6x its 16-channel cost, a 1x1 conv 1.4x: neither is
+           the padded width.
 
 A layer's (c_in, c_out) is *direct* when its input axis is under the rule's direct_below,
 else *fast* when both axes are aligned, else *fallback*. The table keeps the regimes apart: a fast cell is predicted from fast cells at padded widths, a fallback
@@ -48,6 +50,11 @@ class AxisRule:
     penalty: float = 1.0
     direct_below: int = 0
     direct: float = 1.0
+    direct_fixed: float = 0.0
+
+    def direct_cost(self, width: int, fast_ms: float) -> float:
+        """ms of the direct kernel at `width` given the fast kernel's ms at the block."""
+        return fast_ms * self.direct * (self.direct_fixed + (1 - self.direct_fixed) * width / self.direct_below)
 
     def is_direct(self, width: int) -> bool:
         """Whether `width` runs the direct kernel (under direct_below; module doc)."""
@@ -157,7 +164,8 @@ class BlockingRules:
         for r in records:
             rules.setdefault(r["kind"], {})[r["axis"]] = AxisRule(
                 int(r["align"]), int(r["block"]), float(r["penalty"]),
-                int(r.get("direct_below", 0)), float(r.get("direct", 1.0)))  # absent before version 3
+                int(r.get("direct_below", 0)), float(r.get("direct", 1.0)),
+                float(r.get("direct_fixed", 0.0)))  # absent before version 3
         return cls(rules)
 
     def describe(self) -> str:
@@ -166,7 +174,8 @@ class BlockingRules:
             text = ", ".join(f"{axis}: " + ("any width" if r == SMOOTH else
                                             f"multiples of {r.align} fast" + (f", padded to {r.block}" if r.block > 1 else "")
                                             + (f", others x{r.penalty:.2f}" if r.align > 1 else "")
-                                            + (f"; under {r.direct_below} direct, x{r.direct:.2f}"
+                                            + (f"; under {r.direct_below} direct, x{r.direct:.2f} at "
+                                               f"{r.direct_below}, {100 * r.direct_fixed:.0f}% fixed"
                                                if r.direct_below else ""))
                              for axis, r in sorted(axes.items()))
             parts.append(f"{kind} ({text})")

@@ -9,7 +9,8 @@ JSON exchange format (version 3), one object:
                  "calibration": [{"family": "ab12...", "raw_ms": 3.1, "melements": 2.4,
                                   "measured_ms": 3.4, "measured_at": 1795000000.0}, ...],
                  "blocking": [{"kind": "conv", "axis": "in", "align": 4, "block": 8,
-                               "penalty": 1.45, "direct_below": 8, "direct": 1.1}, ...]}]}
+                               "penalty": 1.45, "direct_below": 8, "direct": 1.1,
+                               "direct_fixed": 0.1}, ...]}]}
 
 `ms` is the median latency of one layer in milliseconds, `runs` the number of timed runs
 behind it. A calibration point is one end-to-end measurement of a model of the `family`:
@@ -23,9 +24,10 @@ time that the in-graph cells are scaled to). Merging combines cells of the same 
 `blocking` (version 2, issue 15) holds the device's channel-blocking rules per layer kind
 (`kind` one of lut.blocking.KINDS, `axis` "in" or "out"; see lut/blocking.py): widths that are
 multiples of `align` run the fast kernel at the width rounded up to `block`, others a fallback
-kernel `penalty` times slower. Version 3 adds `direct_below` and `direct` (optional, default
-0 and 1): input widths under `direct_below` run a direct kernel on the plain layout, `direct`
-times the fast cost at the block scaled by width/block. Version 1 files (no rules) and
+kernel `penalty` times slower. Version 3 adds `direct_below`, `direct` and `direct_fixed`
+(optional, default 0, 1 and 0): input widths under `direct_below` run a direct kernel on the
+plain layout whose cost is a line reaching `direct` times the fast cost at the block, a share
+`direct_fixed` of it fixed. Version 1 files (no rules) and
 version 2 files (no direct kernel) are still read; an imported rule replaces the file's rule
 of the same fingerprint, kind and axis.
 """
@@ -214,10 +216,12 @@ def validate_object(data: dict) -> list[str]:
                     and 1 <= rule["align"] <= 4096 and 1 <= rule["block"] <= 4096
                     and _is_number(rule.get("penalty")) and rule["penalty"] > 0
                     and _is_int(rule.get("direct_below", 0)) and 0 <= rule.get("direct_below", 0) <= 4096
-                    and _is_number(rule.get("direct", 1.0)) and rule.get("direct", 1.0) > 0):
+                    and _is_number(rule.get("direct", 1.0)) and rule.get("direct", 1.0) > 0
+                    and _is_number(rule.get("direct_fixed", 0.0)) and 0 <= rule.get("direct_fixed", 0.0) < 1):
                 problems.append(f"table {ti} blocking rule {ri}: needs kind (one of {', '.join(KINDS)}), "
                                 f"axis (in or out), align and block (integers 1-4096) and penalty (> 0); "
-                                f"direct_below (integer 0-4096) and direct (> 0) where given")
+                                f"direct_below (integer 0-4096), direct (> 0) and direct_fixed (0 to 1) "
+                                f"where given")
         for pi, point in enumerate(calib):
             where = f"table {ti} calibration point {pi}"
             if not isinstance(point, dict) or not isinstance(point.get("family"), str):

@@ -4,7 +4,8 @@ Schema (one row per measured cell; tables never mix fingerprints):
   cells(fingerprint, signature, c_in, c_out, ms, runs, measured_at)   -- layer latency, ms
   calibration(fingerprint, family, raw_ms, measured_ms, measured_at)  -- whole-model points
   fingerprints(id, json)
-  blocking(fingerprint, kind, axis, align, block, penalty, measured_at, direct_below, direct)
+  blocking(fingerprint, kind, axis, align, block, penalty, measured_at, direct_below, direct,
+           direct_fixed)
                                                                       -- lut/blocking.py rules
 
 A table without blocking rows (written before issue 15, or never probed) interpolates every
@@ -40,11 +41,12 @@ CREATE TABLE IF NOT EXISTS blocking (
     fingerprint TEXT NOT NULL, kind TEXT NOT NULL, axis TEXT NOT NULL, align INTEGER NOT NULL,
     block INTEGER NOT NULL, penalty REAL NOT NULL, measured_at REAL NOT NULL,
     direct_below INTEGER NOT NULL DEFAULT 0, direct REAL NOT NULL DEFAULT 1,
+    direct_fixed REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (fingerprint, kind, axis));
 """
 
 
-BLOCKING_FIELDS = ("kind", "axis", "align", "block", "penalty", "direct_below", "direct")
+BLOCKING_FIELDS = ("kind", "axis", "align", "block", "penalty", "direct_below", "direct", "direct_fixed")
 
 
 def migrate_blocking(db: sqlite3.Connection) -> None:
@@ -55,6 +57,8 @@ def migrate_blocking(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE blocking ADD COLUMN direct_below INTEGER NOT NULL DEFAULT 0")
     if "direct" not in cols:
         db.execute("ALTER TABLE blocking ADD COLUMN direct REAL NOT NULL DEFAULT 1")
+    if "direct_fixed" not in cols:
+        db.execute("ALTER TABLE blocking ADD COLUMN direct_fixed REAL NOT NULL DEFAULT 0")
 
 
 def blocking_records(db: sqlite3.Connection, fp_id: str) -> list[dict]:
@@ -66,11 +70,12 @@ def blocking_records(db: sqlite3.Connection, fp_id: str) -> list[dict]:
 
 def insert_blocking(db: sqlite3.Connection, fp_id: str, record: dict) -> None:
     """Insert or replace one rule record (kind, axis, align, block, penalty[, direct_below,
-    direct]) of the fingerprint."""
+    direct, direct_fixed]) of the fingerprint."""
     db.execute(f"INSERT OR REPLACE INTO blocking (fingerprint, measured_at, {', '.join(BLOCKING_FIELDS)}) "
                f"VALUES (?, ?, {', '.join('?' * len(BLOCKING_FIELDS))})",
                (fp_id, time.time(), record["kind"], record["axis"], int(record["align"]), int(record["block"]),
-                float(record["penalty"]), int(record.get("direct_below", 0)), float(record.get("direct", 1.0))))
+                float(record["penalty"]), int(record.get("direct_below", 0)), float(record.get("direct", 1.0)),
+                float(record.get("direct_fixed", 0.0))))
 
 
 @dataclass
@@ -178,9 +183,9 @@ class LatencyTable:
         kernel pads to, a fallback cell from the fallback cells at its own widths; a regime
         with no cell of its own takes the other's value times (or over) the kernel kind's
         penalty; a direct cell (an input under the rule's direct_below) comes from the direct
-        cells where they bracket its input width, else from the fast cells at the block times
-        the rule's `direct` and width/block (a stem's 3-channel cells, direct too, are no base
-        to scale a pruned 8-channel input from).
+        cells where they bracket its input width, else from the fast cells at the block along
+        the probe's line (AxisRule.direct_cost; a stem's 3-channel cells, direct too, are no
+        base to scale a pruned 8-channel input from).
         Within a regime: linear in c_out within each measured c_in row, then linear
         in c_in between the two bracketing rows (bilinear on a rectangular grid). Outside the
         measured range the nearest cell is scaled in proportion to the width. Zero width costs
@@ -206,9 +211,9 @@ class LatencyTable:
             own = classes["direct"]
             if c_in in own or (len(own) > 1 and min(own) <= c_in <= max(own)):
                 return _interp_grid(own, c_in, c_out, spec.depthwise)
-            if classes["fast"]:  # the fast cost at the block, times the rule's `direct` and width/block
+            if classes["fast"]:  # the probe's line from the fast cost at the block
                 ms, _ = _interp_grid(classes["fast"], rin.direct_below, c_out, spec.depthwise)
-                return ms * rin.direct * c_in / rin.direct_below, "modelled"
+                return rin.direct_cost(c_in, ms), "modelled"
         if classes[regime]:
             return _interp_grid(classes[regime], c_in, c_out, spec.depthwise)
         if regime == "fast" and classes["fallback"]:  # the fast kernel is the penalty cheaper

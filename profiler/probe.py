@@ -114,7 +114,7 @@ ALIGNS = (1, 2, 4, 8, 16, 32)
 PAD_BLOCKS = (64, 32, 16, 8, 4, 2)
 PLATEAU_TOL = 0.05  # median relative miss a rule may leave on the fast widths (timing noise)
 PLATEAU_TOL_P90 = 0.10
-BLOCKING_VERSION = 4  # bump when the probe changes what it measures: cached rules are redone
+BLOCKING_VERSION = 5  # bump when the probe changes what it measures: cached rules are redone
 
 
 def probe_specs() -> dict[str, "LayerSpec"]:
@@ -213,9 +213,11 @@ DIRECT_GROWTH = 1.3
 
 
 def direct_rule(rule, ms: dict[int, float]):
-    """`rule` (an input axis' AxisRule) with direct_below/direct set from `ms` (kernel ms per
-    input width over DIRECT_WIDTHS) where the widths under its block run a direct kernel;
-    `rule` itself otherwise (no blocking, a block outside the sweep, too few widths)."""
+    """`rule` (an input axis' AxisRule) with direct_below/direct/direct_fixed set from `ms`
+    (kernel ms per input width over DIRECT_WIDTHS) where the widths under its block run a
+    direct kernel: the least-squares line through them, its value at the block over the fast
+    time there and its intercept's share of that value; `rule` itself otherwise (no
+    blocking, a block outside the sweep, too few widths)."""
     from dataclasses import replace
 
     block = rule.block
@@ -231,9 +233,9 @@ def direct_rule(rule, ms: dict[int, float]):
     half = np.polyval(coef, max(block // 2, w.min()))
     if rms > DIRECT_RMS or coef[0] <= 0 or np.polyval(coef, block - 1) < DIRECT_GROWTH * half:
         return rule
-    upper = [(x, y) for x, y in below if x >= block // 2]
-    factor = float(np.median([y / (ms[block] * x / block) for x, y in upper]))
-    return replace(rule, direct_below=block, direct=factor)
+    at_block = float(np.polyval(coef, block))
+    fixed = float(np.clip(coef[1] / at_block, 0.0, 0.9))
+    return replace(rule, direct_below=block, direct=at_block / ms[block], direct_fixed=fixed)
 
 
 def blocking_timings(backend, widths=PROBE_WIDTHS, other: int = PROBE_OTHER,

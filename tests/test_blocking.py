@@ -99,7 +99,7 @@ def test_rules_travel_in_the_exchange_format_and_version_1_still_reads(table, tm
     other.close()
     v2 = json.loads(json.dumps(dict(data, version=2)))  # version 2: rules without the direct kernel
     for rule in v2["tables"][0]["blocking"]:
-        del rule["direct_below"], rule["direct"]
+        del rule["direct_below"], rule["direct"], rule["direct_fixed"]
     import_tables(tmp_path / "v2.sqlite", v2)
     assert LatencyTable(tmp_path / "v2.sqlite", FP).blocking.axes(CONV) == RULES.axes(CONV)
     old = dict(data, version=1, tables=[{k: v for k, v in t.items() if k != "blocking"} for t in data["tables"]])
@@ -322,7 +322,7 @@ def test_grouped_rules_apply_to_the_channels_of_one_group():
     assert rules.padded(grouped(fixed_groups=2), 44, 30) == (48, 32)  # 22 -> 24, 15 -> 16 per group
 
 
-DIRECT = BlockingRules({"conv": {"in": AxisRule(4, 16, 1.4, direct_below=16, direct=1.2),
+DIRECT = BlockingRules({"conv": {"in": AxisRule(4, 16, 1.4, direct_below=16, direct=1.2, direct_fixed=0.25),
                                  "out": AxisRule(1, 16)}})
 
 
@@ -339,8 +339,10 @@ def test_probe_finds_a_direct_kernel_under_the_block_only_where_its_widths_lie_o
     direct[16] = fast16
     found = direct_rule(rule, direct)
     assert found.direct_below == 16 and (found.align, found.block, found.penalty) == (4, 16, 1.4)
-    expected = np.median([(0.004 + 0.0022 * w) / (fast16 * w / 16) for w in range(8, 16)])
-    assert found.direct == pytest.approx(expected, rel=0.03)
+    at_block = 0.004 + 0.0022 * 16  # the line through the direct widths, where it reaches the block
+    assert found.direct == pytest.approx(at_block / fast16, rel=0.03)
+    assert found.direct_fixed == pytest.approx(0.004 / at_block, abs=0.03)
+    assert found.direct_cost(8, fast16) == pytest.approx(0.004 + 0.0022 * 8, rel=0.03)
     padded = _noisy({w: fast16 * _pad(w, 16) / 16 if w % 4 == 0 else 1.4 * fast16 * w / 16 for w in DIRECT_WIDTHS})
     assert direct_rule(rule, padded) == rule
     assert direct_rule(AxisRule(), direct) == AxisRule()  # no blocking: nothing to tell apart
@@ -349,8 +351,8 @@ def test_probe_finds_a_direct_kernel_under_the_block_only_where_its_widths_lie_o
 
 def test_a_direct_input_is_its_own_regime_not_the_padded_width(tmp_path):
     """With a direct kernel under the block, an 8-channel input is neither the 16-channel
-    cost (padding) nor a fallback: the fast cell at the block times the rule's factor and
-    8/16 until the table holds direct cells, then those; a stem's fixed 3-channel input stays
+    cost (padding) nor a fallback: the probe's line from the fast cell at the block until
+    the table holds direct cells, then those; a stem's fixed 3-channel input stays
     the fast regime's."""
     t = LatencyTable(tmp_path / "lut.sqlite", FP)
     t.set_blocking(DIRECT)
@@ -361,7 +363,7 @@ def test_a_direct_input_is_its_own_regime_not_the_padded_width(tmp_path):
     assert DIRECT.regime(CONV, 8, 32) == "direct" and DIRECT.regime(CONV, 8, 32, fixed_in=True) == "fast"
     assert DIRECT.regime(CONV, 16, 32) == "fast" and DIRECT.regime(CONV, 18, 32) == "fallback"
     ms, how = t.lookup_detail(sig, 8, 32)
-    assert how == "modelled" and ms == pytest.approx(_cost(16, 32) * 1.2 * 8 / 16)
+    assert how == "modelled" and ms == pytest.approx(_cost(16, 32) * 1.2 * (0.25 + 0.75 * 8 / 16))
     assert t.lookup_detail(sig, 8, 30)[0] == pytest.approx(ms)  # its output still pads to the block
     assert t.lookup(sig, 16, 32) == pytest.approx(_cost(16, 32))  # fast cells untouched
     for ci in (6, 12):
