@@ -183,8 +183,8 @@ class LatencyTable:
         kernel pads to, a fallback cell from the fallback cells at its own widths; a regime
         with no cell of its own takes the other's value times (or over) the kernel kind's
         penalty; a direct cell (an input under the rule's direct_below) comes from the direct
-        cells where they bracket its input width, else from the fast cells at the block along
-        the probe's line (AxisRule.direct_cost; a stem's 3-channel cells, direct too, are no
+        cells where it has two rows of them (or that row), else from the fast cells at the
+        block along the probe's line (AxisRule.direct_cost; a stem's 3-channel cells, direct too, are no
         base to scale a pruned 8-channel input from).
         Within a regime: linear in c_out within each measured c_in row, then linear
         in c_in between the two bracketing rows (bilinear on a rectangular grid). Outside the
@@ -209,7 +209,7 @@ class LatencyTable:
         rin, rout = self.blocking.axes(spec)
         if regime == "direct":
             own = classes["direct"]
-            if c_in in own or (len(own) > 1 and min(own) <= c_in <= max(own)):
+            if c_in in own or len(own) > 1:  # its own rows, along their line outside them
                 return _interp_grid(own, c_in, c_out, spec.depthwise)
             if classes["fast"]:  # the probe's line from the fast cost at the block
                 ms, _ = _interp_grid(classes["fast"], rin.direct_below, c_out, spec.depthwise)

@@ -114,7 +114,12 @@ ALIGNS = (1, 2, 4, 8, 16, 32)
 PAD_BLOCKS = (64, 32, 16, 8, 4, 2)
 PLATEAU_TOL = 0.05  # median relative miss a rule may leave on the fast widths (timing noise)
 PLATEAU_TOL_P90 = 0.10
-BLOCKING_VERSION = 5  # bump when the probe changes what it measures: cached rules are redone
+# Runs per probe layer: 15-40 runs of 0.05 s let two probes on one machine disagree on a
+# depthwise block (8 or 16) and on the direct 1x1 line by 20% (MobileNetV2's any-width error
+# went from 1.3% to 10% between them); 40-80 runs of 0.15 s take ~25 s.
+PROBE_SECONDS = 0.15
+PROBE_RUNS = 40
+BLOCKING_VERSION = 6  # bump when the probe changes what it measures: cached rules are redone
 
 
 def probe_specs() -> dict[str, "LayerSpec"]:
@@ -269,8 +274,8 @@ def blocking_timings(backend, widths=PROBE_WIDTHS, other: int = PROBE_OTHER,
         names = {f"probe_{i}": 0 for i in range(8)}
         for node in layer_model(spec, other, other).graph.node:
             names.update({t: 0 for t in node.output})
-        timings = profile_interleaved(items, build, build(None), names, backend.threads, min_seconds=0.05,
-                                      min_runs=15, max_runs=40, backend=backend)
+        timings = profile_interleaved(items, build, build(None), names, backend.threads, min_seconds=PROBE_SECONDS,
+                                      min_runs=PROBE_RUNS, max_runs=2 * PROBE_RUNS, backend=backend)
         out[kind] = {item["axis"]: {} for item in items}
         for item, t in zip(items, timings):
             if t.layer_ms.get(0, 0) > 0:  # grouped: keyed by channels per group

@@ -10,7 +10,7 @@ import pytest
 
 from latprune.lut.blocking import AxisRule, BlockingRules, layer_kind
 from latprune.lut.exchange import export_tables, import_tables
-from latprune.lut.predict import fallback_grid, needs_fallback, predict_layers, required_cells
+from latprune.lut.predict import fallback_grid, needs_fallback, predict_layers, required_cells, single_group
 from latprune.lut.store import LatencyTable
 from latprune.profiler.probe import axis_rule
 from latprune.pruner.analysis import analyse
@@ -415,3 +415,18 @@ def test_a_direct_conv_reads_its_input_through_one_reorder_and_writes_blocked(tm
     assert layout_boundaries(prob, t, {gid: 8}) * 1e6 == pytest.approx(8 * 24 * 24)
     assert layout_boundaries(prob, t, {gid: 14}) * 1e6 == pytest.approx(14 * 24 * 24)
     t.close()
+
+
+def test_profile_grid_holds_direct_cells_for_every_layer_reading_one_prunable_group():
+    """`latprune profile` promises any width: a layer whose input is one prunable group gets
+    cells of the direct kernel (a quarter, half and one under its bound), even where the
+    profile's step keeps every candidate on the block, so the table measures that kernel
+    instead of trusting the probe's line; a stem's fixed input gets none."""
+    rules = BlockingRules({k: dict(DIRECT.rules["conv"]) for k in ("conv", "conv1x1")})
+    prob = analyse(normalise(_chain(32)), step=16).problem
+    gid = next(g.id for g in prob.groups if g.prunable and g.size == 32)
+    reader = next(layer for layer in prob.layers if single_group(layer.c_in) == gid)
+    cells = fallback_grid(prob, reader, rules)
+    assert {ci for ci, _ in cells if ci < 16} == {4, 8, 15}
+    assert all(rules.regime(reader.spec, ci, co) == "direct" for ci, co in cells if ci < 16)
+    assert not any(ci < 16 for ci, _ in fallback_grid(prob, prob.layers[0], rules))
