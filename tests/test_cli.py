@@ -129,19 +129,20 @@ def test_profile_then_predict(optimized, residual_path, shared_lut):
     assert proc.returncode == 0, proc.stderr
     prof = json.loads(proc.stdout)
     # optimize filled the grid; profile adds only cells of widths that run the kernels'
-    # fallback under the device's blocking rules (recorded in the table), none twice
+    # fallback (or, under the block, the direct kernel) under the device's blocking rules
+    # (recorded in the table), none twice
     from latprune.lut.blocking import BlockingRules
+    from latprune.lut.store import blocking_records
     from latprune.types import LayerSpec
 
     db = sqlite3.connect(str(shared_lut))
-    rules = BlockingRules.from_records([{"kind": k, "axis": a, "align": al, "block": b, "penalty": p}
-                                        for k, a, al, b, p in db.execute(
-                                            "SELECT kind, axis, align, block, penalty FROM blocking")])
+    [fp_id] = {row[0] for row in db.execute("SELECT fingerprint FROM blocking")}
+    rules = BlockingRules.from_records(blocking_records(db, fp_id))
     db.close()
     assert rules.rules, "profile records the blocking rules"
     added = cells() - before
     assert prof["cells_measured"] == len(added)
-    assert all(not rules.fast(LayerSpec(**json.loads(sig)), ci, co) for sig, ci, co in added)
+    assert all(rules.regime(LayerSpec(**json.loads(sig)), ci, co) != "fast" for sig, ci, co in added)
     again = json.loads(cli("profile", residual_path, "--lut", shared_lut, "-q").stdout)
     assert again["cells_measured"] == 0
     assert prof["cells_total"] > 0 and Path(prof["lut"]) == shared_lut
