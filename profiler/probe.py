@@ -119,7 +119,7 @@ PLATEAU_TOL_P90 = 0.10
 # went from 1.3% to 10% between them); 40-80 runs of 0.15 s take ~25 s.
 PROBE_SECONDS = 0.15
 PROBE_RUNS = 40
-BLOCKING_VERSION = 6  # bump when the probe changes what it measures: cached rules are redone
+BLOCKING_VERSION = 7  # bump when the probe changes what it measures: cached rules are redone
 
 
 def probe_specs() -> dict[str, "LayerSpec"]:
@@ -248,7 +248,10 @@ def blocking_timings(backend, widths=PROBE_WIDTHS, other: int = PROBE_OTHER,
     """{kind: {axis: {width: kernel ms}}}: each probe layer (probe_specs) with one axis swept
     over `widths` and the other at `other` channels (depthwise: one axis), its kernel times
     taken in-graph and in interleaved rounds (profiler.ingraph.profile_interleaved); plain
-    convs' input axis also over DIRECT_WIDTHS ("in_low"), a grouped conv's over twice
+    convs' input axis also over DIRECT_WIDTHS ("in_low") and their output axis over
+    DIRECT_WIDTHS too (a 1x1 conv's output padding, subtle at 48-80 channels, read "any
+    width" in some probes; at 2-16 channels it is a plateau: EfficientNet-B0's projections
+    pruned to 6-8 outputs read 0.4x their time without it), a grouped conv's over twice
     `widths` (its rule is per group: two blocks of 16 per group need widths past 64)."""
     from latprune.profiler.ingraph import profile_interleaved
     from latprune.profiler.layers import layer_model
@@ -260,8 +263,8 @@ def blocking_timings(backend, widths=PROBE_WIDTHS, other: int = PROBE_OTHER,
         groups = spec.fixed_groups if kind == "grouped" else 1
         sweep = range(widths[0], groups * widths[-1] + 1, groups) if groups > 1 else widths
         items = [{"axis": axis, "width": w} for axis in axes for w in sweep]
-        if kind in DIRECT_KINDS:
-            items += [{"axis": "in_low", "width": w} for w in DIRECT_WIDTHS]
+        if kind in DIRECT_KINDS:  # inputs under the block; outputs there too (padding shows as a plateau)
+            items += [{"axis": axis, "width": w} for axis in ("in_low", "out") for w in DIRECT_WIDTHS]
 
         def build(item, spec=spec):
             axis, w = (item["axis"], item["width"]) if item is not None else ("in", other)
