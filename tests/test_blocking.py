@@ -334,8 +334,8 @@ def test_probe_finds_a_direct_kernel_under_the_block_only_where_its_widths_lie_o
 
     rule = AxisRule(4, 16, 1.4)
     fast16 = 0.037
-    direct = _noisy({w: (0.004 + 0.0022 * w) if w < 16 else 0.037 + 0.002 * (_pad(w, 16) - 16) * (w % 4 == 0)
-                     + 0.02 * (w % 4 != 0) for w in DIRECT_WIDTHS})
+    direct = _noisy({w: (0.004 + 0.0022 * w) if w < 16 else fast16 * _pad(w, 16) / 16 * (1 if w % 4 == 0 else 1.4)
+                     for w in DIRECT_WIDTHS})
     direct[16] = fast16
     found = direct_rule(rule, direct)
     assert found.direct_below == 16 and (found.align, found.block, found.penalty) == (4, 16, 1.4)
@@ -346,7 +346,19 @@ def test_probe_finds_a_direct_kernel_under_the_block_only_where_its_widths_lie_o
     padded = _noisy({w: fast16 * _pad(w, 16) / 16 if w % 4 == 0 else 1.4 * fast16 * w / 16 for w in DIRECT_WIDTHS})
     assert direct_rule(rule, padded) == rule
     assert direct_rule(AxisRule(), direct) == AxisRule()  # no blocking: nothing to tell apart
-    assert direct_rule(AxisRule(4, 64, 1.4), direct) == AxisRule(4, 64, 1.4)  # block outside the sweep
+    # the threshold comes from these widths, not the padding block the 48-80 sweep fitted (a 1x1
+    # conv's input padding read 8 on an AVX-512 CPU whose direct kernel runs under 16)
+    assert direct_rule(AxisRule(4, 8, 1.4), direct).direct_below == 16
+    # a block-8 CPU: direct under 8, then 8 and 12 blocked (12 padded to 16) and the widths off
+    # multiples of 4 falling back at 1.4x; 2-15 is no line of one kernel (the aligned widths
+    # of its upper half cost less), so the threshold is 8
+    fast8 = 0.02
+    avx2 = _noisy({w: (0.003 + 0.0024 * w) if w < 8 else fast8 * _pad(w, 8) / 8 * (1 if w % 4 == 0 else 1.4)
+                   for w in DIRECT_WIDTHS}, seed=1)
+    found = direct_rule(AxisRule(4, 8, 1.4), avx2)
+    assert found.direct_below == 8
+    assert found.direct_cost(4, avx2[8]) == pytest.approx(0.003 + 0.0024 * 4, rel=0.05)
+    assert direct_rule(AxisRule(4, 8, 1.4), {w: t for w, t in avx2.items() if w > 8}) == AxisRule(4, 8, 1.4)
 
 
 def test_a_direct_input_is_its_own_regime_not_the_padded_width(tmp_path):
@@ -430,3 +442,26 @@ def test_profile_grid_holds_direct_cells_for_every_layer_reading_one_prunable_gr
     assert {ci for ci, _ in cells if ci < 16} == {4, 8, 15}
     assert all(rules.regime(reader.spec, ci, co) == "direct" for ci, co in cells if ci < 16)
     assert not any(ci < 16 for ci, _ in fallback_grid(prob, prob.layers[0], rules))
+
+
+def test_a_recorded_avx512_probe_reads_the_direct_kernel_under_its_block_of_16():
+    """A real probe (tests/data: AMD EPYC with AVX-512, ONNX Runtime): its 48-80 sweep read the
+    1x1 conv's input padding as 8, but ONNX Runtime reads every input under its NCHWc block (16)
+    directly, and the 1x1 conv at 8-15 channels costs 2-3x its 16-channel time: the threshold
+    comes from the narrow sweep, for the 3x3 and the 1x1 alike."""
+    from pathlib import Path
+
+    from latprune.profiler.probe import rules_from_timings
+
+    raw = json.loads((Path(__file__).parent / "data" / "probe_avx512_epyc.json").read_text())["timings"]
+    timings = {kind: {axis: {int(w): t for w, t in ms.items()} for axis, ms in axes.items()}
+               for kind, axes in raw.items()}
+    rules = rules_from_timings(timings)
+    conv, conv1x1 = rules.rules["conv"]["in"], rules.rules["conv1x1"]["in"]
+    assert conv.direct_below == 16 and conv1x1.direct_below == 16
+    assert conv.align == conv1x1.align == 4
+    low = timings["conv1x1"]["in_low"]
+    # the 1x1 conv at 12 input channels is priced on the direct line (measured ~2.7x the
+    # 16-channel time), not as the fast kernel's padded width
+    assert conv1x1.direct_cost(12, low[16]) == pytest.approx(low[12], rel=0.15)
+    assert conv.direct_cost(8, timings["conv"]["in_low"][16]) == pytest.approx(timings["conv"]["in_low"][8], rel=0.15)
