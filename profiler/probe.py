@@ -119,7 +119,7 @@ PLATEAU_TOL_P90 = 0.10
 # went from 1.3% to 10% between them); 40-80 runs of 0.15 s take ~25 s.
 PROBE_SECONDS = 0.15
 PROBE_RUNS = 40
-BLOCKING_VERSION = 9  # bump when the probe changes what it measures: cached rules are redone
+BLOCKING_VERSION = 10  # bump when the probe changes what it measures: cached rules are redone
 
 
 def probe_specs() -> dict[str, "LayerSpec"]:
@@ -208,64 +208,65 @@ def axis_rule(ms: dict[int, float]):
 # costs 0.6x its 16-channel time, a 1x1 conv 1.3x (where the padding rule said 1.0x, and a
 # model pruned to 8 channels was predicted slower than its 16-channel original while it ran
 # 15% faster). The input axis of plain convs is also swept over DIRECT_WIDTHS ("in_low"); the
-# widths under the fitted block are a direct kernel when they lie on one line in the width,
-# aligned or not (relative RMS under DIRECT_RMS: padded widths sit ~100% off such a line),
-# growing with it (DIRECT_GROWTH from half the block to the block's last width): not padded,
+# widths under the runtime's block (runtime_block: the one most probed axes pad to) are a
+# direct kernel when they lie on one line in the width, aligned or not (relative RMS under
+# DIRECT_RMS: padded widths sit ~100% off such a line), growing with it (DIRECT_GROWTH from
+# half the block to the block's last width), with no alignment gap (DIRECT_GAP): not padded,
 # no fallback penalty.
 DIRECT_WIDTHS = tuple(range(2, 33))
 DIRECT_KINDS = ("conv", "conv1x1")
 DIRECT_RMS = 0.2
 DIRECT_GROWTH = 1.3
-DIRECT_GAP = 0.12
+DIRECT_GAP = 0.2
 
 
-def _direct_fit(ms: dict[int, float], below: int, align: int):
-    """(ms at `below` on the line, its intercept's share there) when the widths under `below`
-    in `ms` run one direct kernel: they lie on one line (relative RMS under DIRECT_RMS),
-    growing with the width (DIRECT_GROWTH from half of `below` to its last width), and the
-    widths off `align` in its upper half cost no more than the aligned ones (DIRECT_GAP: a
-    blocked kernel's fallback widths cost 1.2-1.6x, a direct kernel has no alignment); None
-    otherwise."""
-    pts = sorted((w, t) for w, t in ms.items() if w < below and t > 0)
-    if len(pts) < 4 or not any(w % align for w, _ in pts):
-        return None
-    w = np.array([x for x, _ in pts], float)
-    t = np.array([y for _, y in pts])
+def direct_rule(rule, ms: dict[int, float], block: int | None = None):
+    """`rule` (an input axis' AxisRule) with direct_below/direct/direct_fixed set from `ms`
+    (kernel ms per input width over DIRECT_WIDTHS) where the widths under `block` (default:
+    the rule's own) run a direct kernel: they lie on one line (relative RMS under DIRECT_RMS),
+    growing with the width (DIRECT_GROWTH from half the block to its last width), and the
+    widths off the alignment in its upper half cost no more than the aligned ones beyond
+    DIRECT_GAP (a blocked kernel's fallback widths cost 1.2-1.6x; a direct kernel has no
+    alignment). Then: the line's value at the block over the fast time there and its
+    intercept's share of that value; `rule` itself otherwise (no blocking, a block outside
+    the sweep, too few widths)."""
+    from dataclasses import replace
+
+    block = block or rule.block
+    if rule.align <= 1 or block <= 1 or block not in ms:
+        return rule
+    below = sorted((w, t) for w, t in ms.items() if w < block and t > 0)
+    if len(below) < 4 or not any(w % rule.align for w, _ in below):
+        return rule
+    w = np.array([x for x, _ in below], float)
+    t = np.array([y for _, y in below])
     coef = np.polyfit(w, t, 1)
     rel = t / np.polyval(coef, w) - 1
     rms = float(np.sqrt(np.mean(rel ** 2)))
-    half = np.polyval(coef, max(below // 2, w.min()))
-    if rms > DIRECT_RMS or coef[0] <= 0 or np.polyval(coef, below - 1) < DIRECT_GROWTH * half:
-        return None
-    upper = w >= below // 2
-    on, off = rel[upper & (w % align == 0)], rel[upper & (w % align != 0)]
-    if len(on) and len(off) and np.median(off) - np.median(on) > DIRECT_GAP:
-        return None
-    at_below = float(np.polyval(coef, below))
-    return at_below, float(np.clip(coef[1] / at_below, 0.0, 0.9))
-
-
-def direct_rule(rule, ms: dict[int, float]):
-    """`rule` (an input axis' AxisRule) with direct_below/direct/direct_fixed set from `ms`
-    (kernel ms per input width over DIRECT_WIDTHS) where the narrow widths run a direct
-    kernel: the widest candidate threshold (a power of two in the sweep) under which they do
-    (_direct_fit), the line's value there over the fast time there and its intercept's share
-    of that value; `rule` itself otherwise (no blocking, no such threshold).
-
-    The threshold is read from these widths, not from the padding block that the 48-80
-    sweep fitted: ONNX Runtime switches at its NCHWc block, and a 1x1 conv's input padding,
-    a few percent at 48-80 channels, read as 8 on an AVX-512 CPU whose direct 1x1 kernel runs
-    under 16 (at 8-15 channels it costs 2-3x the 16-channel time)."""
-    from dataclasses import replace
-
-    if rule.align <= 1:
+    half = np.polyval(coef, max(block // 2, w.min()))
+    if rms > DIRECT_RMS or coef[0] <= 0 or np.polyval(coef, block - 1) < DIRECT_GROWTH * half:
         return rule
-    for below in sorted((b for b in PAD_BLOCKS if b >= 4 and b in ms), reverse=True):
-        fit = _direct_fit(ms, below, rule.align)
-        if fit is not None:
-            at_below, fixed = fit
-            return replace(rule, direct_below=below, direct=at_below / ms[below], direct_fixed=fixed)
-    return rule
+    upper = w >= block // 2
+    on, off = rel[upper & (w % rule.align == 0)], rel[upper & (w % rule.align != 0)]
+    if len(on) and len(off) and np.median(off) - np.median(on) > DIRECT_GAP:
+        return rule
+    at_block = float(np.polyval(coef, block))
+    fixed = float(np.clip(coef[1] / at_block, 0.0, 0.9))
+    return replace(rule, direct_below=block, direct=at_block / ms[block], direct_fixed=fixed)
+
+
+def runtime_block(rules: dict[str, dict]) -> int:
+    """The padding block most of the probed axes agree on (0 if none pads).
+
+    The direct kernel's threshold is the runtime's channel block (ONNX Runtime reads any plain
+    conv input under `MlasNchwcGetBlockSize()` directly), one per runtime, but a single axis'
+    padding fit can miss it: a 1x1 conv's input padding is a few percent at 48-80 channels,
+    and one probe on an AVX-512 CPU fitted 8 there, where every other axis read 16, and priced
+    8-15 input channels at the fast kernel while they run direct at 2-3x its 16-channel time."""
+    from collections import Counter
+
+    blocks = Counter(r.block for axes in rules.values() for r in axes.values() if r.block > 1)
+    return max(blocks, key=lambda b: (blocks[b], b)) if blocks else 0
 
 
 def blocking_timings(backend, widths=PROBE_WIDTHS, other: int = PROBE_OTHER,
@@ -326,9 +327,10 @@ def rules_from_timings(timings: dict[str, dict[str, dict[int, float]]]):
 
     rules = {kind: {axis: axis_rule(ms) for axis, ms in axes.items() if axis in ("in", "out")}
              for kind, axes in timings.items()}
+    block = runtime_block(rules)
     for kind, axes in timings.items():
         if "in_low" in axes and "in" in rules[kind]:
-            rules[kind]["in"] = direct_rule(rules[kind]["in"], axes["in_low"])
+            rules[kind]["in"] = direct_rule(rules[kind]["in"], axes["in_low"], block or None)
     if "depthwise" in rules:
         rules["depthwise"]["out"] = rules["depthwise"]["in"]
     if "conv" in rules and "grouped" not in rules:
