@@ -22,14 +22,16 @@ An `AxisRule` says, for one axis (input or output channels) of one layer kind:
            `direct` times the fast cost at the block where the line reaches the block, of
            which the share `direct_fixed` does not shrink with the width (what a prediction
            uses when the table holds no direct cell). On AVX-512 (block 16) a 3x3 conv
-           reading 8 channels costs 0.6x its 16-channel cost, a 1x1 conv 1.4x: neither is
-           the padded width.
+           reading 8 channels costs 0.6x its 16-channel cost, a 1x1 conv 1.4-2x (between
+           probes): neither is the padded width.
 
 A layer's (c_in, c_out) is *direct* when its input axis is under the rule's direct_below,
-else *fast* when both axes are aligned, else *fallback*. The table keeps the regimes apart: a fast cell is predicted from fast cells at padded widths, a fallback
-cell from fallback cells (smooth: those kernels do not pad), and from the other regime times
-the penalty only where the table has none of its own (lut/store.py). The rules come from a
-short probe on the device (profiler/probe.py) and are stored in the table beside its cells.
+else *fast* when both axes are aligned, else *fallback*. The table keeps the regimes apart:
+a fast cell is predicted from fast cells at padded widths, a direct cell from direct cells, a
+fallback cell from fallback cells (smooth: those kernels do not pad), and from another
+regime (times the penalty, or along the direct line) only where the table has none of its
+own (lut/store.py). The rules come from a short probe on the device (profiler/probe.py) and
+are stored in the table beside its cells.
 """
 from __future__ import annotations
 

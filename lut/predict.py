@@ -117,8 +117,9 @@ def fallback_grid(problem: Problem, layer: Layer, rules: BlockingRules,
     `points` widths of the other axis (a depthwise layer: its diagonal); and where the input
     axis is one prunable group and the rule has a direct kernel, cells of it (a quarter, half
     and one under its bound: the probe's line from one small layer is no substitute for the
-    layer's own, MobileNetV2 read +10% on a probe whose 1x1 line sat 20% high). Empty where every width runs the fast kernel, or the layer's widths are
-    fixed or set by several groups."""
+    layer's own, MobileNetV2 read +10% on a probe whose 1x1 line sat 20% high). Empty where
+    every width runs the fast kernel, or the layer's widths are fixed or set by several
+    groups."""
     rin, rout = rules.axes(layer.spec)
     cells: set[tuple[int, int]] = set()
     ins = _sample(space_values(problem, layer.c_in), points)
@@ -332,8 +333,7 @@ def layout_boundaries(problem: Problem, table: LatencyTable, widths: dict[int, i
     if not table.blocking:
         return 0.0
     full = {g.id: (widths or {}).get(g.id, g.size) for g in problem.groups}
-    fast: dict[int, bool] = {}
-    direct: list[int] = []  # convs reading their (narrow) input in plain layout, writing blocked
+    regime: dict[int, str] = {}  # direct convs read their (narrow) input plain and write blocked
     producers: dict[int, list[int]] = {}
     consumers: dict[int, list[int]] = {}
     for i, layer in enumerate(problem.layers):
@@ -341,26 +341,21 @@ def layout_boundaries(problem: Problem, table: LatencyTable, widths: dict[int, i
             continue
         ci, co = layer.c_in.width(full), layer.c_out.width(full)
         # an axis that never changes is left out (as store._regime does)
-        regime = table.blocking.regime(layer.spec, ci, ci if layer.spec.depthwise else co,
-                                       not layer.c_in.terms, not layer.c_out.terms)
-        fast[i] = regime == "fast"
-        if regime == "direct":
-            direct.append(i)
+        regime[i] = table.blocking.regime(layer.spec, ci, ci if layer.spec.depthwise else co,
+                                          not layer.c_in.terms, not layer.c_out.terms)
         for gid, _ in layer.c_out.terms:
             producers.setdefault(gid, []).append(i)
         for gid, _ in layer.c_in.terms:
             consumers.setdefault(gid, []).append(i)
-    writes_blocked = {i: is_fast or i in direct for i, is_fast in fast.items()}
     elements = 0.0
-    for i, is_fast in fast.items():
-        if is_fast:
+    for i, kernel in regime.items():
+        if kernel == "fast":
             continue
         layer = problem.layers[i]  # reads plain (fallback or direct): a reorder after a blocked producer
-        if any(writes_blocked[j] for gid, _ in layer.c_in.terms for j in producers.get(gid, ()) if j != i):
+        if any(regime[j] != "fallback" for gid, _ in layer.c_in.terms for j in producers.get(gid, ()) if j != i):
             elements += layer.c_in.width(full) * math.prod(layer.spec.input_hw)
-        if i in direct:
-            continue
-        if any(fast[j] for gid, _ in layer.c_out.terms for j in consumers.get(gid, ()) if j != i):
+        if kernel == "fallback" and any(regime[j] == "fast" for gid, _ in layer.c_out.terms
+                                        for j in consumers.get(gid, ()) if j != i):
             elements += layer.c_out.width(full) * math.prod(_out_hw(layer.spec))
     return elements / 1e6
 

@@ -5,8 +5,7 @@ Schema (one row per measured cell; tables never mix fingerprints):
   calibration(fingerprint, family, raw_ms, measured_ms, measured_at)  -- whole-model points
   fingerprints(id, json)
   blocking(fingerprint, kind, axis, align, block, penalty, measured_at, direct_below, direct,
-           direct_fixed)
-                                                                      -- lut/blocking.py rules
+           direct_fixed)                                              -- lut/blocking.py rules
 
 A table without blocking rows (written before issue 15, or never probed) interpolates every
 signature's cells as one surface, as before; with them, fast and fallback cells apart (lookup).
