@@ -278,19 +278,25 @@ def table_build(heldout: int, passes: int, truth_runs: int, seed: int = 0, refin
             "interp_p95_abs_err_speed_adjusted": float(np.percentile(err_adj, 95))}
 
 
-def _layer_sum(path: Path, table, graph_reorders: bool = True):
+def _layer_sum(path: Path, table, graph_reorders: bool = True, graph_kernels: bool = True):
     """lut.predict.predict_layers of the ONNX file at `path` (dense widths) and its overhead
-    elements, as `latprune predict` computes them (the layout reorders counted in the runtime's
-    compiled graph; `graph_reorders=False`: modelled from the blocking rules, as the solver
-    sees them); None when the table lacks a layer's signature."""
+    elements, as `latprune predict` computes them (every kernel outside the layers, reorders
+    included, counted in the runtime's compiled graph and priced by class; `graph_kernels=False`:
+    the reorders alone counted there and the rest priced by the overhead fit;
+    `graph_reorders=False`: the reorders modelled from the blocking rules, as the solver sees
+    them); None when the table lacks a layer's signature."""
+    from latprune.ingraph_profile import layer_names
     from latprune.lut.predict import overhead_elements, predict_layers
     from latprune.pipeline import analyse, load_model
 
     model = load_model(path)
-    prob = analyse(model, model_name=path.stem).problem
+    analysis = analyse(model, model_name=path.stem)
+    prob = analysis.problem
     reorders = backend().layout_reorders(model) if graph_reorders and table.blocking else None
+    kernels = (backend().graph_kernels(model, layer_names(analysis.model, prob))
+               if graph_reorders and graph_kernels and table.kernel_prices() else None)
     try:
-        return predict_layers(prob, table, reorders=reorders), overhead_elements(prob)
+        return predict_layers(prob, table, reorders=reorders, kernels=kernels), overhead_elements(prob)
     except KeyError:
         return None
 
@@ -308,6 +314,7 @@ def any_width_errors(name: str, n_configs: int, input_hw: int = 224, seed: int =
     from dataclasses import replace
 
     from latprune.lut.blocking import BlockingRules
+    from latprune.lut.predict import whole_model_ms
     from latprune.pipeline import load_model, model_family, open_table, profile_model
     from tp_configs import export_tp_configs
 
@@ -335,12 +342,16 @@ def any_width_errors(name: str, n_configs: int, input_hw: int = 224, seed: int =
         no_direct = BlockingRules({kind: {axis: replace(r, direct_below=0) for axis, r in axes.items()}
                                    for kind, axes in rules.rules.items()})
         preds = {}
-        for label, use, graph in (("blocking-aware", rules, True), ("blocking-aware, modelled reorders", rules, False),
-                                  ("blocking-aware, no direct kernel", no_direct, True),
-                                  ("bilinear (no rules)", BlockingRules(), False)):
+        remainder = table.remainder(family)
+        for label, use, graph, kernels in (
+                ("blocking-aware", rules, True, True),
+                ("blocking-aware, overhead fit", rules, True, False),
+                ("blocking-aware, modelled reorders", rules, False, False),
+                ("blocking-aware, no direct kernel", no_direct, True, True),
+                ("bilinear (no rules)", BlockingRules(), False, False)):
             table.blocking, table._class_cache = use, {}
-            sums = [_layer_sum(p, table, graph) for p in [dense] + configs]
-            ms = [cal.predict(ls.raw_ms, mel) for ls, mel in sums]
+            sums = [_layer_sum(p, table, graph, kernels) for p in [dense] + configs]
+            ms = [whole_model_ms(ls, cal, mel, remainder) for ls, mel in sums]
             preds[label] = {"ms": ms, "band": [cal.scale * ls.band_ms for ls, _ in sums],
                             "found": [ls.found for ls, _ in sums]}
         table.blocking, table._class_cache = rules, {}

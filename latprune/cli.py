@@ -238,6 +238,11 @@ def predict(
         print(f"layout reorders: {reorders['ms']:.3f} ms " + (
             f"({reorders['count']} in the runtime's compiled graph, {reorders['melements']:.2f} M elements)"
             if reorders["from"] == "graph" else "(modelled from the blocking rules)"))
+    outside = out["outside_kernels"]
+    if outside is not None:
+        print(f"other kernels outside the layers: {outside['ms']:.3f} ms ({outside['count']} in the compiled graph, "
+              f"priced by operator and layout)" + (f"; never timed: {', '.join(outside['unpriced_classes'])}"
+                                                    if outside["unpriced_classes"] else ""))
     for line in out["extrapolated_layers"][:10]:
         print(f"  outside the table: {line}")
     if out["extrapolated_layers"]:

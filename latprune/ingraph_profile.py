@@ -345,4 +345,6 @@ def profile_in_graph(table, analysis, cells: list[tuple[LayerSpec, int, int]], b
         if timing.reorder_melements is not None and timing.reorder_count > 0:
             table.add_reorder_point(timing.reorder_ms + timing.overhead_reorder_ms, timing.reorder_melements,
                                     "graph", timing.reorder_count)
+        if timing.kernels:  # each kernel outside the layers, by class and size (lut.predict.price_kernels)
+            table.add_kernel_points(timing.kernels)
     return len(final), timings

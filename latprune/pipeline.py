@@ -18,8 +18,8 @@ import numpy as np
 import onnx
 
 from latprune.types import InputError, Plan, Problem
-from latprune.lut.predict import (calibrated, layer_costs, layer_ms, missing_cells, needs_fallback,
-                                  overhead_elements, predict_layers, predict_raw, refine_widths)
+from latprune.lut.predict import (REORDER_CLASSES, calibrated, layer_costs, layer_ms, missing_cells, needs_fallback,
+                                  overhead_elements, predict_layers, predict_raw, refine_widths, whole_model_ms)
 from latprune.lut.store import LatencyTable, fit_calibration
 from latprune.profiler.fingerprint import TIMINGS
 from latprune.profiler.profile import profile_cells
@@ -320,6 +320,8 @@ def ensure_profiled(problem: Problem, table: LatencyTable, backend, points: int,
     for run in runs if family else []:  # every cell is in the table now
         table.add_overhead_point(family, predict_raw(problem, table, run.widths), run.end_to_end_ms,
                                  overhead_elements(problem, run.widths))
+        if run.kernels is not None:  # what no kernel holds, beside the priced kernels (whole_model_ms)
+            table.add_remainder_point(family, run.kernel_ms, run.end_to_end_ms)
     return n
 
 
@@ -878,14 +880,18 @@ def predict_model(model_path: Path, lut_path: Path | None, threads: int = 1, tim
                 f"run: latprune profile {model_path} --lut {table.path} --timing {timing} --backend {runtime.name}")
         if not table.has_blocking():  # off-grid widths need the device's blocking rules
             table.set_blocking(runtime.blocking_rules()[0])
-        reorders = runtime.layout_reorders(analysis.static_model(model)) if table.blocking else None
-        layers = predict_layers(prob, table, reorders=reorders)
+        static = analysis.static_model(model)
+        reorders = runtime.layout_reorders(static) if table.blocking else None
+        from latprune.ingraph_profile import layer_names
+
+        kernels = runtime.graph_kernels(static, layer_names(analysis.model, prob)) if table.kernel_prices() else None
+        layers = predict_layers(prob, table, reorders=reorders, kernels=kernels)
         family = model_family(model, data)
         if like is not None:
             family = model_family(load_model(like), Path(like).read_bytes())
         calib = table.calibration(family)
         mel = overhead_elements(prob)
-        predicted = calibrated(layers.raw_ms, calib, mel)
+        predicted = whole_model_ms(layers, calib, mel, table.remainder(family))
         scale = calib.scale if calib is not None else 1.0
         return {"predicted_ms": predicted, "layer_sum_ms": layers.raw_ms, "overhead_melements": mel,
                 "calibrated": calib is not None, "layers": len(prob.layers),
@@ -893,7 +899,10 @@ def predict_model(model_path: Path, lut_path: Path | None, threads: int = 1, tim
                 "cells": layers.found, "interpolated_layers": layers.interpolated,
                 "extrapolated_layers": layers.outside, "blocking": table.blocking.describe(),
                 "layout_reorders": {"ms": layers.reorder_ms, "from": layers.reorders_from,
-                                    **({} if reorders is None else {"count": reorders[0], "melements": reorders[1]})}}
+                                    **({} if reorders is None else {"count": reorders[0], "melements": reorders[1]})},
+                "outside_kernels": None if layers.outside_ms is None else {
+                    "ms": layers.outside_ms, "count": sum(c not in REORDER_CLASSES for c, _ in kernels),
+                    "unpriced_classes": layers.unpriced}}
     finally:
         table.close()
 

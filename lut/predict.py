@@ -8,7 +8,7 @@ same model family (what runs outside the conv/gemm layers: pooling, adds, copies
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -416,6 +416,22 @@ class LayerSum:
     outside: list[str]  # "name (c_in x c_out, how)" of extrapolated or modelled layers
     reorder_ms: float = 0.0  # the layout reorders' part of raw_ms
     reorders_from: str = "modelled"  # "graph": counted in the runtime's compiled graph
+    # ms of the compiled graph's other kernels outside the layers, each priced by its class
+    # (price_kernels; not in raw_ms), or None where the overhead fit prices that time instead
+    outside_ms: float | None = None
+    unpriced: list[str] = field(default_factory=list)  # kernel classes no in-graph run timed
+
+
+def whole_model_ms(layers: LayerSum, calibration: "Calibration | None", melements: float,
+                   remainder_ms: float | None) -> float:
+    """Whole-model prediction (ms) from predict_layers' sum. With the graph's kernels priced
+    (layers.outside_ms): the machine's speed (the calibration's scale) times the layers, every
+    kernel outside them, and the time outside all kernels (LatencyTable.remainder); else the
+    calibration's overhead fit over the overhead elements (calibrated)."""
+    if layers.outside_ms is None:
+        return calibrated(layers.raw_ms, calibration, melements)
+    scale = calibration.scale if calibration is not None else 1.0
+    return scale * (layers.raw_ms + layers.outside_ms + (remainder_ms or 0.0))
 
 
 def graph_reorder_ms(table: LatencyTable, reorders: tuple[int, float]) -> float | None:
@@ -428,19 +444,57 @@ def graph_reorder_ms(table: LatencyTable, reorders: tuple[int, float]) -> float 
     return fit[0] * reorders[0] + fit[1] * reorders[1]
 
 
+REORDER_CLASSES = ("ReorderInput", "ReorderOutput")
+
+
+def price_kernels(table: LatencyTable, kernels: list[tuple[str, float]]) -> tuple[float, float, list[str]] | None:
+    """(reorders' ms, other kernels' ms, classes no run timed) of the kernels outside the layers
+    of a compiled graph (Backend.graph_kernels: class, millions of elements), each priced by
+    its class's fit over the table's in-graph runs (LatencyTable.kernel_prices); a class the
+    runs never timed takes the same operator's price in the other layout, else counts 0 and is
+    named. None when the table has no kernel prices (tables profiled before them)."""
+    prices = table.kernel_prices()
+    if not prices:
+        return None
+    reorder = other = 0.0
+    unpriced: list[str] = []
+    for cls, mel in kernels:
+        price = prices.get(cls)
+        if price is None:
+            op = cls.split("/")[0]
+            price = next((p for c, p in prices.items() if c.split("/")[0] == op), None)
+        if price is None:
+            unpriced.append(cls)
+            continue
+        ms = price[0] + price[1] * mel
+        if cls in REORDER_CLASSES:
+            reorder += ms
+        else:
+            other += ms
+    return reorder, other, sorted(set(unpriced))
+
+
 def predict_layers(problem: Problem, table: LatencyTable, widths: dict[int, int] | None = None,
-                   removed_blocks: list[int] | tuple = (), reorders: tuple[int, float] | None = None) -> LayerSum:
+                   removed_blocks: list[int] | tuple = (), reorders: tuple[int, float] | None = None,
+                   kernels: list[tuple[str, float]] | None = None) -> LayerSum:
     """The layer sum at `widths` (dense when omitted; layers of `removed_blocks` left out) plus
-    the layout reorders, with its uncertainty (UNCERTAINTY). The reorders: with `reorders`
-    (count, millions of elements: Backend.layout_reorders of the model at exactly these
-    widths), priced by graph_reorder_ms; otherwise modelled from the blocking rules
-    (reorder_ms). Raises KeyError for a layer whose signature the table lacks."""
+    the layout reorders, with its uncertainty (UNCERTAINTY). The reorders: with `kernels` (the
+    compiled graph's kernels outside the layers, Backend.graph_kernels of the model at exactly
+    these widths) and a table that prices them (price_kernels), each reorder by its class and
+    size, and the other kernels outside the layers go to `outside_ms`; else with `reorders`
+    (count, millions of elements: Backend.layout_reorders), priced by graph_reorder_ms;
+    otherwise modelled from the blocking rules (reorder_ms). Raises KeyError for a layer whose
+    signature the table lacks."""
     full = {g.id: (widths or {}).get(g.id, g.size) for g in problem.groups}
-    ms = graph_reorder_ms(table, reorders) if reorders is not None else None
+    priced = price_kernels(table, kernels) if kernels is not None else None
+    ms = priced[0] if priced is not None else graph_reorder_ms(table, reorders) if reorders is not None else None
     source, how = ("graph", "interpolated") if ms is not None else ("modelled", "modelled")
     if ms is None:
         ms = reorder_ms(problem, table, widths, removed_blocks)
     out = LayerSum(ms, UNCERTAINTY[how] * ms, {h: 0 for h in UNCERTAINTY}, [], [], ms, source)
+    if priced is not None:
+        out.outside_ms, out.unpriced = priced[1], priced[2]
+        out.band_ms += UNCERTAINTY["interpolated"] * priced[1]
     for layer in problem.layers:
         if layer.block is not None and layer.block in removed_blocks:
             continue

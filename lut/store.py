@@ -100,6 +100,7 @@ class LatencyTable:
         self.path = Path(path)
         self.fingerprint = fingerprint
         self.fp_id = fingerprint_id(fingerprint)
+        self._kernel_prices: dict[str, tuple[float, float]] | None = None
         try:
             self.db = sqlite3.connect(str(self.path), timeout=30)
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -313,12 +314,65 @@ class LatencyTable:
         import numpy as np
 
         counts, mel, ms = (np.array(col, dtype=float) for col in zip(*rows))
-        (per_reorder, per_mel), *_ = np.linalg.lstsq(np.column_stack([counts, mel]), ms, rcond=None)
-        if per_reorder < 0 or per_mel < 0:  # one term alone (non-negative least squares in 2-D)
-            if per_mel < 0 or not mel.any():
-                return float(max(0.0, counts @ ms / (counts @ counts))), 0.0
-            return 0.0, float(max(0.0, mel @ ms / (mel @ mel)))
-        return float(per_reorder), float(per_mel)
+        return nonnegative_fit(counts, mel, ms)
+
+    def add_kernel_points(self, kernels: list[tuple[str, float, float]]) -> None:
+        """One in-graph run's kernels that no layer claims (ConfigTiming.kernels: class,
+        millions of elements, ms), kept per (class, size) as calibration rows of family
+        KERNEL_PREFIX + class (raw_ms: how many kernels of that size, measured_ms: their ms in
+        all), so the exchange format carries them unchanged."""
+        grouped: dict[tuple[str, float], list[float]] = defaultdict(list)
+        for cls, mel, ms in kernels:
+            grouped[(cls, round(mel, 6))].append(ms)
+        now = time.time()
+        self.db.executemany(
+            "INSERT INTO calibration (fingerprint, family, raw_ms, measured_ms, measured_at, melements) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [(self.fp_id, KERNEL_PREFIX + cls, float(len(v)), float(sum(v)), now, mel)
+             for (cls, mel), v in grouped.items()])
+        self.db.commit()
+        self._kernel_prices = None
+
+    def kernel_prices(self) -> dict[str, tuple[float, float]]:
+        """{class: (ms per kernel, ms per million elements)} of the kernels outside the layers
+        (add_kernel_points), each a non-negative least-squares fit over every kernel of that
+        class the in-graph runs timed (sizes from 1x1 squeeze-excite tensors to 112x112 maps
+        within one run, so both terms are determined); {} without points."""
+        if self._kernel_prices is None:
+            import numpy as np
+
+            rows = self.db.execute("SELECT family, raw_ms, melements, measured_ms FROM calibration "
+                                   "WHERE fingerprint=? AND family LIKE ? AND raw_ms > 0",
+                                   (self.fp_id, KERNEL_PREFIX + "%")).fetchall()
+            per_class: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+            for family, n, mel, ms in rows:
+                per_class[family[len(KERNEL_PREFIX):]].append((n, n * mel, ms))
+            self._kernel_prices = {}
+            for cls, pts in per_class.items():
+                counts, mel, ms = (np.array(col, dtype=float) for col in zip(*pts))
+                self._kernel_prices[cls] = nonnegative_fit(counts, mel, ms)
+        return self._kernel_prices
+
+    def add_remainder_point(self, family: str, kernel_ms: float, end_to_end_ms: float) -> None:
+        """One in-graph run of `family`: its kernels' ms in all and its unprofiled end-to-end ms
+        at the same machine speed (what no kernel holds: the session's own work, less the
+        profiler's per-kernel cost), kept as family + REMAINDER_SUFFIX."""
+        self.add_calibration(family + REMAINDER_SUFFIX, kernel_ms, end_to_end_ms)
+
+    def remainder(self, family: str) -> float | None:
+        """ms of a run of `family` outside its kernels (end to end − kernel sum, the median over
+        its in-graph runs, or over every family's for a model the table has not profiled; may be
+        negative), or None without runs."""
+        rows = self.db.execute("SELECT measured_ms - raw_ms FROM calibration WHERE fingerprint=? AND family=?",
+                               (self.fp_id, family + REMAINDER_SUFFIX)).fetchall()
+        if not rows:  # a model new to the table: the median over every model's runs
+            rows = self.db.execute("SELECT measured_ms - raw_ms FROM calibration WHERE fingerprint=? "
+                                   "AND family LIKE ?", (self.fp_id, "%" + REMAINDER_SUFFIX)).fetchall()
+        if not rows:
+            return None
+        import numpy as np
+
+        return float(np.median([r[0] for r in rows]))
 
     def reference_phase(self, key: str) -> float | None:
         """The reference model's kernel time (ms) that in-graph cells profiled with reference
@@ -350,8 +404,24 @@ class LatencyTable:
                                self.overhead(family))
 
 
+def nonnegative_fit(counts, mel, ms) -> tuple[float, float]:
+    """(ms per item, ms per million elements): ms ≈ a·counts + b·mel by least squares with
+    a, b ≥ 0 (non-negative least squares in 2-D: where the free fit makes one term negative,
+    the other alone)."""
+    import numpy as np
+
+    (a, b), *_ = np.linalg.lstsq(np.column_stack([counts, mel]), ms, rcond=None)
+    if a < 0 or b < 0:
+        if b < 0 or not mel.any():
+            return float(max(0.0, counts @ ms / (counts @ counts))), 0.0
+        return 0.0, float(max(0.0, mel @ ms / (mel @ mel)))
+    return float(a), float(b)
+
+
 MIN_POINTS_3TERM = 5
 OVERHEAD_SUFFIX = "/in-graph-overhead"
+REMAINDER_SUFFIX = "/in-graph-remainder"
+KERNEL_PREFIX = "in-graph-kernel/"
 REORDER_FAMILIES = {"layers": "in-graph-layout-reorders", "overhead": "in-graph-layout-reorders/overhead",
                     "graph": "in-graph-layout-reorders/graph"}
 REFERENCE_PREFIX = "in-graph-reference/"

@@ -48,6 +48,9 @@ class ConfigTiming:
     # elements they move (millions); None where the backend cannot say (lut.predict graph fit)
     reorder_count: int = 0
     reorder_melements: float | None = None
+    # every kernel no layer claims, reorders included: (class, millions of elements, ms), from
+    # the runtime's compiled graph (Backend.graph_kernels); None where the backend cannot say
+    kernels: list[tuple[str, float, float]] | None = None
 
     @property
     def kernel_ms(self) -> float:
@@ -137,4 +140,6 @@ def rescale(timing: ConfigTiming, factor: float) -> None:
     timing.reorder_ms *= factor
     timing.overhead_reorder_ms *= factor
     timing.end_to_end_ms *= factor
+    if timing.kernels is not None:
+        timing.kernels = [(cls, mel, ms * factor) for cls, mel, ms in timing.kernels]
     timing.reference_ms *= factor

@@ -213,6 +213,87 @@ def test_graph_reorders_are_priced_per_reorder_and_per_element(tmp_path):
     t.close()
 
 
+def _squeeze_excite(width: int):
+    """A conv to `width` channels, a squeeze-excite block on it (GlobalAveragePool, 1x1 conv,
+    Sigmoid, Mul: the pooling and the Mul belong to no layer) and a conv back to 32."""
+    g = GraphBuilder(in_shape=(1, 3, 24, 24))
+    x = g.relu(g.conv("input", 3, 32))
+    x = g.relu(g.conv(x, 32, width))
+    s = g.node("Sigmoid", [g.conv(g.node("GlobalAveragePool", [x]), width, width, k=1)])
+    y = g.relu(g.conv(g.node("Mul", [x, s]), width, 32))
+    return g.build(g.head(y, 32), "se")
+
+
+def test_the_runtime_names_each_kernel_outside_the_layers_by_class_and_layout():
+    """Backend.graph_kernels lists the kernels of ONNX Runtime's compiled graph that no layer
+    claims: at 32 channels (a multiple of every x86 block) the squeeze-excite pooling runs on
+    the blocked tensor, at OFF_BLOCK channels on the plain one (its own class: it costs ~3x
+    per element there), sized by the tensor it reads. The in-graph profile of the same model
+    times exactly these kernels (ConfigTiming.kernels)."""
+    from latprune.ingraph_profile import layer_names
+    from latprune.profiler.backends import get_backend
+    from latprune.profiler.ingraph import profile_interleaved
+
+    ort = get_backend("ort-cpu")
+    census = {}
+    for width in (32, OFF_BLOCK):
+        analysis = analyse(normalise(_squeeze_excite(width)), step=8)
+        names = layer_names(analysis.model, analysis.problem)
+        census[width] = sorted(ort.graph_kernels(analysis.model, names))
+        classes = {cls for cls, _ in census[width]}
+        assert not any(cls.startswith(("Conv", "Relu", "Sigmoid", "Gemm")) for cls in classes), classes
+        assert ("Mul/plain", pytest.approx(width * 24 * 24 / 1e6)) in census[width]
+        if width == 32:
+            assert ("GlobalAveragePool/blocked", pytest.approx(32 * 24 * 24 / 1e6)) in census[width]
+        else:
+            assert ("GlobalAveragePool/plain", pytest.approx(OFF_BLOCK * 24 * 24 / 1e6)) in census[width]
+            assert "GlobalAveragePool/blocked" not in classes
+        data = analysis.model.SerializeToString()
+        [timing] = profile_interleaved([{}], lambda _: data, data, names, min_seconds=0, min_runs=3)
+        timed = sorted((cls, mel) for cls, mel, _ in timing.kernels)
+        assert [cls for cls, _ in timed] == [cls for cls, _ in census[width]]
+        assert [mel for _, mel in timed] == pytest.approx([mel for _, mel in census[width]])
+        assert all(ms > 0 for *_, ms in timing.kernels)
+    assert get_backend("ort-cpu").graph_kernels(_squeeze_excite(32), {}) is not None
+
+
+def test_kernels_outside_the_layers_are_priced_by_class(tmp_path):
+    """LatencyTable.kernel_prices fits a fixed cost and a cost per element for each class from
+    the kernels the in-graph runs timed; price_kernels splits the reorders from the rest, lends
+    an operator's price across layouts and names a class no run timed; whole_model_ms adds the
+    priced kernels and the time outside every kernel (LatencyTable.remainder) to the layers."""
+    from latprune.lut.predict import LayerSum, price_kernels, whole_model_ms
+    from latprune.lut.store import Calibration
+
+    t = LatencyTable(tmp_path / "lut.sqlite", FP)
+    assert t.kernel_prices() == {} and price_kernels(t, [("Mul/plain", 1.0)]) is None
+    assert t.remainder("fam") is None
+    for mel in (0.001, 0.05, 0.3, 1.2):
+        t.add_kernel_points([("GlobalAveragePool/plain", mel, 0.003 + 0.2 * mel),
+                             ("GlobalAveragePool/plain", mel, 0.003 + 0.2 * mel),
+                             ("GlobalAveragePool/blocked", mel, 0.002 + 0.07 * mel),
+                             ("ReorderOutput", mel, 0.001 + 0.15 * mel)])
+    prices = t.kernel_prices()
+    assert prices["GlobalAveragePool/plain"] == (pytest.approx(0.003), pytest.approx(0.2))
+    assert prices["GlobalAveragePool/blocked"] == (pytest.approx(0.002), pytest.approx(0.07))
+    reorder, other, unpriced = price_kernels(t, [("ReorderOutput", 1.0), ("GlobalAveragePool/plain", 0.5),
+                                                 ("Softmax/plain", 2.0)])
+    assert reorder == pytest.approx(0.151) and other == pytest.approx(0.103) and unpriced == ["Softmax/plain"]
+    _, lent, _ = price_kernels(t, [("GlobalAveragePool/other", 0.5)])
+    assert lent in (pytest.approx(0.103), pytest.approx(0.037))  # the operator's price in a layout it was timed in
+    t.add_remainder_point("fam", 10.0, 9.8)
+    t.add_remainder_point("fam", 11.0, 10.9)
+    t.add_remainder_point("fam", 12.0, 11.6)
+    assert t.remainder("fam") == pytest.approx(-0.2)
+    assert t.remainder("a model the table never profiled") == pytest.approx(-0.2)  # every family's median
+    sums = LayerSum(5.0, 0.1, {}, [], [], 0.2, "graph", outside_ms=0.5)
+    calib = Calibration(scale=1.1, ms_per_melement=0.3, offset_ms=0.4)
+    assert whole_model_ms(sums, calib, 2.0, -0.2) == pytest.approx(1.1 * (5.0 + 0.5 - 0.2))
+    sums.outside_ms = None  # no priced kernels: the calibration's overhead fit
+    assert whole_model_ms(sums, calib, 2.0, -0.2) == pytest.approx(1.1 * 5.0 + 0.3 * 2.0 + 0.4)
+    t.close()
+
+
 def test_predict_layers_says_how_each_value_was_found(table):
     analysis = analyse(normalise(residual_cnn()), step=8)
     with pytest.raises(KeyError):  # the table holds none of this model's signatures

@@ -152,6 +152,11 @@ def test_profile_then_predict(optimized, residual_path, shared_lut):
     assert pred["predicted_ms"] > 0 and pred["layer_sum_ms"] > 0
     assert pred["calibrated"] is True
     assert pred["layers"] == 9
+    # the head's pooling runs outside the layers: its kernel is priced from the in-graph runs
+    assert pred["outside_kernels"]["count"] >= 1 and pred["outside_kernels"]["ms"] > 0
+    assert pred["outside_kernels"]["unpriced_classes"] == []
+    text = cli("predict", residual_path, "--lut", shared_lut).stdout
+    assert "other kernels outside the layers" in text
 
 
 def test_predict_a_model_pruned_elsewhere(optimized, residual_path, shared_lut, tmp_path):

@@ -181,6 +181,13 @@ class Backend(abc.ABC):
         where the runtime does not say (lut.predict then models them from the blocking rules)."""
         return None
 
+    def graph_kernels(self, model, names: dict[str, int]) -> list[tuple[str, float]] | None:
+        """(class, millions of elements) of each kernel of the compiled `model` that no layer
+        claims (`names`: ONNX node and tensor name -> layer index), its layout reorders
+        included; None where the runtime does not say (lut.predict then prices the time outside
+        the layers by the overhead fit)."""
+        return None
+
     # ---- build, run, measure -------------------------------------------------------------------
     @abc.abstractmethod
     def load(self, model) -> Runner:

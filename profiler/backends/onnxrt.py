@@ -146,6 +146,62 @@ def _reorder_sizes(graph, elements: dict[str, int]) -> dict[str, int] | None:
     return sizes
 
 
+_NCHWC_DOMAIN = "com.microsoft.nchwc"
+
+
+def _original_sizes(model_bytes: bytes) -> tuple[dict[str, int], dict[str, int]]:
+    """({tensor: elements}, {node name or output tensor: the most elements the node reads or
+    writes}) of the original model: a kernel the optimiser kept is named after its node, a
+    blocked one after its output tensor (_kernel_name), and its work is its largest tensor (a
+    GlobalAveragePool's input, a squeeze-excite Mul's output)."""
+    import onnx
+
+    elements = _tensor_elements(model_bytes)
+    touched: dict[str, int] = {}
+    try:
+        graph = onnx.load_from_string(model_bytes).graph
+    except Exception:  # pragma: no cover - the session already parsed it
+        return elements, touched
+    for n in graph.node:
+        size = max((elements.get(t, 0) for t in list(n.input) + list(n.output) if t), default=0)
+        if size:
+            touched[n.name] = size
+            for t in n.output:
+                touched.setdefault(t, size)
+    return elements, touched
+
+
+def _graph_kernels(graph, sizes: tuple[dict[str, int], dict[str, int]], claimed) -> dict[str, tuple[str, int]]:
+    """{kernel name (as _kernel_name gives it): (class, elements)} of the kernels of ONNX
+    Runtime's optimised graph that no layer claims (`claimed(kernel)` is False): layout
+    reorders (class "ReorderInput" / "ReorderOutput", sized by their plain side) and the other
+    operators (class "<op>/blocked" when it runs on NCHWc tensors, "<op>/plain" otherwise,
+    sized by the original node's largest tensor; 0 when unknown). What a kernel costs depends
+    on its layout: a GlobalAveragePool over a plain tensor took ~3x the time per element of a
+    blocked one on the AVX-512 EPYC (EfficientNet-B0's squeeze-excite, issue 15)."""
+    if graph is None:
+        return {}
+    elements, touched = sizes
+    reorder_sizes = _reorder_sizes(graph, elements) or {}
+    blocked: set[str] = set()
+    out: dict[str, tuple[str, int]] = {}
+    for n in graph.node:  # topological order: a node's inputs are classified before it
+        nchwc = n.domain == _NCHWC_DOMAIN
+        is_blocked = (nchwc and n.op_type != "ReorderOutput") or (not nchwc and any(i in blocked for i in n.input))
+        if is_blocked:
+            blocked.update(t for t in n.output if t)
+        kernel = _kernel_name(n.name + "_kernel_time")
+        if n.op_type in ("ReorderInput", "ReorderOutput"):
+            out[kernel] = (n.op_type, reorder_sizes.get(n.name, 0))
+            continue
+        if claimed(kernel):
+            continue
+        size = touched.get(kernel) or max((elements.get(t, 0) for t in list(n.input) + list(n.output) if t),
+                                          default=0)
+        out[kernel] = (f"{n.op_type}/{'blocked' if is_blocked else 'plain'}", size)
+    return out
+
+
 class OrtProfiled(ProfiledModel):
     """One model open twice: under ONNX Runtime's profiler (kernel times) and plain (end-to-end
     time of the same moments)."""
@@ -153,6 +209,8 @@ class OrtProfiled(ProfiledModel):
     fused_outputs: dict[str, list[str]] = {}  # nodes ONNX Runtime made -> the tensors they write
     reorders: dict[str, list[str]] = {}  # layout reorder nodes -> the nodes they are done for
     reorder_sizes: dict[str, int] | None = None  # layout reorder nodes -> elements they move
+    graph = None  # ONNX Runtime's optimised graph (onnx GraphProto), None if it wrote none
+    sizes: tuple[dict[str, int], dict[str, int]] = ({}, {})  # _original_sizes of the model
 
     def __init__(self, data: bytes, threads: int, prefix: str):
         from latprune.profiler.onnxrt import make_session, random_feed, session_options
@@ -168,7 +226,9 @@ class OrtProfiled(ProfiledModel):
         graph = _optimized_graph(optimized)
         self.fused_outputs = _fused_outputs(graph)
         self.reorders = _reorder_neighbours(graph)
-        self.reorder_sizes = _reorder_sizes(graph, _tensor_elements(data))
+        self.graph = graph
+        self.sizes = _original_sizes(data)
+        self.reorder_sizes = _reorder_sizes(graph, self.sizes[0])
         self.feed = random_feed(self.profiled)
         self.plain = make_session(data, threads)
         self.plain_feed = random_feed(self.plain)
@@ -219,6 +279,9 @@ class OrtProfiled(ProfiledModel):
         if self.reorder_sizes is not None:  # the graph's own reorders, for lut.predict's graph fit
             timing.reorder_count = len(self.reorder_sizes)
             timing.reorder_melements = sum(self.reorder_sizes.values()) / 1e6
+        census = _graph_kernels(self.graph, self.sizes, lambda k: node_layer(k) is not None)
+        if census:  # every kernel no layer claims, by class and size (LatencyTable.kernel_prices)
+            timing.kernels = [(cls, size / 1e6, kernel_ms[k]) for k, (cls, size) in census.items() if k in kernel_ms]
         return timing
 
 
@@ -350,6 +413,32 @@ class OrtBackend(Backend):
             make_session(data, self.threads, opts)
             sizes = _reorder_sizes(_optimized_graph(optimized), _tensor_elements(data))
         return None if sizes is None else (len(sizes), sum(sizes.values()) / 1e6)
+
+    def graph_kernels(self, model, names: dict[str, int]) -> list[tuple[str, float]] | None:
+        """(class, millions of elements) of each kernel no layer claims (`names`, as for
+        `profiled`) in ONNX Runtime's optimised CPU graph of `model` (static shapes): layout
+        reorders and the other operators by layout (_graph_kernels). A session is created, not
+        run. None on GPU providers."""
+        if not self.cpu:
+            return None
+        import tempfile
+
+        from latprune.profiler.onnxrt import make_session, session_options
+
+        data = _model_bytes(model)
+        with tempfile.TemporaryDirectory(prefix="latprune-opt-") as tmp:
+            opts = session_options(self.threads)
+            optimized = os.path.join(tmp, "optimized.onnx")
+            _save_optimized(opts, optimized)
+            make_session(data, self.threads, opts)
+            graph = _optimized_graph(optimized)
+        fused = _fused_outputs(graph)
+
+        def claimed(kernel: str) -> bool:
+            return kernel in names or any(t in names for t in fused.get(kernel, ()))
+
+        census = _graph_kernels(graph, _original_sizes(data), claimed)
+        return [(cls, size / 1e6) for cls, size in census.values()] if graph is not None else None
 
     def time_layer(self, spec, c_in: int, c_out: int) -> TimingStats:
         if not self.cpu:
