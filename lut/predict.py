@@ -450,7 +450,7 @@ REORDER_CLASSES = ("ReorderInput", "ReorderOutput")
 def price_kernels(table: LatencyTable, kernels: list[tuple[str, float]]) -> tuple[float, float, list[str]] | None:
     """(reorders' ms, other kernels' ms, classes no run timed) of the kernels outside the layers
     of a compiled graph (Backend.graph_kernels: class, millions of elements), each priced by
-    its class's fit over the table's in-graph runs (LatencyTable.kernel_prices); a class the
+    its class's curve over the table's in-graph runs (LatencyTable.kernel_prices); a class the
     runs never timed takes the same operator's price in the other layout, else counts 0 and is
     named. None when the table has no kernel prices (tables profiled before them)."""
     prices = table.kernel_prices()
@@ -466,7 +466,7 @@ def price_kernels(table: LatencyTable, kernels: list[tuple[str, float]]) -> tupl
         if price is None:
             unpriced.append(cls)
             continue
-        ms = price[0] + price[1] * mel
+        ms = price.price(mel)
         if cls in REORDER_CLASSES:
             reorder += ms
         else:

@@ -91,6 +91,45 @@ class Calibration:
         return self.scale * raw_ms + self.ms_per_melement * melements + self.offset_ms
 
 
+@dataclass
+class KernelCurve:
+    """ms of one kernel of a class outside the layers (lut.predict.price_kernels) against its
+    size: the median over the timed kernels in each bin of sizes (millions of elements),
+    interpolated between bins (_interp: under the smallest bin the first segment's line, above
+    the largest at least proportional)."""
+
+    melements: tuple[float, ...]
+    ms: tuple[float, ...]
+    kernels: int = 0  # how many timed kernels the curve stands on
+
+    BIN_RATIO = 1.5  # a bin holds sizes up to 1.5x its smallest
+
+    @classmethod
+    def from_kernels(cls, kernels: list[tuple[float, float, int]]) -> "KernelCurve":
+        """From (millions of elements, ms of one kernel, how many kernels) observations."""
+        import numpy as np
+
+        kernels = sorted(kernels)
+        points: list[tuple[float, float]] = []
+        i = 0
+        while i < len(kernels):
+            j = i
+            while j < len(kernels) and kernels[j][0] <= max(kernels[i][0], 1e-12) * cls.BIN_RATIO:
+                j += 1
+            sizes = np.repeat([k[0] for k in kernels[i:j]], [max(1, k[2]) for k in kernels[i:j]])
+            times = np.repeat([k[1] for k in kernels[i:j]], [max(1, k[2]) for k in kernels[i:j]])
+            points.append((float(np.median(sizes)), float(np.median(times))))
+            i = j
+        return cls(tuple(p[0] for p in points), tuple(p[1] for p in points),
+                   int(sum(max(1, k[2]) for k in kernels)))
+
+    def price(self, melements: float) -> float:
+        """ms of one kernel of `melements` million elements."""
+        if len(self.melements) == 1 and self.melements[0] <= 0 or melements <= 0:
+            return self.ms[0]
+        return _interp(list(self.melements), list(self.ms), melements)
+
+
 class LatencyTable:
     """Layer latencies (ms) for one device fingerprint, stored in a SQLite file."""
 
@@ -100,7 +139,7 @@ class LatencyTable:
         self.path = Path(path)
         self.fingerprint = fingerprint
         self.fp_id = fingerprint_id(fingerprint)
-        self._kernel_prices: dict[str, tuple[float, float]] | None = None
+        self._kernel_prices: dict[str, KernelCurve] | None = None
         try:
             self.db = sqlite3.connect(str(self.path), timeout=30)
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -333,24 +372,21 @@ class LatencyTable:
         self.db.commit()
         self._kernel_prices = None
 
-    def kernel_prices(self) -> dict[str, tuple[float, float]]:
-        """{class: (ms per kernel, ms per million elements)} of the kernels outside the layers
-        (add_kernel_points), each a non-negative least-squares fit over every kernel of that
-        class the in-graph runs timed (sizes from 1x1 squeeze-excite tensors to 112x112 maps
-        within one run, so both terms are determined); {} without points."""
+    def kernel_prices(self) -> dict[str, "KernelCurve"]:
+        """{class: KernelCurve} of the kernels outside the layers (add_kernel_points): per
+        class, the median ms of one kernel over every kernel of that class the in-graph runs
+        timed, in bins of size (KernelCurve.BIN_RATIO apart), interpolated between them. A
+        curve, not a line: a reorder of a 112x112 map (1-5 M elements, past the cache) cost
+        ~190 µs per M elements on the AVX-512 EPYC, one of 0.3-1 M ~100, and a line through
+        both overpriced EfficientNet-B0's mid-sized reorders by 15%. {} without points."""
         if self._kernel_prices is None:
-            import numpy as np
-
             rows = self.db.execute("SELECT family, raw_ms, melements, measured_ms FROM calibration "
                                    "WHERE fingerprint=? AND family LIKE ? AND raw_ms > 0",
                                    (self.fp_id, KERNEL_PREFIX + "%")).fetchall()
-            per_class: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+            per_class: dict[str, list[tuple[float, float, int]]] = defaultdict(list)
             for family, n, mel, ms in rows:
-                per_class[family[len(KERNEL_PREFIX):]].append((n, n * mel, ms))
-            self._kernel_prices = {}
-            for cls, pts in per_class.items():
-                counts, mel, ms = (np.array(col, dtype=float) for col in zip(*pts))
-                self._kernel_prices[cls] = nonnegative_fit(counts, mel, ms)
+                per_class[family[len(KERNEL_PREFIX):]].append((mel, ms / n, int(round(n))))
+            self._kernel_prices = {cls: KernelCurve.from_kernels(pts) for cls, pts in per_class.items()}
         return self._kernel_prices
 
     def add_remainder_point(self, family: str, kernel_ms: float, end_to_end_ms: float) -> None:

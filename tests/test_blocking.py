@@ -258,27 +258,35 @@ def test_the_runtime_names_each_kernel_outside_the_layers_by_class_and_layout():
 
 
 def test_kernels_outside_the_layers_are_priced_by_class(tmp_path):
-    """LatencyTable.kernel_prices fits a fixed cost and a cost per element for each class from
-    the kernels the in-graph runs timed; price_kernels splits the reorders from the rest, lends
-    an operator's price across layouts and names a class no run timed; whole_model_ms adds the
-    priced kernels and the time outside every kernel (LatencyTable.remainder) to the layers."""
+    """LatencyTable.kernel_prices gives each class a curve of one kernel's ms against its size
+    from the kernels the in-graph runs timed (exact for a cost linear in the size, and it
+    follows a cost per element that grows past the cache); price_kernels splits the reorders
+    from the rest, lends an operator's price across layouts and names a class no run timed;
+    whole_model_ms adds the priced kernels and the time outside every kernel
+    (LatencyTable.remainder) to the layers."""
     from latprune.lut.predict import LayerSum, price_kernels, whole_model_ms
     from latprune.lut.store import Calibration
 
     t = LatencyTable(tmp_path / "lut.sqlite", FP)
     assert t.kernel_prices() == {} and price_kernels(t, [("Mul/plain", 1.0)]) is None
     assert t.remainder("fam") is None
-    for mel in (0.001, 0.05, 0.3, 1.2):
+    def cached(mel):  # 0.1 ms per M elements up to 1 M, 0.2 past it
+        return 0.001 + 0.1 * mel if mel <= 1 else 0.101 + 0.2 * (mel - 1)
+
+    for mel in (0.001, 0.05, 0.3, 1.0, 2.0, 4.0):  # sizes in bins of their own
         t.add_kernel_points([("GlobalAveragePool/plain", mel, 0.003 + 0.2 * mel),
                              ("GlobalAveragePool/plain", mel, 0.003 + 0.2 * mel),
                              ("GlobalAveragePool/blocked", mel, 0.002 + 0.07 * mel),
-                             ("ReorderOutput", mel, 0.001 + 0.15 * mel)])
+                             ("ReorderOutput", mel, cached(mel))])
     prices = t.kernel_prices()
-    assert prices["GlobalAveragePool/plain"] == (pytest.approx(0.003), pytest.approx(0.2))
-    assert prices["GlobalAveragePool/blocked"] == (pytest.approx(0.002), pytest.approx(0.07))
+    for mel in (0.02, 0.5, 1.0, 3.0):
+        assert prices["GlobalAveragePool/plain"].price(mel) == pytest.approx(0.003 + 0.2 * mel)
+        assert prices["GlobalAveragePool/blocked"].price(mel) == pytest.approx(0.002 + 0.07 * mel)
+        assert prices["ReorderOutput"].price(mel) == pytest.approx(cached(mel))
+    assert prices["ReorderOutput"].kernels == 6
     reorder, other, unpriced = price_kernels(t, [("ReorderOutput", 1.0), ("GlobalAveragePool/plain", 0.5),
                                                  ("Softmax/plain", 2.0)])
-    assert reorder == pytest.approx(0.151) and other == pytest.approx(0.103) and unpriced == ["Softmax/plain"]
+    assert reorder == pytest.approx(0.101) and other == pytest.approx(0.103) and unpriced == ["Softmax/plain"]
     _, lent, _ = price_kernels(t, [("GlobalAveragePool/other", 0.5)])
     assert lent in (pytest.approx(0.103), pytest.approx(0.037))  # the operator's price in a layout it was timed in
     t.add_remainder_point("fam", 10.0, 9.8)
