@@ -13,6 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -750,9 +751,11 @@ BUDGET_USE = 0.9
 
 
 def _calibration_points(model_path: Path, analysis: Analysis, table: LatencyTable,
-                        measurer: _Measurer) -> list[tuple[float, float, float]]:
+                        measurer: _Measurer, on_model: Callable[[Path, float], None] | None = None,
+                        ) -> list[tuple[float, float, float]]:
     """(layer sum ms, measured ms, overhead Melements) of the model at uniform keep-ratios
-    1.0, 0.75 and 0.5, timed side by side in a fresh process."""
+    1.0, 0.75 and 0.5, timed side by side in a fresh process. `on_model(path, measured ms)`
+    hears each model while its file exists."""
     prob = analysis.problem
     work = measurer.work
     paths, widths_of = {}, {}
@@ -766,6 +769,8 @@ def _calibration_points(model_path: Path, analysis: Analysis, table: LatencyTabl
                           work / f"{name}.onnx")
         paths[name] = work / f"{name}.onnx"
     timed = measurer.measure(paths, processes=1)
+    for k, path in paths.items() if on_model else ():
+        on_model(path, timed[k].median_ms)
     return [(predict_raw(prob, table, widths_of[k]), timed[k].median_ms, overhead_elements(prob, widths_of[k]))
             for k in paths]
 
@@ -882,16 +887,14 @@ def predict_model(model_path: Path, lut_path: Path | None, threads: int = 1, tim
             table.set_blocking(runtime.blocking_rules()[0])
         static = analysis.static_model(model)
         reorders = runtime.layout_reorders(static) if table.blocking else None
-        from latprune.ingraph_profile import layer_names
-
-        kernels = runtime.graph_kernels(static, layer_names(analysis.model, prob)) if table.kernel_prices() else None
+        kernels = _graph_kernels(runtime, table, analysis, static)
         layers = predict_layers(prob, table, reorders=reorders, kernels=kernels)
         family = model_family(model, data)
         if like is not None:
             family = model_family(load_model(like), Path(like).read_bytes())
         calib = table.calibration(family)
         mel = overhead_elements(prob)
-        predicted = whole_model_ms(layers, calib, mel, table.remainder(family))
+        predicted = whole_model_ms(layers, calib, mel, table.remainder(family), table.graph_scale(family))
         scale = calib.scale if calib is not None else 1.0
         return {"predicted_ms": predicted, "layer_sum_ms": layers.raw_ms, "overhead_melements": mel,
                 "calibrated": calib is not None, "layers": len(prob.layers),
@@ -905,6 +908,34 @@ def predict_model(model_path: Path, lut_path: Path | None, threads: int = 1, tim
                     "unpriced_classes": layers.unpriced}}
     finally:
         table.close()
+
+
+def _graph_kernels(runtime, table: LatencyTable, analysis: Analysis, static: onnx.ModelProto):
+    """The compiled graph's kernels outside the layers (Backend.graph_kernels), or None where
+    the table cannot price them (no in-graph kernel times) or the runtime cannot say."""
+    if not table.kernel_prices():
+        return None
+    from latprune.ingraph_profile import layer_names
+
+    return runtime.graph_kernels(static, layer_names(analysis.model, analysis.problem))
+
+
+def graph_base_ms(path: Path, table: LatencyTable, runtime, family: str) -> float | None:
+    """The model at `path` predicted in the compiled graph's terms at the table's machine speed
+    (layer cells + every kernel outside them priced by class + the family's remainder: what
+    whole_model_ms scales), or None where the graph's kernels cannot be priced."""
+    model = load_model(path)
+    analysis = analyse(model, model_name=Path(path).stem)
+    kernels = _graph_kernels(runtime, table, analysis, analysis.static_model(model))
+    if kernels is None:
+        return None
+    try:
+        layers = predict_layers(analysis.problem, table, kernels=kernels)
+    except KeyError:
+        return None
+    if layers.outside_ms is None:
+        return None
+    return layers.raw_ms + layers.outside_ms + (table.remainder(family) or 0.0)
 
 
 def profile_model(model_path: Path, lut_path: Path | None, threads: int = 1, points: int = 5,
@@ -928,7 +959,13 @@ def profile_model(model_path: Path, lut_path: Path | None, threads: int = 1, poi
         if any(g.prunable for g in prob.groups):
             work = Path(tempfile.mkdtemp(prefix="latprune-"))
             try:
-                points = _calibration_points(model_path, analysis, table, _Measurer(runtime, work, analysis.length))
+                def graph_point(path: Path, measured_ms: float) -> None:
+                    base = graph_base_ms(path, table, runtime, family)
+                    if base is not None:  # the same model in the compiled graph's terms (whole_model_ms)
+                        table.add_graph_calibration(family, base, measured_ms)
+
+                points = _calibration_points(model_path, analysis, table, _Measurer(runtime, work, analysis.length),
+                                             graph_point)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
         else:

@@ -423,14 +423,15 @@ class LayerSum:
 
 
 def whole_model_ms(layers: LayerSum, calibration: "Calibration | None", melements: float,
-                   remainder_ms: float | None) -> float:
+                   remainder_ms: float | None, graph_scale: float | None = None) -> float:
     """Whole-model prediction (ms) from predict_layers' sum. With the graph's kernels priced
-    (layers.outside_ms): the machine's speed (the calibration's scale) times the layers, every
-    kernel outside them, and the time outside all kernels (LatencyTable.remainder); else the
-    calibration's overhead fit over the overhead elements (calibrated)."""
+    (layers.outside_ms): the machine's speed times the layers, every kernel outside them, and
+    the time outside all kernels (LatencyTable.remainder); the speed is `graph_scale`
+    (LatencyTable.graph_scale: fitted on the same terms), else the calibration's scale. Without
+    them: the calibration's overhead fit over the overhead elements (calibrated)."""
     if layers.outside_ms is None:
         return calibrated(layers.raw_ms, calibration, melements)
-    scale = calibration.scale if calibration is not None else 1.0
+    scale = graph_scale or (calibration.scale if calibration is not None else 1.0)
     return scale * (layers.raw_ms + layers.outside_ms + (remainder_ms or 0.0))
 
 

@@ -410,6 +410,22 @@ class LatencyTable:
 
         return float(np.median([r[0] for r in rows]))
 
+    def add_graph_calibration(self, family: str, base_ms: float, measured_ms: float) -> None:
+        """One end-to-end measurement of a model of `family` beside its prediction in the
+        compiled graph's terms at the table's speed (pipeline.graph_base_ms), kept as family +
+        GRAPH_CALIBRATION_SUFFIX."""
+        self.add_calibration(family + GRAPH_CALIBRATION_SUFFIX, base_ms, measured_ms)
+
+    def graph_scale(self, family: str) -> float | None:
+        """The machine's speed now over the table's, for predictions in the compiled graph's
+        terms (lut.predict.whole_model_ms): least squares through the origin over the family's
+        graph calibration points; None without any (the family calibration's scale then)."""
+        rows = self.db.execute("SELECT raw_ms, measured_ms FROM calibration WHERE fingerprint=? AND family=? "
+                               "AND raw_ms > 0", (self.fp_id, family + GRAPH_CALIBRATION_SUFFIX)).fetchall()
+        if not rows:
+            return None
+        return sum(b * m for b, m in rows) / sum(b * b for b, _ in rows)
+
     def reference_phase(self, key: str) -> float | None:
         """The reference model's kernel time (ms) that in-graph cells profiled with reference
         `key` are scaled to (the first recorded), or None before the first in-graph profile."""
@@ -457,6 +473,7 @@ def nonnegative_fit(counts, mel, ms) -> tuple[float, float]:
 MIN_POINTS_3TERM = 5
 OVERHEAD_SUFFIX = "/in-graph-overhead"
 REMAINDER_SUFFIX = "/in-graph-remainder"
+GRAPH_CALIBRATION_SUFFIX = "/graph-calibration"
 KERNEL_PREFIX = "in-graph-kernel/"
 REORDER_FAMILIES = {"layers": "in-graph-layout-reorders", "overhead": "in-graph-layout-reorders/overhead",
                     "graph": "in-graph-layout-reorders/graph"}

@@ -297,6 +297,11 @@ def test_kernels_outside_the_layers_are_priced_by_class(tmp_path):
     sums = LayerSum(5.0, 0.1, {}, [], [], 0.2, "graph", outside_ms=0.5)
     calib = Calibration(scale=1.1, ms_per_melement=0.3, offset_ms=0.4)
     assert whole_model_ms(sums, calib, 2.0, -0.2) == pytest.approx(1.1 * (5.0 + 0.5 - 0.2))
+    assert t.graph_scale("fam") is None  # the machine's speed fitted in the graph's own terms:
+    t.add_graph_calibration("fam", 10.0, 10.5)
+    t.add_graph_calibration("fam", 5.0, 5.25)
+    assert t.graph_scale("fam") == pytest.approx(1.05) and t.graph_scale("other") is None
+    assert whole_model_ms(sums, calib, 2.0, -0.2, t.graph_scale("fam")) == pytest.approx(1.05 * 5.3)
     sums.outside_ms = None  # no priced kernels: the calibration's overhead fit
     assert whole_model_ms(sums, calib, 2.0, -0.2) == pytest.approx(1.1 * 5.0 + 0.3 * 2.0 + 0.4)
     t.close()

@@ -157,6 +157,9 @@ def test_profile_then_predict(optimized, residual_path, shared_lut):
     assert pred["outside_kernels"]["unpriced_classes"] == []
     text = cli("predict", residual_path, "--lut", shared_lut).stdout
     assert "other kernels outside the layers" in text
+    db = sqlite3.connect(str(shared_lut))  # profile calibrated the graph's terms too (whole_model_ms)
+    assert db.execute("SELECT COUNT(*) FROM calibration WHERE family LIKE '%/graph-calibration'").fetchone()[0] >= 3
+    db.close()
 
 
 def test_predict_a_model_pruned_elsewhere(optimized, residual_path, shared_lut, tmp_path):

@@ -394,51 +394,46 @@ class OrtBackend(Backend):
         self.check()
         return OrtProfiled(data, self.threads, prefix)
 
-    def layout_reorders(self, model) -> tuple[int, float] | None:
-        """The layout reorders ONNX Runtime's CPU optimiser puts into `model` (static shapes)
-        around its NCHWc kernels: (count, millions of elements moved), read from the optimised
-        graph of a session that is created, not run (~0.1 s). None on GPU providers or when a
-        reorder's size is unknown."""
-        if not self.cpu:
-            return None
+    def _compiled_graph(self, data: bytes):
+        """ONNX Runtime's optimised CPU graph of the model `data` (static shapes), from a
+        session that is created, not run (~0.1 s); None if it wrote none."""
         import tempfile
 
         from latprune.profiler.onnxrt import make_session, session_options
 
-        data = _model_bytes(model)
         with tempfile.TemporaryDirectory(prefix="latprune-opt-") as tmp:
             opts = session_options(self.threads)
             optimized = os.path.join(tmp, "optimized.onnx")
             _save_optimized(opts, optimized)
             make_session(data, self.threads, opts)
-            sizes = _reorder_sizes(_optimized_graph(optimized), _tensor_elements(data))
+            return _optimized_graph(optimized)
+
+    def layout_reorders(self, model) -> tuple[int, float] | None:
+        """The layout reorders ONNX Runtime's CPU optimiser puts into `model` (static shapes)
+        around its NCHWc kernels: (count, millions of elements moved), read from the compiled
+        graph (_compiled_graph). None on GPU providers or when a reorder's size is unknown."""
+        if not self.cpu:
+            return None
+        data = _model_bytes(model)
+        sizes = _reorder_sizes(self._compiled_graph(data), _tensor_elements(data))
         return None if sizes is None else (len(sizes), sum(sizes.values()) / 1e6)
 
     def graph_kernels(self, model, names: dict[str, int]) -> list[tuple[str, float]] | None:
         """(class, millions of elements) of each kernel no layer claims (`names`, as for
         `profiled`) in ONNX Runtime's optimised CPU graph of `model` (static shapes): layout
-        reorders and the other operators by layout (_graph_kernels). A session is created, not
-        run. None on GPU providers."""
+        reorders and the other operators by layout (_graph_kernels). None on GPU providers."""
         if not self.cpu:
             return None
-        import tempfile
-
-        from latprune.profiler.onnxrt import make_session, session_options
-
         data = _model_bytes(model)
-        with tempfile.TemporaryDirectory(prefix="latprune-opt-") as tmp:
-            opts = session_options(self.threads)
-            optimized = os.path.join(tmp, "optimized.onnx")
-            _save_optimized(opts, optimized)
-            make_session(data, self.threads, opts)
-            graph = _optimized_graph(optimized)
+        graph = self._compiled_graph(data)
+        if graph is None:
+            return None
         fused = _fused_outputs(graph)
 
         def claimed(kernel: str) -> bool:
             return kernel in names or any(t in names for t in fused.get(kernel, ()))
 
-        census = _graph_kernels(graph, _original_sizes(data), claimed)
-        return [(cls, size / 1e6) for cls, size in census.values()] if graph is not None else None
+        return [(cls, size / 1e6) for cls, size in _graph_kernels(graph, _original_sizes(data), claimed).values()]
 
     def time_layer(self, spec, c_in: int, c_out: int) -> TimingStats:
         if not self.cpu:
