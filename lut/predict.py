@@ -421,6 +421,12 @@ class LayerSum:
     outside_ms: float | None = None
     unpriced: list[str] = field(default_factory=list)  # kernel classes no in-graph run timed
 
+    @property
+    def kernel_ms(self) -> float:
+        """Every kernel of the run: layers, reorders and the priced kernels outside them (ms;
+        what LatencyTable.remainder takes)."""
+        return self.raw_ms + (self.outside_ms or 0.0)
+
 
 def whole_model_ms(layers: LayerSum, calibration: "Calibration | None", melements: float,
                    remainder_ms: float | None, graph_scale: float | None = None) -> float:
@@ -432,7 +438,7 @@ def whole_model_ms(layers: LayerSum, calibration: "Calibration | None", melement
     if layers.outside_ms is None:
         return calibrated(layers.raw_ms, calibration, melements)
     scale = graph_scale or (calibration.scale if calibration is not None else 1.0)
-    return scale * (layers.raw_ms + layers.outside_ms + (remainder_ms or 0.0))
+    return scale * (layers.kernel_ms + (remainder_ms or 0.0))
 
 
 def graph_reorder_ms(table: LatencyTable, reorders: tuple[int, float]) -> float | None:

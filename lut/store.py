@@ -395,20 +395,30 @@ class LatencyTable:
         profiler's per-kernel cost), kept as family + REMAINDER_SUFFIX."""
         self.add_calibration(family + REMAINDER_SUFFIX, kernel_ms, end_to_end_ms)
 
-    def remainder(self, family: str) -> float | None:
-        """ms of a run of `family` outside its kernels (end to end − kernel sum, the median over
-        its in-graph runs, or over every family's for a model the table has not profiled; may be
-        negative), or None without runs."""
-        rows = self.db.execute("SELECT measured_ms - raw_ms FROM calibration WHERE fingerprint=? AND family=?",
-                               (self.fp_id, family + REMAINDER_SUFFIX)).fetchall()
-        if not rows:  # a model new to the table: the median over every model's runs
-            rows = self.db.execute("SELECT measured_ms - raw_ms FROM calibration WHERE fingerprint=? "
-                                   "AND family LIKE ?", (self.fp_id, "%" + REMAINDER_SUFFIX)).fetchall()
-        if not rows:
-            return None
+    def remainder(self, family: str, kernel_ms: float | None = None) -> float | None:
+        """ms of a run of `family` outside its kernels (end to end − kernel sum; may be
+        negative), or None without runs: with `kernel_ms` (the run's kernel sum) and runs whose
+        kernel sums span REMAINDER_MIN_SPAN (the uniform calibration models profiled in-graph,
+        pipeline.profile_model), a line in the kernel sum (a small model's remainder is more
+        negative: MobileNetV2 −0.12 ms at 0.5x, +0.01 ms dense, at one moment); else the
+        median over its in-graph runs, or over every family's for a model the table has not
+        profiled."""
         import numpy as np
 
-        return float(np.median([r[0] for r in rows]))
+        rows = self.db.execute("SELECT raw_ms, measured_ms - raw_ms FROM calibration WHERE fingerprint=? "
+                               "AND family=?", (self.fp_id, family + REMAINDER_SUFFIX)).fetchall()
+        if not rows:  # a model new to the table: the median over every model's runs
+            rows = self.db.execute("SELECT raw_ms, measured_ms - raw_ms FROM calibration WHERE fingerprint=? "
+                                   "AND family LIKE ?", (self.fp_id, "%" + REMAINDER_SUFFIX)).fetchall()
+            kernel_ms = None
+        if not rows:
+            return None
+        kernels, diff = (np.array(col, dtype=float) for col in zip(*rows))
+        if kernel_ms is not None and len(rows) >= 3 and kernels.min() > 0 \
+                and kernels.max() / kernels.min() >= REMAINDER_MIN_SPAN:
+            slope, intercept = np.polyfit(kernels, diff, 1)
+            return float(intercept + slope * kernel_ms)
+        return float(np.median(diff))
 
     def add_graph_calibration(self, family: str, base_ms: float, measured_ms: float) -> None:
         """One end-to-end measurement of a model of `family` beside its prediction in the
@@ -474,6 +484,7 @@ MIN_POINTS_3TERM = 5
 OVERHEAD_SUFFIX = "/in-graph-overhead"
 REMAINDER_SUFFIX = "/in-graph-remainder"
 GRAPH_CALIBRATION_SUFFIX = "/graph-calibration"
+REMAINDER_MIN_SPAN = 1.5  # largest over smallest kernel sum of a family's runs for a line
 KERNEL_PREFIX = "in-graph-kernel/"
 REORDER_FAMILIES = {"layers": "in-graph-layout-reorders", "overhead": "in-graph-layout-reorders/overhead",
                     "graph": "in-graph-layout-reorders/graph"}

@@ -294,6 +294,11 @@ def test_kernels_outside_the_layers_are_priced_by_class(tmp_path):
     t.add_remainder_point("fam", 12.0, 11.6)
     assert t.remainder("fam") == pytest.approx(-0.2)
     assert t.remainder("a model the table never profiled") == pytest.approx(-0.2)  # every family's median
+    assert t.remainder("fam", 5.0) == pytest.approx(-0.2)  # runs of one size: no line
+    for kernel_ms in (3.0, 6.0, 12.0):  # the calibration models profiled in-graph: smaller, more negative
+        t.add_remainder_point("sized", kernel_ms, kernel_ms + 0.02 * kernel_ms - 0.3)
+    assert t.remainder("sized", 4.5) == pytest.approx(0.02 * 4.5 - 0.3)
+    assert t.remainder("sized") == pytest.approx(0.02 * 6.0 - 0.3)  # no size asked: the median
     sums = LayerSum(5.0, 0.1, {}, [], [], 0.2, "graph", outside_ms=0.5)
     calib = Calibration(scale=1.1, ms_per_melement=0.3, offset_ms=0.4)
     assert whole_model_ms(sums, calib, 2.0, -0.2) == pytest.approx(1.1 * (5.0 + 0.5 - 0.2))
