@@ -342,7 +342,7 @@ def any_width_errors(name: str, n_configs: int, input_hw: int = 224, seed: int =
         no_direct = BlockingRules({kind: {axis: replace(r, direct_below=0) for axis, r in axes.items()}
                                    for kind, axes in rules.rules.items()})
         preds = {}
-        graph_scale = table.graph_scale(family)
+        graph_speed = table.graph_speed(family)
         for label, use, graph, kernels in (
                 ("blocking-aware", rules, True, True),
                 ("blocking-aware, overhead fit", rules, True, False),
@@ -351,7 +351,7 @@ def any_width_errors(name: str, n_configs: int, input_hw: int = 224, seed: int =
                 ("bilinear (no rules)", BlockingRules(), False, False)):
             table.blocking, table._class_cache = use, {}
             sums = [_layer_sum(p, table, graph, kernels) for p in [dense] + configs]
-            ms = [whole_model_ms(ls, cal, mel, table.remainder(family, ls.kernel_ms), graph_scale)
+            ms = [whole_model_ms(ls, cal, mel, table.remainder(family, ls.kernel_ms), graph_speed)
                   for ls, mel in sums]
             preds[label] = {"ms": ms, "band": [cal.scale * ls.band_ms for ls, _ in sums],
                             "found": [ls.found for ls, _ in sums]}

@@ -895,7 +895,7 @@ def predict_model(model_path: Path, lut_path: Path | None, threads: int = 1, tim
         calib = table.calibration(family)
         mel = overhead_elements(prob)
         predicted = whole_model_ms(layers, calib, mel, table.remainder(family, layers.kernel_ms),
-                                   table.graph_scale(family))
+                                   table.graph_speed(family))
         scale = calib.scale if calib is not None else 1.0
         return {"predicted_ms": predicted, "layer_sum_ms": layers.raw_ms, "overhead_melements": mel,
                 "calibrated": calib is not None, "layers": len(prob.layers),

@@ -429,16 +429,21 @@ class LayerSum:
 
 
 def whole_model_ms(layers: LayerSum, calibration: "Calibration | None", melements: float,
-                   remainder_ms: float | None, graph_scale: float | None = None) -> float:
+                   remainder_ms: float | None, graph_speed: tuple[float, float, float] | None = None) -> float:
     """Whole-model prediction (ms) from predict_layers' sum. With the graph's kernels priced
-    (layers.outside_ms): the machine's speed times the layers, every kernel outside them, and
-    the time outside all kernels (LatencyTable.remainder); the speed is `graph_scale`
-    (LatencyTable.graph_scale: fitted on the same terms), else the calibration's scale. Without
-    them: the calibration's overhead fit over the overhead elements (calibrated)."""
+    (layers.outside_ms), the base is every kernel (layers, reorders, the priced kernels
+    outside them) plus the time outside all kernels (LatencyTable.remainder), and the
+    prediction max(scale · base + offset, floor · base) with `graph_speed`
+    (LatencyTable.graph_speed: fitted on the same terms), else the calibration's scale times
+    the base. Without them: the
+    calibration's overhead fit over the overhead elements (calibrated)."""
     if layers.outside_ms is None:
         return calibrated(layers.raw_ms, calibration, melements)
-    scale = graph_scale or (calibration.scale if calibration is not None else 1.0)
-    return scale * (layers.kernel_ms + (remainder_ms or 0.0))
+    base = layers.kernel_ms + (remainder_ms or 0.0)
+    if graph_speed is not None:
+        scale, offset, floor = graph_speed
+        return max(scale * base + offset, floor * base)
+    return (calibration.scale if calibration is not None else 1.0) * base
 
 
 def graph_reorder_ms(table: LatencyTable, reorders: tuple[int, float]) -> float | None:

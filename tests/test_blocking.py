@@ -302,11 +302,21 @@ def test_kernels_outside_the_layers_are_priced_by_class(tmp_path):
     sums = LayerSum(5.0, 0.1, {}, [], [], 0.2, "graph", outside_ms=0.5)
     calib = Calibration(scale=1.1, ms_per_melement=0.3, offset_ms=0.4)
     assert whole_model_ms(sums, calib, 2.0, -0.2) == pytest.approx(1.1 * (5.0 + 0.5 - 0.2))
-    assert t.graph_scale("fam") is None  # the machine's speed fitted in the graph's own terms:
+    # the machine's speed fitted in the graph's own terms on the calibration models, with an
+    # offset where they span enough sizes: a small model gains more from warm caches
+    assert t.graph_speed("fam") is None
     t.add_graph_calibration("fam", 10.0, 10.5)
     t.add_graph_calibration("fam", 5.0, 5.25)
-    assert t.graph_scale("fam") == pytest.approx(1.05) and t.graph_scale("other") is None
-    assert whole_model_ms(sums, calib, 2.0, -0.2, t.graph_scale("fam")) == pytest.approx(1.05 * 5.3)
+    assert t.graph_speed("fam") == (pytest.approx(1.05), 0.0, pytest.approx(1.05)) and t.graph_speed("other") is None
+    assert whole_model_ms(sums, calib, 2.0, -0.2, t.graph_speed("fam")) == pytest.approx(1.05 * 5.3)
+    for base in (10.0, 6.0, 3.0):
+        t.add_graph_calibration("cached", base, 1.02 * base - 0.3)
+        t.add_graph_calibration("absurd", base, 1.02 * base - 2.5)  # the smallest would be predicted at ~0.3 of it
+    assert t.graph_speed("cached") == (pytest.approx(1.02), pytest.approx(-0.3), pytest.approx(0.92))
+    assert t.graph_speed("absurd")[1] == 0.0  # then the scale alone
+    assert whole_model_ms(sums, calib, 2.0, -0.2, t.graph_speed("cached")) == pytest.approx(1.02 * 5.3 - 0.3)
+    tiny = LayerSum(1.0, 0.0, {}, [], [], 0.0, "graph", outside_ms=0.2)  # under every calibration model
+    assert whole_model_ms(tiny, calib, 0.0, 0.0, t.graph_speed("cached")) == pytest.approx(0.92 * 1.2)
     sums.outside_ms = None  # no priced kernels: the calibration's overhead fit
     assert whole_model_ms(sums, calib, 2.0, -0.2) == pytest.approx(1.1 * 5.0 + 0.3 * 2.0 + 0.4)
     t.close()
