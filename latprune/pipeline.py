@@ -886,8 +886,12 @@ def predict_model(model_path: Path, lut_path: Path | None, threads: int = 1, tim
         if not table.has_blocking():  # off-grid widths need the device's blocking rules
             table.set_blocking(runtime.blocking_rules()[0])
         static = analysis.static_model(model)
-        reorders = runtime.layout_reorders(static) if table.blocking else None
         kernels = _graph_kernels(runtime, table, analysis, static)
+        if kernels is not None:  # the same compiled graph's reorders: no second session
+            moved = [mel for cls, mel in kernels if cls in REORDER_CLASSES]
+            reorders = (len(moved), sum(moved))
+        else:
+            reorders = runtime.layout_reorders(static) if table.blocking else None
         layers = predict_layers(prob, table, reorders=reorders, kernels=kernels)
         family = model_family(model, data)
         if like is not None:

@@ -435,8 +435,8 @@ def whole_model_ms(layers: LayerSum, calibration: "Calibration | None", melement
     outside them) plus the time outside all kernels (LatencyTable.remainder), and the
     prediction max(scale · base + offset, floor · base) with `graph_speed`
     (LatencyTable.graph_speed: fitted on the same terms), else the calibration's scale times
-    the base. Without them: the
-    calibration's overhead fit over the overhead elements (calibrated)."""
+    the base. Without them: the calibration's overhead fit over the overhead elements
+    (calibrated)."""
     if layers.outside_ms is None:
         return calibrated(layers.raw_ms, calibration, melements)
     base = layers.kernel_ms + (remainder_ms or 0.0)

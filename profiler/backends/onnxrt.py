@@ -108,9 +108,9 @@ def _reorder_neighbours(graph) -> dict[str, list[str]]:
     return out
 
 
-def _tensor_elements(model_bytes: bytes) -> dict[str, int]:
-    """{tensor: elements} of a model (ONNX shape inference; symbolic input dimensions read as 1,
-    the batch tables are keyed by); {} if inference fails."""
+def _inferred_graph(model_bytes: bytes):
+    """The model's graph after ONNX shape inference (symbolic input dimensions read as 1, the
+    batch tables are keyed by), or None if inference fails."""
     import onnx
 
     try:
@@ -119,15 +119,24 @@ def _tensor_elements(model_bytes: bytes) -> dict[str, int]:
             for dim in inp.type.tensor_type.shape.dim:
                 if not dim.HasField("dim_value") or dim.dim_value <= 0:
                     dim.dim_value = 1
-        graph = onnx.shape_inference.infer_shapes(model).graph
+        return onnx.shape_inference.infer_shapes(model).graph
     except Exception:
-        return {}
+        return None
+
+
+def _graph_elements(graph) -> dict[str, int]:
+    """{tensor: elements} of an inferred graph (_inferred_graph); {} for None."""
     out = {}
-    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output) if graph is not None else ():
         dims = [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim]
         if dims and all(d > 0 for d in dims):
             out[vi.name] = math.prod(dims)
     return out
+
+
+def _tensor_elements(model_bytes: bytes) -> dict[str, int]:
+    """{tensor: elements} of a model (_inferred_graph); {} if inference fails."""
+    return _graph_elements(_inferred_graph(model_bytes))
 
 
 def _reorder_sizes(graph, elements: dict[str, int]) -> dict[str, int] | None:
@@ -151,18 +160,13 @@ _NCHWC_DOMAIN = "com.microsoft.nchwc"
 
 def _original_sizes(model_bytes: bytes) -> tuple[dict[str, int], dict[str, int]]:
     """({tensor: elements}, {node name or output tensor: the most elements the node reads or
-    writes}) of the original model: a kernel the optimiser kept is named after its node, a
-    blocked one after its output tensor (_kernel_name), and its work is its largest tensor (a
-    GlobalAveragePool's input, a squeeze-excite Mul's output)."""
-    import onnx
-
-    elements = _tensor_elements(model_bytes)
+    writes}) of the original model, from one shape inference: a kernel the optimiser kept is
+    named after its node, a blocked one after its output tensor (_kernel_name), and its work
+    is its largest tensor (a GlobalAveragePool's input, a squeeze-excite Mul's output)."""
+    graph = _inferred_graph(model_bytes)
+    elements = _graph_elements(graph)
     touched: dict[str, int] = {}
-    try:
-        graph = onnx.load_from_string(model_bytes).graph
-    except Exception:  # pragma: no cover - the session already parsed it
-        return elements, touched
-    for n in graph.node:
+    for n in graph.node if graph is not None else ():
         size = max((elements.get(t, 0) for t in list(n.input) + list(n.output) if t), default=0)
         if size:
             touched[n.name] = size
